@@ -1,0 +1,60 @@
+/* kernels.h: the LoRA kernels as plain C (no Python.h), for float32 (_f32) and float64 (_f64).
+ *
+ * Shapes are row-major and follow PyTorch/PEFT: x is (n, d_in), W is (d_out, d_in),
+ * A is (r, d_in), B is (d_out, r), bias is (d_out), y is (n, d_out), xa is (n, r).
+ * Sizes are size_t; the caller has checked that each fits in a BLAS int.
+ * The functions never allocate: scratch buffers come from the caller
+ * (lora_scratch_elems tells how large).
+ *
+ * This file deliberately has no argument checking: csrc/module.c validates everything
+ * before calling in, with the GIL released around the call.
+ */
+#ifndef LORA_KERNELS_H
+#define LORA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Rows of x processed per dropout tile: the dropped input never exists for more rows than this. */
+#define LORA_DROPOUT_TILE_ROWS 64
+
+/* From this rank up, the merge is compute-bound and goes to the BLAS GEMM; below it, a
+ * streaming kernel that reads and writes W once. */
+#define LORA_MERGE_GEMM_RANK 32
+
+/* Elements of scratch a forward or backward call needs (for its dropout tile and for dy B). */
+size_t lora_scratch_elems(size_t n, size_t d_in, size_t r, int has_dropout);
+
+/* The dropout mask: element (i, j) of x, flat index i*d_in + j, is kept iff
+ * lora_dropout_keep(key, index, threshold). key = lora_dropout_key(seed) and
+ * threshold = lora_dropout_threshold(p). A counter-based generator: the backward pass
+ * regenerates the mask from (seed, index) instead of storing it. */
+uint64_t lora_dropout_key(uint64_t seed);
+uint32_t lora_dropout_threshold(double p);
+
+#define LORA_DECLARE(T, SUF)                                                                  \
+    void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
+                            const T *A, const T *B, T scale, double p, uint64_t seed,         \
+                            size_t n, size_t d_in, size_t d_out, size_t r);                   \
+    void lora_backward_##SUF(T *dx, T *dA, T *dB, T *scratch, const T *dy, const T *x,        \
+                             const T *xa, const T *W, const T *A, const T *B, T scale,        \
+                             double p, uint64_t seed, size_t n, size_t d_in, size_t d_out,    \
+                             size_t r);                                                       \
+    void lora_merge_##SUF(T *W, T *scratch, const T *A, const T *B, T scale,                 \
+                          int fan_in_fan_out, size_t d_out, size_t d_in, size_t r);           \
+    void lora_merge_naive_##SUF(T *W, const T *A, const T *B, T scale, size_t d_out,          \
+                                size_t d_in, size_t r);                                       \
+    void dense_forward_##SUF(T *y, const T *x, const T *W, const T *bias, size_t n,           \
+                             size_t d_in, size_t d_out);                                      \
+    void dense_backward_##SUF(T *dx, T *dW, const T *dy, const T *x, const T *W, size_t n,    \
+                              size_t d_in, size_t d_out);                                     \
+    void adam_step_##SUF(T *param, T *m, T *v, const T *grad, size_t numel, long long step,   \
+                         double lr, double beta1, double beta2, double eps,                   \
+                         double weight_decay, int decoupled);
+
+LORA_DECLARE(float, f32)
+LORA_DECLARE(double, f64)
+
+#undef LORA_DECLARE
+
+#endif /* LORA_KERNELS_H */

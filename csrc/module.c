@@ -1,0 +1,808 @@
+/* module.c: the Python binding lora._C, the boundary between NumPy arrays and csrc/kernels.c.
+ *
+ * Every function validates every argument first (type, dtype, ndim, shapes, contiguity and
+ * writeability of in-place arguments, aliasing, BLAS int range, hyper-parameter ranges),
+ * allocates its outputs and scratch, and only then releases the GIL around pure C work. A
+ * call that fails has touched nothing. Read-only inputs that are not aligned, native-order
+ * and C-contiguous are copied (cheap next to the GEMMs); in-place arguments are rejected
+ * instead, since a silent copy would lose the update.
+ *
+ * Error messages name the Python function and the argument:
+ *   lora.functional.linear_forward: argument 'A' must have shape (r, d_in) = (8, 512), got (8, 511)
+ * TypeError for a wrong type or dtype, ValueError for everything else.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_22_API_VERSION
+#define NPY_TARGET_VERSION NPY_1_22_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#include "blas.h"
+#include "kernels.h"
+
+#define PREFIX "lora.functional."
+
+/* ------------------------------------------------------------------ validation helpers */
+
+static const char *type_name(int type) {
+    return type == NPY_FLOAT32 ? "float32" : type == NPY_FLOAT64 ? "float64" : "?";
+}
+
+static void format_shape(char *buf, size_t size, int ndim, const npy_intp *dims) {
+    size_t used = (size_t)snprintf(buf, size, "(");
+    for (int i = 0; i < ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, i ? ", %" NPY_INTP_FMT : "%" NPY_INTP_FMT,
+                                 dims[i]);
+    if (used < size) snprintf(buf + used, size - used, ndim == 1 ? ",)" : ")");
+}
+
+/* The array behind obj with dtype checked: `*type` is the dtype every argument of the call
+ * must share; -1 means "take this argument's dtype" (the first array argument sets it).
+ * Returns a new reference, or NULL with TypeError set. When inplace, the array must be
+ * writeable, aligned, native-order and C-contiguous (ValueError otherwise) and is never
+ * copied; else it is copied to that form when it is not already. */
+static PyArrayObject *get_array(const char *func, const char *name, PyObject *obj, int *type,
+                                const char *type_ref, int inplace) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument '%s' must be a numpy.ndarray, got %s",
+                     func, name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    int t = PyArray_TYPE(arr);
+    if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
+        PyObject *descr = PyObject_Str((PyObject *)PyArray_DESCR(arr));
+        PyErr_Format(PyExc_TypeError,
+                     PREFIX "%s: argument '%s' must have dtype float32 or float64, got %S", func,
+                     name, descr ? descr : Py_None);
+        Py_XDECREF(descr);
+        return NULL;
+    }
+    if (*type >= 0 && t != *type) {
+        PyErr_Format(PyExc_TypeError,
+                     PREFIX "%s: argument '%s' must have dtype %s (the dtype of '%s'), got %s",
+                     func, name, type_name(*type), type_ref, type_name(t));
+        return NULL;
+    }
+    *type = t;
+    if (inplace) {
+        const char *why = NULL;
+        if (!PyArray_ISWRITEABLE(arr))
+            why = "writeable";
+        else if (!PyArray_IS_C_CONTIGUOUS(arr))
+            why = "C-contiguous";
+        else if (!PyArray_ISALIGNED(arr))
+            why = "aligned";
+        else if (!PyArray_ISNOTSWAPPED(arr))
+            why = "in native byte order";
+        if (why) {
+            PyErr_Format(PyExc_ValueError,
+                         PREFIX "%s: argument '%s' is updated in place and must be %s; "
+                                "it is not (a copy would lose the update)",
+                         func, name, why);
+            return NULL;
+        }
+        Py_INCREF(arr);
+        return arr;
+    }
+    return (PyArrayObject *)PyArray_FromAny(obj, PyArray_DescrFromType(t), 0, 0,
+                                            NPY_ARRAY_CARRAY_RO, NULL);
+}
+
+static int check_ndim(const char *func, const char *name, PyArrayObject *a, int ndim,
+                      int at_least) {
+    int nd = PyArray_NDIM(a);
+    if (at_least ? nd >= ndim : nd == ndim) return 0;
+    PyErr_Format(PyExc_ValueError, PREFIX "%s: argument '%s' must be %s%d-D, got %d-D", func,
+                 name, at_least ? "at least " : "", ndim, nd);
+    return -1;
+}
+
+/* Checks a's shape against `want` (ndim entries); `what` names the dims, e.g. "(r, d_in)". */
+static int check_shape(const char *func, const char *name, PyArrayObject *a, int ndim,
+                       const npy_intp *want, const char *what) {
+    if (PyArray_NDIM(a) == ndim && memcmp(PyArray_DIMS(a), want, ndim * sizeof(npy_intp)) == 0)
+        return 0;
+    char want_s[256], got_s[256];
+    format_shape(want_s, sizeof want_s, ndim, want);
+    format_shape(got_s, sizeof got_s, PyArray_NDIM(a), PyArray_DIMS(a));
+    PyErr_Format(PyExc_ValueError, PREFIX "%s: argument '%s' must have shape %s = %s, got %s",
+                 func, name, what, want_s, got_s);
+    return -1;
+}
+
+/* BLAS takes int sizes: refuse anything larger before it reaches a BLAS call. */
+static int check_blas_size(const char *func, const char *what, npy_intp size, npy_intp lo) {
+    if (size >= lo && size <= INT_MAX) return 0;
+    if (size < lo)
+        PyErr_Format(PyExc_ValueError, PREFIX "%s: %s must be at least %" NPY_INTP_FMT
+                                              ", got %" NPY_INTP_FMT,
+                     func, what, lo, size);
+    else
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: %s is %" NPY_INTP_FMT ", beyond what BLAS takes (at most %d)",
+                     func, what, size, INT_MAX);
+    return -1;
+}
+
+static int overlap(PyArrayObject *a, PyArrayObject *b) {
+    if (!a || !b || PyArray_NBYTES(a) == 0 || PyArray_NBYTES(b) == 0) return 0;
+    const char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
+    return a0 < b0 + PyArray_NBYTES(b) && b0 < a0 + PyArray_NBYTES(a);
+}
+
+static int check_no_overlap(const char *func, const char *out, PyArrayObject *a,
+                            const char *in, PyArrayObject *b) {
+    if (!overlap(a, b)) return 0;
+    PyErr_Format(PyExc_ValueError,
+                 PREFIX "%s: argument '%s' shares memory with argument '%s'; they must be "
+                        "separate arrays",
+                 func, out, in);
+    return -1;
+}
+
+enum { REAL_ANY = 0, REAL_NONNEG = 1, REAL_UNIT = 2 /* in [0, 1) */ };
+
+/* A finite real number in the stated range, or -1 with TypeError/ValueError. */
+static int get_real(const char *func, const char *name, PyObject *obj, int range, double *out) {
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument '%s' must be a real number, got %s",
+                     func, name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *expected = NULL;
+    if (!isfinite(v))
+        expected = "a finite number";
+    else if (range == REAL_NONNEG && v < 0)
+        expected = "a number >= 0";
+    else if (range == REAL_UNIT && !(v >= 0 && v < 1))
+        expected = "a number in [0, 1)";
+    if (expected) {
+        PyErr_Format(PyExc_ValueError, PREFIX "%s: argument '%s' must be %s, got %R", func, name,
+                     expected, obj);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* The dropout seed: required (an int in [0, 2**64)) when dropout > 0, ignored otherwise. */
+static int get_seed(const char *func, PyObject *obj, double p, uint64_t *out) {
+    *out = 0;
+    if (obj == NULL || obj == Py_None) {
+        if (p > 0) {
+            PyErr_Format(PyExc_ValueError,
+                         PREFIX "%s: argument 'seed' must be an int when dropout > 0 (the "
+                                "backward pass regenerates the mask from it), got None",
+                         func);
+            return -1;
+        }
+        return 0;
+    }
+    if (!PyLong_Check(obj) && !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument 'seed' must be an int, got %s", func,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *as_int = PyNumber_Index(obj);
+    if (!as_int) return -1;
+    unsigned long long s = PyLong_AsUnsignedLongLong(as_int);
+    Py_DECREF(as_int);
+    if (s == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, PREFIX "%s: argument 'seed' must be in [0, 2**64), got %R",
+                     func, obj);
+        return -1;
+    }
+    *out = (uint64_t)s;
+    return 0;
+}
+
+/* A new C-contiguous array of `type` with the leading dims of `like` and last dim `last`. */
+static PyArrayObject *new_like_rows(PyArrayObject *like, npy_intp last, int type) {
+    npy_intp dims[NPY_MAXDIMS];
+    int nd = PyArray_NDIM(like);
+    memcpy(dims, PyArray_DIMS(like), nd * sizeof(npy_intp));
+    dims[nd - 1] = last;
+    return (PyArrayObject *)PyArray_SimpleNew(nd, dims, type);
+}
+
+static npy_intp leading_rows(PyArrayObject *a) {
+    npy_intp n = 1;
+    for (int i = 0; i < PyArray_NDIM(a) - 1; i++) n *= PyArray_DIM(a, i);
+    return n;
+}
+
+/* Checks that `a` has the leading dims of `like` and last dim `last`. */
+static int check_rows_like(const char *func, const char *name, PyArrayObject *a,
+                           PyArrayObject *like, npy_intp last, const char *what) {
+    npy_intp want[NPY_MAXDIMS];
+    int nd = PyArray_NDIM(like);
+    memcpy(want, PyArray_DIMS(like), nd * sizeof(npy_intp));
+    want[nd - 1] = last;
+    return check_shape(func, name, a, nd, want, what);
+}
+
+static void *alloc_scratch(size_t elems, int type) {
+    size_t bytes = elems * (type == NPY_FLOAT32 ? sizeof(float) : sizeof(double));
+    void *p = PyMem_RawMalloc(bytes ? bytes : 1);
+    if (!p) PyErr_NoMemory();
+    return p;
+}
+
+/* The shapes of a LoRA layer: weight (d_out, d_in), A (r, d_in), B (d_out, r). */
+typedef struct {
+    npy_intp d_out, d_in, r;
+} LoraDims;
+
+static int check_lora_weights(const char *func, PyArrayObject *weight, PyArrayObject *A,
+                              PyArrayObject *B, LoraDims *dims) {
+    if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "A", A, 2, 0) ||
+        check_ndim(func, "B", B, 2, 0))
+        return -1;
+    dims->d_out = PyArray_DIM(weight, 0);
+    dims->d_in = PyArray_DIM(weight, 1);
+    dims->r = PyArray_DIM(A, 0);
+    if (check_blas_size(func, "d_out (weight.shape[0])", dims->d_out, 1) ||
+        check_blas_size(func, "d_in (weight.shape[1])", dims->d_in, 1) ||
+        check_blas_size(func, "the rank r (A.shape[0])", dims->r, 1))
+        return -1;
+    npy_intp want_a[2] = {dims->r, dims->d_in}, want_b[2] = {dims->d_out, dims->r};
+    if (check_shape(func, "A", A, 2, want_a, "(r, d_in)") ||
+        check_shape(func, "B", B, 2, want_b, "(d_out, r)"))
+        return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ linear_forward */
+
+PyDoc_STRVAR(linear_forward_doc,
+"linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None)\n--\n\n"
+"Forward pass of a LoRA linear layer.\n\n"
+"Computes ``y = x @ weight.T + bias + scale * (drop(x) @ A.T) @ B.T``.\n\n"
+"Parameters\n----------\n"
+"x : ndarray, shape (..., d_in)\n"
+"weight : ndarray, shape (d_out, d_in)\n"
+"A : ndarray, shape (r, d_in)\n"
+"B : ndarray, shape (d_out, r)\n"
+"scale : float\n    The LoRA scaling, lora_alpha / r (or lora_alpha / sqrt(r) for rsLoRA).\n"
+"bias : ndarray, shape (d_out,), optional\n"
+"dropout : float in [0, 1)\n    Dropout probability on the LoRA branch's input.\n"
+"seed : int, required when dropout > 0\n"
+"    Key of the dropout mask; pass the same seed to linear_backward.\n\n"
+"Returns\n-------\n"
+"y : ndarray, shape (..., d_out)\n"
+"xa : ndarray, shape (..., r)\n    drop(x) @ A.T, kept for linear_backward.\n\n"
+"All arrays share one dtype, float32 or float64.");
+
+static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "linear_forward";
+    static char *kwlist[] = {"x", "weight", "A", "B", "scale", "bias", "dropout", "seed", NULL};
+    PyObject *x_o, *w_o, *a_o, *b_o, *scale_o, *bias_o = Py_None, *drop_o = NULL, *seed_o = NULL;
+    PyArrayObject *x = NULL, *weight = NULL, *A = NULL, *B = NULL, *bias = NULL;
+    PyArrayObject *y = NULL, *xa = NULL;
+    void *scratch = NULL;
+    int type = -1;
+    double scale, p = 0.0;
+    uint64_t seed;
+    LoraDims dm;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|O$OO:linear_forward", kwlist, &x_o, &w_o,
+                                     &a_o, &b_o, &scale_o, &bias_o, &drop_o, &seed_o))
+        return NULL;
+    if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
+    if (!(weight = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
+    if (!(A = get_array(func, "A", a_o, &type, "x", 0))) goto fail;
+    if (!(B = get_array(func, "B", b_o, &type, "x", 0))) goto fail;
+    if (bias_o != Py_None && !(bias = get_array(func, "bias", bias_o, &type, "x", 0))) goto fail;
+    if (check_lora_weights(func, weight, A, B, &dm)) goto fail;
+    if (check_ndim(func, "x", x, 1, 1)) goto fail;
+    if (check_rows_like(func, "x", x, x, dm.d_in, "(..., d_in)")) goto fail;
+    npy_intp n = leading_rows(x);
+    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (bias && check_shape(func, "bias", bias, 1, &dm.d_out, "(d_out,)")) goto fail;
+    if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
+    if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
+    if (get_seed(func, seed_o, p, &seed)) goto fail;
+
+    if (!(y = new_like_rows(x, dm.d_out, type))) goto fail;
+    if (!(xa = new_like_rows(x, dm.r, type))) goto fail;
+    if (p > 0 && !(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.r, 1), type)))
+        goto fail;
+
+    const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        lora_forward_f32(PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
+                         PyArray_DATA(weight), bias_p, PyArray_DATA(A), PyArray_DATA(B),
+                         (float)scale, p, seed, n, dm.d_in, dm.d_out, dm.r);
+    else
+        lora_forward_f64(PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
+                         PyArray_DATA(weight), bias_p, PyArray_DATA(A), PyArray_DATA(B), scale, p,
+                         seed, n, dm.d_in, dm.d_out, dm.r);
+    Py_END_ALLOW_THREADS;
+
+    PyMem_RawFree(scratch);
+    Py_DECREF(x);
+    Py_DECREF(weight);
+    Py_DECREF(A);
+    Py_DECREF(B);
+    Py_XDECREF(bias);
+    return Py_BuildValue("(NN)", y, xa);
+fail:
+    PyMem_RawFree(scratch);
+    Py_XDECREF(x);
+    Py_XDECREF(weight);
+    Py_XDECREF(A);
+    Py_XDECREF(B);
+    Py_XDECREF(bias);
+    Py_XDECREF(y);
+    Py_XDECREF(xa);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ linear_backward */
+
+PyDoc_STRVAR(linear_backward_doc,
+"linear_backward(dy, x, xa, weight, A, B, scale, *, need_dx=True, dropout=0.0, seed=None)\n--\n\n"
+"Backward pass of linear_forward. The frozen weight gets no gradient.\n\n"
+"Parameters\n----------\n"
+"dy : ndarray, shape (..., d_out)\n    Gradient of the loss with respect to y.\n"
+"x : ndarray, shape (..., d_in)\n"
+"xa : ndarray, shape (..., r)\n    As returned by linear_forward.\n"
+"weight, A, B, scale : as for linear_forward\n"
+"need_dx : bool\n    Whether to compute the input gradient.\n"
+"dropout, seed : the values given to linear_forward\n\n"
+"Returns\n-------\n"
+"dx : ndarray, shape (..., d_in), or None when need_dx is False\n"
+"dA : ndarray, shape (r, d_in)\n"
+"dB : ndarray, shape (d_out, r)");
+
+static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "linear_backward";
+    static char *kwlist[] = {"dy",    "x",       "xa",      "weight", "A", "B",
+                             "scale", "need_dx", "dropout", "seed",   NULL};
+    PyObject *dy_o, *x_o, *xa_o, *w_o, *a_o, *b_o, *scale_o, *drop_o = NULL, *seed_o = NULL;
+    int need_dx = 1;
+    PyArrayObject *dy = NULL, *x = NULL, *xa = NULL, *weight = NULL, *A = NULL, *B = NULL;
+    PyArrayObject *dx = NULL, *dA = NULL, *dB = NULL;
+    void *scratch = NULL;
+    int type = -1;
+    double scale, p = 0.0;
+    uint64_t seed;
+    LoraDims dm;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$pOO:linear_backward", kwlist, &dy_o,
+                                     &x_o, &xa_o, &w_o, &a_o, &b_o, &scale_o, &need_dx, &drop_o,
+                                     &seed_o))
+        return NULL;
+    if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
+    if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
+    if (!(xa = get_array(func, "xa", xa_o, &type, "dy", 0))) goto fail;
+    if (!(weight = get_array(func, "weight", w_o, &type, "dy", 0))) goto fail;
+    if (!(A = get_array(func, "A", a_o, &type, "dy", 0))) goto fail;
+    if (!(B = get_array(func, "B", b_o, &type, "dy", 0))) goto fail;
+    if (check_lora_weights(func, weight, A, B, &dm)) goto fail;
+    if (check_ndim(func, "x", x, 1, 1)) goto fail;
+    if (check_rows_like(func, "x", x, x, dm.d_in, "(..., d_in)")) goto fail;
+    if (check_rows_like(func, "dy", dy, x, dm.d_out, "(..., d_out) with the leading dims of x"))
+        goto fail;
+    if (check_rows_like(func, "xa", xa, x, dm.r, "(..., r) with the leading dims of x"))
+        goto fail;
+    npy_intp n = leading_rows(x);
+    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
+    if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
+    if (get_seed(func, seed_o, p, &seed)) goto fail;
+
+    if (need_dx && !(dx = new_like_rows(x, dm.d_in, type))) goto fail;
+    npy_intp a_dims[2] = {dm.r, dm.d_in}, b_dims[2] = {dm.d_out, dm.r};
+    if (!(dA = (PyArrayObject *)PyArray_SimpleNew(2, a_dims, type))) goto fail;
+    if (!(dB = (PyArrayObject *)PyArray_SimpleNew(2, b_dims, type))) goto fail;
+    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.r, p > 0), type))) goto fail;
+
+    void *dx_p = dx ? PyArray_DATA(dx) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        lora_backward_f32(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
+                          PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
+                          PyArray_DATA(A), PyArray_DATA(B), (float)scale, p, seed, n, dm.d_in,
+                          dm.d_out, dm.r);
+    else
+        lora_backward_f64(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
+                          PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
+                          PyArray_DATA(A), PyArray_DATA(B), scale, p, seed, n, dm.d_in, dm.d_out,
+                          dm.r);
+    Py_END_ALLOW_THREADS;
+
+    PyMem_RawFree(scratch);
+    Py_DECREF(dy);
+    Py_DECREF(x);
+    Py_DECREF(xa);
+    Py_DECREF(weight);
+    Py_DECREF(A);
+    Py_DECREF(B);
+    if (!dx) {
+        Py_INCREF(Py_None);
+        return Py_BuildValue("(NNN)", Py_None, dA, dB);
+    }
+    return Py_BuildValue("(NNN)", dx, dA, dB);
+fail:
+    PyMem_RawFree(scratch);
+    Py_XDECREF(dy);
+    Py_XDECREF(x);
+    Py_XDECREF(xa);
+    Py_XDECREF(weight);
+    Py_XDECREF(A);
+    Py_XDECREF(B);
+    Py_XDECREF(dx);
+    Py_XDECREF(dA);
+    Py_XDECREF(dB);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ merge / unmerge */
+
+static PyObject *merge_impl(const char *func, double sign, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"weight", "A", "B", "scale", "fan_in_fan_out", NULL};
+    PyObject *w_o, *a_o, *b_o, *scale_o;
+    int fan_in_fan_out = 0;
+    PyArrayObject *weight = NULL, *A = NULL, *B = NULL;
+    void *scratch = NULL;
+    int type = -1;
+    double scale;
+    LoraDims dm;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$p", kwlist, &w_o, &a_o, &b_o, &scale_o,
+                                     &fan_in_fan_out))
+        return NULL;
+    if (!(weight = get_array(func, "weight", w_o, &type, "weight", 1))) goto fail;
+    if (!(A = get_array(func, "A", a_o, &type, "weight", 0))) goto fail;
+    if (!(B = get_array(func, "B", b_o, &type, "weight", 0))) goto fail;
+    if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "A", A, 2, 0) ||
+        check_ndim(func, "B", B, 2, 0))
+        goto fail;
+    /* With fan_in_fan_out the weight is stored (d_in, d_out); A and B keep their shapes. */
+    npy_intp d_in = PyArray_DIM(A, 1), d_out = PyArray_DIM(B, 0), r = PyArray_DIM(A, 0);
+    if (check_blas_size(func, "the rank r (A.shape[0])", r, 1) ||
+        check_blas_size(func, "d_in (A.shape[1])", d_in, 1) ||
+        check_blas_size(func, "d_out (B.shape[0])", d_out, 1))
+        goto fail;
+    npy_intp want_w[2] = {d_out, d_in}, want_wt[2] = {d_in, d_out}, want_b[2] = {d_out, r};
+    if (fan_in_fan_out ? check_shape(func, "weight", weight, 2, want_wt,
+                                     "(d_in, d_out) with fan_in_fan_out")
+                       : check_shape(func, "weight", weight, 2, want_w, "(d_out, d_in)"))
+        goto fail;
+    if (check_shape(func, "B", B, 2, want_b, "(d_out, r)")) goto fail;
+    if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
+    if (check_no_overlap(func, "weight", weight, "A", A) ||
+        check_no_overlap(func, "weight", weight, "B", B))
+        goto fail;
+    dm.d_out = d_out;
+    dm.d_in = d_in;
+    dm.r = r;
+    if (fan_in_fan_out && !(scratch = alloc_scratch((size_t)(r * d_out), type))) goto fail;
+
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        lora_merge_f32(PyArray_DATA(weight), scratch, PyArray_DATA(A), PyArray_DATA(B),
+                       (float)(sign * scale), fan_in_fan_out, dm.d_out, dm.d_in, dm.r);
+    else
+        lora_merge_f64(PyArray_DATA(weight), scratch, PyArray_DATA(A), PyArray_DATA(B),
+                       sign * scale, fan_in_fan_out, dm.d_out, dm.d_in, dm.r);
+    Py_END_ALLOW_THREADS;
+
+    PyMem_RawFree(scratch);
+    Py_DECREF(A);
+    Py_DECREF(B);
+    return (PyObject *)weight;
+fail:
+    PyMem_RawFree(scratch);
+    Py_XDECREF(weight);
+    Py_XDECREF(A);
+    Py_XDECREF(B);
+    return NULL;
+}
+
+PyDoc_STRVAR(merge_doc,
+"merge(weight, A, B, scale, *, fan_in_fan_out=False)\n--\n\n"
+"Merge a LoRA update into the weight in place: ``weight += scale * B @ A``.\n\n"
+"Parameters\n----------\n"
+"weight : ndarray, shape (d_out, d_in), or (d_in, d_out) when fan_in_fan_out\n"
+"    Updated in place: must be writeable, aligned and C-contiguous.\n"
+"A : ndarray, shape (r, d_in)\n"
+"B : ndarray, shape (d_out, r)\n"
+"scale : float\n"
+"fan_in_fan_out : bool\n    The weight is stored transposed (GPT-2 Conv1D); the update is too.\n\n"
+"Returns\n-------\nweight : the same array, updated.");
+
+static PyObject *merge(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    return merge_impl("merge", 1.0, args, kwds);
+}
+
+PyDoc_STRVAR(unmerge_doc,
+"unmerge(weight, A, B, scale, *, fan_in_fan_out=False)\n--\n\n"
+"Undo merge in place: ``weight -= scale * B @ A``. Arguments as for merge.\n\n"
+"Returns\n-------\nweight : the same array, updated.");
+
+static PyObject *unmerge(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    return merge_impl("unmerge", -1.0, args, kwds);
+}
+
+/* ------------------------------------------------------------------ dense forward/backward */
+
+PyDoc_STRVAR(dense_forward_doc,
+"dense_forward(x, weight, bias=None)\n--\n\n"
+"A plain linear layer: ``y = x @ weight.T + bias``.\n\n"
+"Parameters\n----------\n"
+"x : ndarray, shape (..., d_in)\nweight : ndarray, shape (d_out, d_in)\n"
+"bias : ndarray, shape (d_out,), optional\n\n"
+"Returns\n-------\ny : ndarray, shape (..., d_out)");
+
+static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "dense_forward";
+    static char *kwlist[] = {"x", "weight", "bias", NULL};
+    PyObject *x_o, *w_o, *bias_o = Py_None;
+    PyArrayObject *x = NULL, *weight = NULL, *bias = NULL, *y = NULL;
+    int type = -1;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:dense_forward", kwlist, &x_o, &w_o,
+                                     &bias_o))
+        return NULL;
+    if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
+    if (!(weight = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
+    if (bias_o != Py_None && !(bias = get_array(func, "bias", bias_o, &type, "x", 0))) goto fail;
+    if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "x", x, 1, 1)) goto fail;
+    npy_intp d_out = PyArray_DIM(weight, 0), d_in = PyArray_DIM(weight, 1);
+    if (check_blas_size(func, "d_out (weight.shape[0])", d_out, 1) ||
+        check_blas_size(func, "d_in (weight.shape[1])", d_in, 1))
+        goto fail;
+    if (check_rows_like(func, "x", x, x, d_in, "(..., d_in)")) goto fail;
+    npy_intp n = leading_rows(x);
+    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (bias && check_shape(func, "bias", bias, 1, &d_out, "(d_out,)")) goto fail;
+    if (!(y = new_like_rows(x, d_out, type))) goto fail;
+
+    const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        dense_forward_f32(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, n,
+                          d_in, d_out);
+    else
+        dense_forward_f64(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, n,
+                          d_in, d_out);
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(x);
+    Py_DECREF(weight);
+    Py_XDECREF(bias);
+    return (PyObject *)y;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(weight);
+    Py_XDECREF(bias);
+    Py_XDECREF(y);
+    return NULL;
+}
+
+PyDoc_STRVAR(dense_backward_doc,
+"dense_backward(dy, x, weight, *, need_dx=True, need_dweight=True)\n--\n\n"
+"Backward of dense_forward: ``dx = dy @ weight``, ``dweight = dy.T @ x`` (rows of the\n"
+"leading dims flattened). The bias gradient is ``dy`` summed over rows, left to the caller.\n\n"
+"Returns\n-------\n"
+"dx : ndarray, shape (..., d_in), or None when need_dx is False\n"
+"dweight : ndarray, shape (d_out, d_in), or None when need_dweight is False");
+
+static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "dense_backward";
+    static char *kwlist[] = {"dy", "x", "weight", "need_dx", "need_dweight", NULL};
+    PyObject *dy_o, *x_o, *w_o;
+    int need_dx = 1, need_dw = 1;
+    PyArrayObject *dy = NULL, *x = NULL, *weight = NULL, *dx = NULL, *dW = NULL;
+    int type = -1;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$pp:dense_backward", kwlist, &dy_o, &x_o,
+                                     &w_o, &need_dx, &need_dw))
+        return NULL;
+    if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
+    if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
+    if (!(weight = get_array(func, "weight", w_o, &type, "dy", 0))) goto fail;
+    if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "x", x, 1, 1)) goto fail;
+    npy_intp d_out = PyArray_DIM(weight, 0), d_in = PyArray_DIM(weight, 1);
+    if (check_blas_size(func, "d_out (weight.shape[0])", d_out, 1) ||
+        check_blas_size(func, "d_in (weight.shape[1])", d_in, 1))
+        goto fail;
+    if (check_rows_like(func, "x", x, x, d_in, "(..., d_in)")) goto fail;
+    if (check_rows_like(func, "dy", dy, x, d_out, "(..., d_out) with the leading dims of x"))
+        goto fail;
+    npy_intp n = leading_rows(x);
+    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (need_dx && !(dx = new_like_rows(x, d_in, type))) goto fail;
+    npy_intp w_dims[2] = {d_out, d_in};
+    if (need_dw && !(dW = (PyArrayObject *)PyArray_SimpleNew(2, w_dims, type))) goto fail;
+
+    void *dx_p = dx ? PyArray_DATA(dx) : NULL, *dw_p = dW ? PyArray_DATA(dW) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        dense_backward_f32(dx_p, dw_p, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(weight), n,
+                           d_in, d_out);
+    else
+        dense_backward_f64(dx_p, dw_p, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(weight), n,
+                           d_in, d_out);
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(dy);
+    Py_DECREF(x);
+    Py_DECREF(weight);
+    return Py_BuildValue("(NN)", dx ? (PyObject *)dx : Py_NewRef(Py_None),
+                         dW ? (PyObject *)dW : Py_NewRef(Py_None));
+fail:
+    Py_XDECREF(dy);
+    Py_XDECREF(x);
+    Py_XDECREF(weight);
+    Py_XDECREF(dx);
+    Py_XDECREF(dW);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ adam_step */
+
+PyDoc_STRVAR(adam_step_doc,
+"adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,\n"
+"          weight_decay=0.0, decoupled=True)\n--\n\n"
+"One Adam (decoupled=False) or AdamW (decoupled=True) step, in place on param, m and v,\n"
+"exactly the update of torch.optim.Adam / torch.optim.AdamW.\n\n"
+"Parameters\n----------\n"
+"param, m, v : ndarray, one shape and dtype\n"
+"    Updated in place: must be writeable, aligned, C-contiguous and separate arrays.\n"
+"grad : ndarray, the shape and dtype of param\n    Read only (Adam's L2 term is not written into it).\n"
+"step : int >= 1\n    The step number after this update (1 on the first call).\n"
+"lr, eps, weight_decay : float >= 0\n"
+"beta1, beta2 : float in [0, 1)\n"
+"decoupled : bool\n    True for AdamW's decoupled weight decay, False for Adam's L2 term.\n\n"
+"Returns\n-------\nNone");
+
+static PyObject *adam_step(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "adam_step";
+    static char *kwlist[] = {"param", "grad",  "m",   "v",            "step",      "lr",
+                             "beta1", "beta2", "eps", "weight_decay", "decoupled", NULL};
+    PyObject *p_o, *g_o, *m_o, *v_o, *step_o, *lr_o;
+    PyObject *b1_o = NULL, *b2_o = NULL, *eps_o = NULL, *wd_o = NULL;
+    int decoupled = 1;
+    PyArrayObject *param = NULL, *grad = NULL, *m = NULL, *v = NULL;
+    int type = -1;
+    double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0;
+    long long step;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$OOOOOOp:adam_step", kwlist, &p_o, &g_o,
+                                     &m_o, &v_o, &step_o, &lr_o, &b1_o, &b2_o, &eps_o, &wd_o,
+                                     &decoupled))
+        return NULL;
+    if (!step_o || !lr_o) {
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: keyword arguments 'step' and 'lr' are required",
+                     func);
+        return NULL;
+    }
+    if (!(param = get_array(func, "param", p_o, &type, "param", 1))) goto fail;
+    if (!(grad = get_array(func, "grad", g_o, &type, "param", 0))) goto fail;
+    if (!(m = get_array(func, "m", m_o, &type, "param", 1))) goto fail;
+    if (!(v = get_array(func, "v", v_o, &type, "param", 1))) goto fail;
+    const char *what = "param.shape";
+    if (check_shape(func, "grad", grad, PyArray_NDIM(param), PyArray_DIMS(param), what) ||
+        check_shape(func, "m", m, PyArray_NDIM(param), PyArray_DIMS(param), what) ||
+        check_shape(func, "v", v, PyArray_NDIM(param), PyArray_DIMS(param), what))
+        goto fail;
+    if (check_no_overlap(func, "param", param, "m", m) ||
+        check_no_overlap(func, "param", param, "v", v) ||
+        check_no_overlap(func, "m", m, "v", v) ||
+        check_no_overlap(func, "param", param, "grad", grad) ||
+        check_no_overlap(func, "m", m, "grad", grad) || check_no_overlap(func, "v", v, "grad", grad))
+        goto fail;
+    if (!PyLong_Check(step_o)) {
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument 'step' must be an int, got %s", func,
+                     Py_TYPE(step_o)->tp_name);
+        goto fail;
+    }
+    step = PyLong_AsLongLong(step_o);
+    if (step == -1 && PyErr_Occurred()) goto fail;
+    if (step < 1) {
+        PyErr_Format(PyExc_ValueError, PREFIX "%s: argument 'step' must be >= 1, got %lld", func,
+                     step);
+        goto fail;
+    }
+    if (get_real(func, "lr", lr_o, REAL_NONNEG, &lr) ||
+        (b1_o && get_real(func, "beta1", b1_o, REAL_UNIT, &beta1)) ||
+        (b2_o && get_real(func, "beta2", b2_o, REAL_UNIT, &beta2)) ||
+        (eps_o && get_real(func, "eps", eps_o, REAL_NONNEG, &eps)) ||
+        (wd_o && get_real(func, "weight_decay", wd_o, REAL_NONNEG, &wd)))
+        goto fail;
+
+    size_t numel = (size_t)PyArray_SIZE(param);
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        adam_step_f32(PyArray_DATA(param), PyArray_DATA(m), PyArray_DATA(v), PyArray_DATA(grad),
+                      numel, step, lr, beta1, beta2, eps, wd, decoupled);
+    else
+        adam_step_f64(PyArray_DATA(param), PyArray_DATA(m), PyArray_DATA(v), PyArray_DATA(grad),
+                      numel, step, lr, beta1, beta2, eps, wd, decoupled);
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(param);
+    Py_DECREF(grad);
+    Py_DECREF(m);
+    Py_DECREF(v);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(param);
+    Py_XDECREF(grad);
+    Py_XDECREF(m);
+    Py_XDECREF(v);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ BLAS threads and info */
+
+PyDoc_STRVAR(set_num_threads_doc,
+"set_num_threads(n)\n--\n\nSet the number of threads of the OpenBLAS that lora links.");
+
+static PyObject *set_num_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "lora.set_num_threads: argument 'n' must be in [1, 4096], "
+                                       "got %ld", n);
+        return NULL;
+    }
+    CBLAS_FUNC(openblas_set_num_threads)((int)n);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(blas_info_doc,
+"blas_info()\n--\n\nThe linked OpenBLAS: a dict with 'corename' (the kernel it runs),\n"
+"'config' and 'num_threads'.");
+
+static PyObject *blas_info(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("{s:s,s:s,s:i}", "corename", CBLAS_FUNC(openblas_get_corename)(),
+                         "config", CBLAS_FUNC(openblas_get_config)(), "num_threads",
+                         CBLAS_FUNC(openblas_get_num_threads)());
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"linear_forward", (PyCFunction)(void (*)(void))linear_forward, METH_VARARGS | METH_KEYWORDS,
+     linear_forward_doc},
+    {"linear_backward", (PyCFunction)(void (*)(void))linear_backward,
+     METH_VARARGS | METH_KEYWORDS, linear_backward_doc},
+    {"merge", (PyCFunction)(void (*)(void))merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
+    {"unmerge", (PyCFunction)(void (*)(void))unmerge, METH_VARARGS | METH_KEYWORDS, unmerge_doc},
+    {"dense_forward", (PyCFunction)(void (*)(void))dense_forward, METH_VARARGS | METH_KEYWORDS,
+     dense_forward_doc},
+    {"dense_backward", (PyCFunction)(void (*)(void))dense_backward, METH_VARARGS | METH_KEYWORDS,
+     dense_backward_doc},
+    {"adam_step", (PyCFunction)(void (*)(void))adam_step, METH_VARARGS | METH_KEYWORDS,
+     adam_step_doc},
+    {"set_num_threads", set_num_threads, METH_O, set_num_threads_doc},
+    {"blas_info", blas_info, METH_NOARGS, blas_info_doc},
+    {NULL, NULL, 0, NULL}};
+
+static int exec_module(PyObject *module) {
+    (void)module;
+    import_array1(-1);
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {{Py_mod_exec, exec_module}, {0, NULL}};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_C", "lora's C kernels (see csrc/); use lora.functional.", 0,
+    methods, slots, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&moduledef); }

@@ -1,0 +1,95 @@
+"""Pure-NumPy twins of the C kernels: the readable spec and the test oracle.
+
+Slow and allocating on purpose: each function is the formula and nothing else. The tests
+compare lora.functional (C) against these, computed in float64.
+"""
+
+import numpy as np
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(z):
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic, as in C)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_mask(seed, n, d_in, p):
+    """Boolean (n, d_in) keep-mask of element index i*d_in + j, as csrc/kernels.c draws it."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.uint64(seed) ^ np.uint64(0x6A09E667F3BCC909))
+        index = np.arange(n * d_in, dtype=np.uint64)
+        h = _mix64(key + index * np.uint64(0x9E3779B97F4A7C15))
+    threshold = np.uint64(int(p * 16777216.0))
+    return ((h >> np.uint64(40)) >= threshold).reshape(n, d_in)
+
+
+def _drop(x2, p, seed):
+    if p == 0:
+        return x2
+    return np.where(dropout_mask(seed, *x2.shape, p), x2 * (1.0 / (1.0 - p)), 0.0)
+
+
+def linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None):
+    x2 = x.reshape(-1, x.shape[-1])
+    xa = _drop(x2, dropout, seed) @ A.T
+    y = x2 @ weight.T + scale * (xa @ B.T)
+    if bias is not None:
+        y = y + bias
+    lead = x.shape[:-1]
+    return y.reshape(*lead, weight.shape[0]), xa.reshape(*lead, A.shape[0])
+
+
+def linear_backward(dy, x, xa, weight, A, B, scale, *, need_dx=True, dropout=0.0, seed=None):
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    xa2 = xa.reshape(-1, xa.shape[-1])
+    g = dy2 @ B
+    dB = scale * dy2.T @ xa2
+    dA = scale * g.T @ _drop(x2, dropout, seed)
+    dx = None
+    if need_dx:
+        dx = dy2 @ weight + scale * _drop(g @ A, dropout, seed)
+        dx = dx.reshape(x.shape)
+    return dx, dA, dB
+
+
+def merge(weight, A, B, scale, *, fan_in_fan_out=False):
+    delta = scale * (B @ A)
+    weight += delta.T if fan_in_fan_out else delta
+    return weight
+
+
+def unmerge(weight, A, B, scale, *, fan_in_fan_out=False):
+    return merge(weight, A, B, -scale, fan_in_fan_out=fan_in_fan_out)
+
+
+def dense_forward(x, weight, bias=None):
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def dense_backward(dy, x, weight, *, need_dx=True, need_dweight=True):
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    dx = (dy @ weight) if need_dx else None
+    dw = (dy2.T @ x2) if need_dweight else None
+    return dx, dw
+
+
+def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.0, decoupled=True):
+    """torch.optim.AdamW (decoupled) / torch.optim.Adam (L2), one step, in place."""
+    if decoupled:
+        param *= 1.0 - lr * weight_decay
+        g = grad
+    else:
+        g = grad + weight_decay * param
+    m += (1.0 - beta1) * (g - m)
+    v *= beta2
+    v += (1.0 - beta2) * g * g
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    denom = np.sqrt(v) / np.sqrt(bc2) + eps
+    param -= (lr / bc1) * (m / denom)

@@ -1,0 +1,36 @@
+"""lora.functional: the LoRA kernels on NumPy arrays, stateless.
+
+Each function is the C kernel in csrc/kernels_impl.inc, bound in csrc/module.c; their
+pure-NumPy twins, the readable spec and test oracle, are in lora/_reference.py.
+
+Shapes follow PyTorch/PEFT: weight (d_out, d_in), A (r, d_in), B (d_out, r), x (..., d_in).
+All arrays of a call share one dtype, float32 or float64. Every argument is validated
+before any work; a bad one raises TypeError or ValueError naming it, and leaves every
+array as it was. The GIL is released around the C work, so threads calling these run in
+parallel.
+"""
+
+from . import _blas  # noqa: F401  (loads OpenBLAS before the extension)
+from ._C import (
+    adam_step,
+    blas_info,
+    dense_backward,
+    dense_forward,
+    linear_backward,
+    linear_forward,
+    merge,
+    set_num_threads,
+    unmerge,
+)
+
+__all__ = [
+    "linear_forward",
+    "linear_backward",
+    "merge",
+    "unmerge",
+    "adam_step",
+    "dense_forward",
+    "dense_backward",
+    "blas_info",
+    "set_num_threads",
+]

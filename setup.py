@@ -1,0 +1,67 @@
+"""Build of the C extension lora._C (the rest of the package is pure Python, see pyproject.toml).
+
+BLAS: by default the OpenBLAS of the PyPI package scipy-openblas32 (a pinned runtime
+dependency, so pip resolves it for every install), linked with an $ORIGIN-relative rpath to
+where that package lives beside lora in site-packages; lora/_blas.py also loads it by
+absolute path before importing lora._C, so editable and --user installs work too.
+Why a dependency and not a copy inside the wheel: one OpenBLAS per process for lora,
+no 30 MB duplicated in every wheel, and the same library NumPy-free users get from PyPI.
+
+Opt-in: LORA_BLAS=system links a system OpenBLAS found by pkg-config (plain symbol names).
+LORA_SANITIZE=1 builds with -fsanitize=address,undefined for CI's sanitizer run.
+"""
+
+import os
+import shlex
+import subprocess
+
+import numpy
+from setuptools import Extension, setup
+
+sources = ["csrc/module.c", "csrc/kernels.c"]
+compile_args = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wextra",
+                "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+link_args = []
+define_macros = []
+include_dirs = ["csrc", numpy.get_include()]
+library_dirs = []
+libraries = []
+runtime_library_dirs = []
+
+if os.environ.get("LORA_BLAS", "scipy-openblas32") == "system":
+    def pkg_config(flag):
+        return shlex.split(subprocess.check_output(["pkg-config", flag, "openblas"], text=True))
+
+    define_macros.append(("LORA_SYSTEM_BLAS", "1"))
+    compile_args += pkg_config("--cflags")
+    link_args += pkg_config("--libs")
+else:
+    import scipy_openblas32
+
+    include_dirs.append(scipy_openblas32.get_include_dir())
+    library_dirs.append(scipy_openblas32.get_lib_dir())
+    libraries.append(scipy_openblas32.get_library())
+    # lora/_C.so -> site-packages/scipy_openblas32/lib
+    link_args.append("-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib")
+
+if os.environ.get("LORA_SANITIZE"):
+    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    compile_args = [a for a in compile_args if a != "-O3"] + ["-O1"] + flags
+    link_args += flags
+    define_macros.append(("LORA_NO_CLONES", "1"))
+
+setup(
+    ext_modules=[
+        Extension(
+            "lora._C",
+            sources=sources,
+            depends=["csrc/blas.h", "csrc/kernels.h", "csrc/kernels_impl.inc"],
+            include_dirs=include_dirs,
+            library_dirs=library_dirs,
+            libraries=libraries,
+            define_macros=define_macros,
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    ]
+)
