@@ -1,0 +1,145 @@
+"""The on-disk format of a Hugging Face PEFT LoRA adapter: names, keys and checked reading.
+
+An adapter is a directory with adapter_config.json and adapter_model.safetensors. Tensor keys
+are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` for Linear layers and
+`base_model.model.<module path>.lora_embedding_A` / `lora_embedding_B` for Embedding layers.
+This module only reads and names things; building or checking a model is lora/adapter.py's
+job and merging into a checkpoint is lora/checkpoint.py's. It never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+_LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+_EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory or file that is missing, corrupt or not a PEFT LoRA adapter."""
+
+
+@dataclass
+class LoraTensors:
+    """The LoRA pair of one module. A is (r, d_in), B is (d_out, r) for a Linear layer;
+    for an Embedding layer A is (r, num_embeddings) and B is (embedding_dim, r)."""
+
+    path: str
+    kind: str  # "linear" or "embedding"
+    A: np.ndarray
+    B: np.ndarray
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+
+def linear_keys(path: str) -> tuple[str, str]:
+    return KEY_PREFIX + path + ".lora_A.weight", KEY_PREFIX + path + ".lora_B.weight"
+
+
+def embedding_keys(path: str) -> tuple[str, str]:
+    return KEY_PREFIX + path + ".lora_embedding_A", KEY_PREFIX + path + ".lora_embedding_B"
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """adapter_config.json as a dict, checked to be a LoRA config."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterFormatError(f"{path}: no such file (not a PEFT adapter directory?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; only LORA is supported")
+    for key in ("r", "lora_alpha"):
+        if key in config and not isinstance(config[key], (int, float)):
+            raise AdapterFormatError(f"{path}: {key!r} must be a number, got {config[key]!r}")
+    return config
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of adapter_model.safetensors as NumPy arrays; a clear error when the file
+    is missing, truncated or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise AdapterFormatError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, TypeError, OSError) as e:
+        raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTensors], dict]:
+    """Group LoRA tensors by module path. Returns ({path: LoraTensors}, {other key: array})
+    where the others are modules_to_save weights, DoRA magnitudes and the like."""
+    halves: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    others = {}
+    for key, value in tensors.items():
+        for suffixes, kind in ((_LINEAR_SUFFIXES, "linear"), (_EMBEDDING_SUFFIXES, "embedding")):
+            match = next((s for s in suffixes if key.endswith(s)), None)
+            if match and key.startswith(KEY_PREFIX):
+                path = key[len(KEY_PREFIX) : -len(match)]
+                halves.setdefault((path, kind), {})[suffixes[match]] = value
+                break
+        else:
+            others[key] = value
+    pairs = {}
+    for (path, kind), ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            missing = "B" if "A" in ab else "A"
+            raise AdapterFormatError(f"module {path!r}: lora_{missing} is missing from the file")
+        A, B = ab["A"], ab["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterFormatError(
+                f"module {path!r}: lora_A {A.shape} and lora_B {B.shape} do not form a "
+                "(r, in) / (out, r) pair"
+            )
+        if path in pairs:
+            raise AdapterFormatError(f"module {path!r}: both Linear and Embedding LoRA keys")
+        pairs[path] = LoraTensors(path, kind, A, B)
+    return pairs, others
+
+
+def scaling(config: dict, path: str, r: int) -> float:
+    """lora_alpha / r (or / sqrt(r) with use_rslora), honouring alpha_pattern for `path`."""
+    alpha = config.get("lora_alpha", 8)
+    alpha = pattern_value(config.get("alpha_pattern") or {}, path, alpha)
+    return alpha / (r**0.5) if config.get("use_rslora", False) else alpha / r
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key k for which the regex
+    `(.*\\.)?(k)$` matches the module path wins."""
+    import re
+
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?({key})", path):
+            return value
+    return default
+
+
+def warn_unknown_keys(config: dict, known: set[str], where: str) -> dict:
+    """The config without keys this library does not know, warning once about them
+    (PEFT does the same, so a config from a newer version still loads)."""
+    unknown = sorted(set(config) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown config keys {unknown}", stacklevel=3)
+    return {k: v for k, v in config.items() if k in known}
