@@ -43,9 +43,9 @@ static void format_shape(char *buf, size_t size, int ndim, const npy_intp *dims)
 
 /* The array behind obj with dtype checked: `*type` is the dtype every argument of the call
  * must share; -1 means "take this argument's dtype" (the first array argument sets it).
- * Returns a new reference, or NULL with TypeError set. When inplace, the array must be
- * writeable, aligned, native-order and C-contiguous (ValueError otherwise) and is never
- * copied; else it is copied to that form when it is not already. */
+ * Returns a new reference to obj itself, or NULL with TypeError set. When inplace, the
+ * array must also be writeable, aligned, native-order and C-contiguous (ValueError
+ * otherwise): it is never copied. Read-only inputs go through as_carray after validation. */
 static PyArrayObject *get_array(const char *func, const char *name, PyObject *obj, int *type,
                                 const char *type_ref, int inplace) {
     if (!PyArray_Check(obj)) {
@@ -87,11 +87,22 @@ static PyArrayObject *get_array(const char *func, const char *name, PyObject *ob
                          func, name, why);
             return NULL;
         }
-        Py_INCREF(arr);
-        return arr;
     }
-    return (PyArrayObject *)PyArray_FromAny(obj, PyArray_DescrFromType(t), 0, 0,
-                                            NPY_ARRAY_CARRAY_RO, NULL);
+    Py_INCREF(arr);
+    return arr;
+}
+
+/* Replaces a read-only input by an aligned, native-order, C-contiguous copy when it is not
+ * one already. Called only after every check passed, so a huge broadcast view is refused
+ * by the size checks before anything is copied. */
+static int as_carray(PyArrayObject **a) {
+    if (!*a || (PyArray_ISCARRAY_RO(*a) && PyArray_ISNOTSWAPPED(*a))) return 0;
+    PyArrayObject *c = (PyArrayObject *)PyArray_FromAny(
+        (PyObject *)*a, PyArray_DescrFromType(PyArray_TYPE(*a)), 0, 0, NPY_ARRAY_CARRAY_RO, NULL);
+    if (!c) return -1;
+    Py_DECREF(*a);
+    *a = c;
+    return 0;
 }
 
 static int check_ndim(const char *func, const char *name, PyArrayObject *a, int ndim,
@@ -117,23 +128,42 @@ static int check_shape(const char *func, const char *name, PyArrayObject *a, int
 }
 
 /* BLAS takes int sizes: refuse anything larger before it reaches a BLAS call. */
-static int check_blas_size(const char *func, const char *what, npy_intp size, npy_intp lo) {
+static int check_blas_size(const char *func, const char *arg, const char *what, npy_intp size,
+                           npy_intp lo) {
     if (size >= lo && size <= INT_MAX) return 0;
     if (size < lo)
-        PyErr_Format(PyExc_ValueError, PREFIX "%s: %s must be at least %" NPY_INTP_FMT
-                                              ", got %" NPY_INTP_FMT,
-                     func, what, lo, size);
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument '%s': %s must be at least %" NPY_INTP_FMT
+                            ", got %" NPY_INTP_FMT,
+                     func, arg, what, lo, size);
     else
         PyErr_Format(PyExc_ValueError,
-                     PREFIX "%s: %s is %" NPY_INTP_FMT ", beyond what BLAS takes (at most %d)",
-                     func, what, size, INT_MAX);
+                     PREFIX "%s: argument '%s': %s is %" NPY_INTP_FMT
+                            ", beyond what BLAS takes (at most %d)",
+                     func, arg, what, size, INT_MAX);
     return -1;
 }
 
+/* The byte range [lo, hi) an array's elements span, for any strides (negative included). */
+static void extent(PyArrayObject *a, const char **lo, const char **hi) {
+    const char *start = PyArray_BYTES(a), *end = start + PyArray_ITEMSIZE(a);
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        npy_intp step = (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
+        if (step < 0)
+            start += step;
+        else
+            end += step;
+    }
+    *lo = start;
+    *hi = end;
+}
+
 static int overlap(PyArrayObject *a, PyArrayObject *b) {
-    if (!a || !b || PyArray_NBYTES(a) == 0 || PyArray_NBYTES(b) == 0) return 0;
-    const char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
-    return a0 < b0 + PyArray_NBYTES(b) && b0 < a0 + PyArray_NBYTES(a);
+    if (!a || !b || PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
+    const char *a0, *a1, *b0, *b1;
+    extent(a, &a0, &a1);
+    extent(b, &b0, &b1);
+    return a0 < b1 && b0 < a1;
 }
 
 static int check_no_overlap(const char *func, const char *out, PyArrayObject *a,
@@ -249,9 +279,9 @@ static int check_lora_weights(const char *func, PyArrayObject *weight, PyArrayOb
     dims->d_out = PyArray_DIM(weight, 0);
     dims->d_in = PyArray_DIM(weight, 1);
     dims->r = PyArray_DIM(A, 0);
-    if (check_blas_size(func, "d_out (weight.shape[0])", dims->d_out, 1) ||
-        check_blas_size(func, "d_in (weight.shape[1])", dims->d_in, 1) ||
-        check_blas_size(func, "the rank r (A.shape[0])", dims->r, 1))
+    if (check_blas_size(func, "weight", "d_out (weight.shape[0])", dims->d_out, 1) ||
+        check_blas_size(func, "weight", "d_in (weight.shape[1])", dims->d_in, 1) ||
+        check_blas_size(func, "A", "the rank r (A.shape[0])", dims->r, 1))
         return -1;
     npy_intp want_a[2] = {dims->r, dims->d_in}, want_b[2] = {dims->d_out, dims->r};
     if (check_shape(func, "A", A, 2, want_a, "(r, d_in)") ||
@@ -305,11 +335,13 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (check_ndim(func, "x", x, 1, 1)) goto fail;
     if (check_rows_like(func, "x", x, x, dm.d_in, "(..., d_in)")) goto fail;
     npy_intp n = leading_rows(x);
-    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
     if (bias && check_shape(func, "bias", bias, 1, &dm.d_out, "(d_out,)")) goto fail;
     if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
     if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
     if (get_seed(func, seed_o, p, &seed)) goto fail;
+    if (as_carray(&x) || as_carray(&weight) || as_carray(&A) || as_carray(&B) || as_carray(&bias))
+        goto fail;
 
     if (!(y = new_like_rows(x, dm.d_out, type))) goto fail;
     if (!(xa = new_like_rows(x, dm.r, type))) goto fail;
@@ -396,10 +428,13 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (check_rows_like(func, "xa", xa, x, dm.r, "(..., r) with the leading dims of x"))
         goto fail;
     npy_intp n = leading_rows(x);
-    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
     if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
     if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
     if (get_seed(func, seed_o, p, &seed)) goto fail;
+    if (as_carray(&dy) || as_carray(&x) || as_carray(&xa) || as_carray(&weight) || as_carray(&A) ||
+        as_carray(&B))
+        goto fail;
 
     if (need_dx && !(dx = new_like_rows(x, dm.d_in, type))) goto fail;
     npy_intp a_dims[2] = {dm.r, dm.d_in}, b_dims[2] = {dm.d_out, dm.r};
@@ -469,9 +504,9 @@ static PyObject *merge_impl(const char *func, double sign, PyObject *args, PyObj
         goto fail;
     /* With fan_in_fan_out the weight is stored (d_in, d_out); A and B keep their shapes. */
     npy_intp d_in = PyArray_DIM(A, 1), d_out = PyArray_DIM(B, 0), r = PyArray_DIM(A, 0);
-    if (check_blas_size(func, "the rank r (A.shape[0])", r, 1) ||
-        check_blas_size(func, "d_in (A.shape[1])", d_in, 1) ||
-        check_blas_size(func, "d_out (B.shape[0])", d_out, 1))
+    if (check_blas_size(func, "A", "the rank r (A.shape[0])", r, 1) ||
+        check_blas_size(func, "A", "d_in (A.shape[1])", d_in, 1) ||
+        check_blas_size(func, "B", "d_out (B.shape[0])", d_out, 1))
         goto fail;
     npy_intp want_w[2] = {d_out, d_in}, want_wt[2] = {d_in, d_out}, want_b[2] = {d_out, r};
     if (fan_in_fan_out ? check_shape(func, "weight", weight, 2, want_wt,
@@ -483,6 +518,7 @@ static PyObject *merge_impl(const char *func, double sign, PyObject *args, PyObj
     if (check_no_overlap(func, "weight", weight, "A", A) ||
         check_no_overlap(func, "weight", weight, "B", B))
         goto fail;
+    if (as_carray(&A) || as_carray(&B)) goto fail;
     dm.d_out = d_out;
     dm.d_in = d_in;
     dm.r = r;
@@ -561,13 +597,14 @@ static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     if (bias_o != Py_None && !(bias = get_array(func, "bias", bias_o, &type, "x", 0))) goto fail;
     if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "x", x, 1, 1)) goto fail;
     npy_intp d_out = PyArray_DIM(weight, 0), d_in = PyArray_DIM(weight, 1);
-    if (check_blas_size(func, "d_out (weight.shape[0])", d_out, 1) ||
-        check_blas_size(func, "d_in (weight.shape[1])", d_in, 1))
+    if (check_blas_size(func, "weight", "d_out (weight.shape[0])", d_out, 1) ||
+        check_blas_size(func, "weight", "d_in (weight.shape[1])", d_in, 1))
         goto fail;
     if (check_rows_like(func, "x", x, x, d_in, "(..., d_in)")) goto fail;
     npy_intp n = leading_rows(x);
-    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
     if (bias && check_shape(func, "bias", bias, 1, &d_out, "(d_out,)")) goto fail;
+    if (as_carray(&x) || as_carray(&weight) || as_carray(&bias)) goto fail;
     if (!(y = new_like_rows(x, d_out, type))) goto fail;
 
     const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
@@ -615,14 +652,15 @@ static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (!(weight = get_array(func, "weight", w_o, &type, "dy", 0))) goto fail;
     if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "x", x, 1, 1)) goto fail;
     npy_intp d_out = PyArray_DIM(weight, 0), d_in = PyArray_DIM(weight, 1);
-    if (check_blas_size(func, "d_out (weight.shape[0])", d_out, 1) ||
-        check_blas_size(func, "d_in (weight.shape[1])", d_in, 1))
+    if (check_blas_size(func, "weight", "d_out (weight.shape[0])", d_out, 1) ||
+        check_blas_size(func, "weight", "d_in (weight.shape[1])", d_in, 1))
         goto fail;
     if (check_rows_like(func, "x", x, x, d_in, "(..., d_in)")) goto fail;
     if (check_rows_like(func, "dy", dy, x, d_out, "(..., d_out) with the leading dims of x"))
         goto fail;
     npy_intp n = leading_rows(x);
-    if (check_blas_size(func, "the number of rows of x", n, 0)) goto fail;
+    if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
+    if (as_carray(&dy) || as_carray(&x) || as_carray(&weight)) goto fail;
     if (need_dx && !(dx = new_like_rows(x, d_in, type))) goto fail;
     npy_intp w_dims[2] = {d_out, d_in};
     if (need_dw && !(dW = (PyArrayObject *)PyArray_SimpleNew(2, w_dims, type))) goto fail;
@@ -671,7 +709,7 @@ static PyObject *adam_step(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "adam_step";
     static char *kwlist[] = {"param", "grad",  "m",   "v",            "step",      "lr",
                              "beta1", "beta2", "eps", "weight_decay", "decoupled", NULL};
-    PyObject *p_o, *g_o, *m_o, *v_o, *step_o, *lr_o;
+    PyObject *p_o, *g_o, *m_o, *v_o, *step_o = NULL, *lr_o = NULL;
     PyObject *b1_o = NULL, *b2_o = NULL, *eps_o = NULL, *wd_o = NULL;
     int decoupled = 1;
     PyArrayObject *param = NULL, *grad = NULL, *m = NULL, *v = NULL;
@@ -721,6 +759,7 @@ static PyObject *adam_step(PyObject *self, PyObject *args, PyObject *kwds) {
         (eps_o && get_real(func, "eps", eps_o, REAL_NONNEG, &eps)) ||
         (wd_o && get_real(func, "weight_decay", wd_o, REAL_NONNEG, &wd)))
         goto fail;
+    if (as_carray(&grad)) goto fail;
 
     size_t numel = (size_t)PyArray_SIZE(param);
     Py_BEGIN_ALLOW_THREADS;

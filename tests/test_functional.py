@@ -1,0 +1,276 @@
+"""The C kernels (lora.functional) against their NumPy twins (lora._reference), finite
+differences and, when installed, torch.optim. Bad input lives in test_functional_errors.py."""
+
+import numpy as np
+import pytest
+
+from lora import _reference as ref
+from lora import functional as F
+
+DTYPES = [np.float32, np.float64]
+# Per-dtype tolerance relative to the size of the result.
+RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+
+# (leading dims of x, d_in, d_out, r): r = 1, n = 1, n = 0, d_in != d_out, odd sizes,
+# leading batch dims, and one size past the dropout tile (64 rows).
+SHAPES = [
+    ((1,), 8, 8, 1),
+    ((5,), 7, 13, 3),
+    ((0,), 6, 5, 2),
+    ((2, 3), 17, 9, 4),
+    ((3, 1, 4), 5, 11, 1),
+    ((131,), 33, 19, 8),
+    ((), 12, 10, 2),  # x of shape (d_in,): one token without a batch dim
+]
+
+
+def rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def close(got, want, dtype):
+    want = np.asarray(want, dtype=np.float64)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL[dtype] * scale * 10)
+
+
+def layer(rng, lead, d_in, d_out, r, dtype):
+    return dict(
+        x=rand(rng, (*lead, d_in), dtype),
+        weight=rand(rng, (d_out, d_in), dtype),
+        A=rand(rng, (r, d_in), dtype),
+        B=rand(rng, (d_out, r), dtype),
+        bias=rand(rng, (d_out,), dtype),
+    )
+
+
+def as64(d):
+    return {k: v.astype(np.float64) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,d_in,d_out,r", SHAPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_backward_match_twin(dtype, lead, d_in, d_out, r, dropout, with_bias):
+    rng = np.random.default_rng(0)
+    t = layer(rng, lead, d_in, d_out, r, dtype)
+    bias = t["bias"] if with_bias else None
+    seed = 1234 if dropout else None
+    y, xa = F.linear_forward(t["x"], t["weight"], t["A"], t["B"], 0.7, bias,
+                             dropout=dropout, seed=seed)
+    t64 = as64(t)
+    y_ref, xa_ref = ref.linear_forward(t64["x"], t64["weight"], t64["A"], t64["B"], 0.7,
+                                       t64["bias"] if with_bias else None,
+                                       dropout=dropout, seed=seed)
+    assert y.shape == (*lead, d_out) and xa.shape == (*lead, r)
+    assert y.dtype == dtype and xa.dtype == dtype
+    close(y, y_ref, dtype)
+    close(xa, xa_ref, dtype)
+
+    dy = rand(rng, y.shape, dtype)
+    dx, dA, dB = F.linear_backward(dy, t["x"], xa, t["weight"], t["A"], t["B"], 0.7,
+                                   dropout=dropout, seed=seed)
+    dx_ref, dA_ref, dB_ref = ref.linear_backward(dy.astype(np.float64), t64["x"], xa_ref,
+                                                 t64["weight"], t64["A"], t64["B"], 0.7,
+                                                 dropout=dropout, seed=seed)
+    assert dx.shape == t["x"].shape and dA.shape == (r, d_in) and dB.shape == (d_out, r)
+    close(dx, dx_ref, dtype)
+    close(dA, dA_ref, dtype)
+    close(dB, dB_ref, dtype)
+
+    none, dA2, dB2 = F.linear_backward(dy, t["x"], xa, t["weight"], t["A"], t["B"], 0.7,
+                                       need_dx=False, dropout=dropout, seed=seed)
+    assert none is None
+    np.testing.assert_array_equal(dA2, dA)
+    np.testing.assert_array_equal(dB2, dB)
+
+
+def test_dropout_mask_statistics_and_determinism():
+    rng = np.random.default_rng(1)
+    x = np.ones((300, 200))
+    W, A, B = np.zeros((3, 200)), np.eye(200)[:1], np.zeros((3, 1))
+    _, xa1 = F.linear_forward(x, W, A, B, 1.0, dropout=0.25, seed=5)
+    _, xa2 = F.linear_forward(x, W, A, B, 1.0, dropout=0.25, seed=5)
+    _, xa3 = F.linear_forward(x, W, A, B, 1.0, dropout=0.25, seed=6)
+    np.testing.assert_array_equal(xa1, xa2)
+    assert not np.array_equal(xa1, xa3)
+    kept = ref.dropout_mask(5, 300, 200, 0.25)
+    assert abs(kept.mean() - 0.75) < 0.01
+    # xa[:, 0] is the dropped, rescaled first column of x.
+    np.testing.assert_allclose(xa1[:, 0], np.where(kept[:, 0], 1 / 0.75, 0.0))
+    # Rows and columns are not correlated: masks of different rows differ.
+    assert len({kept[i].tobytes() for i in range(50)}) == 50
+    del rng
+
+
+def numeric_grad(f, arr, idx, eps=1e-6):
+    old = arr[idx]
+    arr[idx] = old + eps
+    up = f()
+    arr[idx] = old - eps
+    down = f()
+    arr[idx] = old
+    return (up - down) / (2 * eps)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("lead", [(1,), (6,), (2, 3)])
+def test_gradients_match_finite_differences(dropout, lead):
+    rng = np.random.default_rng(2)
+    t = layer(rng, lead, 7, 5, 3, np.float64)
+    proj = rng.standard_normal((*lead, 5))
+    seed = 99 if dropout else None
+    scale = 1.3
+
+    def loss():
+        y, _ = F.linear_forward(t["x"], t["weight"], t["A"], t["B"], scale, t["bias"],
+                                dropout=dropout, seed=seed)
+        return float(np.sum(y * proj))
+
+    _, xa = F.linear_forward(t["x"], t["weight"], t["A"], t["B"], scale, t["bias"],
+                             dropout=dropout, seed=seed)
+    dx, dA, dB = F.linear_backward(proj, t["x"], xa, t["weight"], t["A"], t["B"], scale,
+                                   dropout=dropout, seed=seed)
+    for name, grad in (("x", dx), ("A", dA), ("B", dB)):
+        for idx in np.ndindex(*grad.shape):
+            num = numeric_grad(loss, t[name], idx)
+            assert abs(num - grad[idx]) <= 1e-6 * max(1.0, abs(num)), (name, idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d_out,d_in,r", [(8, 8, 1), (13, 7, 3), (33, 65, 8), (40, 24, 9),
+                                          (20, 70, 32), (50, 30, 40)])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merge_matches_twin_and_unmerge_restores(dtype, d_out, d_in, r, fan_in_fan_out):
+    rng = np.random.default_rng(3)
+    shape = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
+    W = rand(rng, shape, dtype)
+    A, B = rand(rng, (r, d_in), dtype), rand(rng, (d_out, r), dtype)
+    W0 = W.copy()
+    out = F.merge(W, A, B, 0.25, fan_in_fan_out=fan_in_fan_out)
+    assert out is W
+    want = ref.merge(W0.astype(np.float64), A.astype(np.float64), B.astype(np.float64), 0.25,
+                     fan_in_fan_out=fan_in_fan_out)
+    close(W, want, dtype)
+    F.unmerge(W, A, B, 0.25, fan_in_fan_out=fan_in_fan_out)
+    close(W, W0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,d_in,d_out", [((1,), 9, 4), ((0,), 3, 5), ((4, 5), 6, 7),
+                                             ((70,), 31, 2)])
+def test_dense_matches_twin(dtype, lead, d_in, d_out):
+    rng = np.random.default_rng(4)
+    x, W, b = rand(rng, (*lead, d_in), dtype), rand(rng, (d_out, d_in), dtype), rand(
+        rng, (d_out,), dtype)
+    close(F.dense_forward(x, W, b), ref.dense_forward(x.astype(float), W.astype(float),
+                                                      b.astype(float)), dtype)
+    close(F.dense_forward(x, W), ref.dense_forward(x.astype(float), W.astype(float)), dtype)
+    dy = rand(rng, (*lead, d_out), dtype)
+    dx, dW = F.dense_backward(dy, x, W)
+    dx_ref, dW_ref = ref.dense_backward(dy.astype(float), x.astype(float), W.astype(float))
+    close(dx, dx_ref, dtype)
+    close(dW, dW_ref, dtype)
+    assert F.dense_backward(dy, x, W, need_dx=False)[0] is None
+    assert F.dense_backward(dy, x, W, need_dweight=False)[1] is None
+
+
+def adam_trajectory(step_fn, dtype, decoupled, weight_decay, steps=100, shape=(37, 5)):
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(shape).astype(dtype)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(steps)]
+    originals = [g.copy() for g in grads]
+    for t, g in enumerate(grads, start=1):
+        step_fn(p, g, m, v, step=t, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                weight_decay=weight_decay, decoupled=decoupled)
+    for g, g0 in zip(grads, originals):  # the gradient is read only, also for Adam's L2 term
+        np.testing.assert_array_equal(g, g0)
+    return p, m, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_matches_twin_over_many_steps(dtype, decoupled, weight_decay):
+    p, m, v = adam_trajectory(F.adam_step, dtype, decoupled, weight_decay)
+    p_ref, m_ref, v_ref = adam_trajectory(ref.adam_step, np.float64, decoupled, weight_decay)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(p, p_ref, atol=tol)
+    np.testing.assert_allclose(m, m_ref, atol=tol)
+    np.testing.assert_allclose(v, v_ref, atol=tol)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_matches_torch_optim(decoupled, weight_decay):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    p0 = rng.standard_normal((64, 9)).astype(np.float32)
+    grads = [rng.standard_normal(p0.shape).astype(np.float32) for _ in range(50)]
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt = cls([tp], lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+              foreach=False)
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    for t, g in enumerate(grads, start=1):
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+        F.adam_step(p, g, m, v, step=t, lr=3e-3, weight_decay=weight_decay, decoupled=decoupled)
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=0, atol=1e-6)
+    state = opt.state[tp]
+    np.testing.assert_allclose(m, state["exp_avg"].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(v, state["exp_avg_sq"].numpy(), rtol=0, atol=1e-6)
+
+
+def test_noncontiguous_read_only_inputs_are_accepted():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 20))[:, ::2]  # strided view
+    W = np.asfortranarray(rng.standard_normal((4, 10)))
+    A = rng.standard_normal((10, 2)).T  # transposed view, (2, 10)
+    B = rng.standard_normal((4, 2)).astype(">f8")  # byte-swapped
+    y, xa = F.linear_forward(x, W, A, B, 0.5)
+    y_ref, xa_ref = ref.linear_forward(x, W, A, B.astype(float), 0.5)
+    np.testing.assert_allclose(y, y_ref, atol=1e-12)
+    np.testing.assert_allclose(xa, xa_ref, atol=1e-12)
+
+
+def test_gil_is_released_during_kernels():
+    """A Python thread keeps running while a long kernel call is in C."""
+    import threading
+    import time
+
+    W = np.zeros((3000, 3000), dtype=np.float32)
+    A = np.ones((8, 3000), dtype=np.float32)
+    B = np.ones((3000, 8), dtype=np.float32)
+    stamps, stop = [], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    th = threading.Thread(target=spin)
+    th.start()
+    time.sleep(0.01)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        F.merge(W, A, B, 1e-3)
+    t1 = time.perf_counter()
+    stop.set()
+    th.join()
+    inside = [s for s in stamps if t0 < s < t1]
+    # With the GIL held for the whole of each call, the spinning thread could only run
+    # between calls; released, it records samples throughout.
+    assert len(inside) > 1000, (len(inside), t1 - t0)
+
+
+def test_blas_info_and_threads():
+    info = F.blas_info()
+    assert isinstance(info["corename"], str) and info["corename"]
+    before = info["num_threads"]
+    F.set_num_threads(1)
+    assert F.blas_info()["num_threads"] == 1
+    F.set_num_threads(before)
+    with pytest.raises(ValueError, match="'n'"):
+        F.set_num_threads(0)
