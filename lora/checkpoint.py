@@ -1,0 +1,438 @@
+"""Merge PEFT LoRA adapters into a Hugging Face safetensors checkpoint, offline and streaming.
+
+    lora.merge_checkpoint("llama-base", ["my-adapter"], "llama-merged")
+    lora merge llama-base my-adapter -o llama-merged          # the same, from the shell
+
+Everything is checked before anything is written (adapter modules exist in the base, shapes
+and dtypes fit, every file parses), so a bad input leaves no output. Then each shard is
+written tensor by tensor into a temporary directory beside OUT: untouched tensors are copied
+by the kernel (copy_file_range), each LoRA target is memory-mapped alone, widened to float32
+(bf16/fp16) or kept float64, updated by the C kernel `W += scale * B @ A` once per adapter, and
+rounded once back to its dtype. Headers, shards, dtypes and metadata are kept byte for byte;
+the directory is renamed into place at the end. Peak memory is a few times the largest target
+tensor plus the adapters, not the model.
+
+Not handled (refused with an error, never merged approximately): DoRA, modules_to_save and
+trained biases (tensors in the adapter other than LoRA pairs), non-safetensors checkpoints,
+and targets stored in integer or fp8 dtypes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _peft_format as peft
+from ._safetensors import (
+    STORAGE,
+    Header,
+    SafetensorsError,
+    TensorInfo,
+    copy_range,
+    from_compute,
+    read_array,
+    read_float_tensors,
+    read_header,
+    to_compute,
+)
+from .functional import merge
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+__all__ = ["merge_checkpoint", "CheckpointError", "add_merge_arguments", "run_merge"]
+
+
+class CheckpointError(ValueError):
+    """A base checkpoint, output directory or adapter/base combination that cannot be merged."""
+
+
+@dataclass
+class _Update:
+    """One adapter's change to one base tensor: W += scale * B @ A (A (r, d_in),
+    B (d_out, r)); `transposed` when W is stored (d_in, d_out): Conv1D and Embedding.
+    Or, when `replace` is set, W = replace (already rounded to W's dtype)."""
+
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    scale: float = 0.0
+    transposed: bool = False
+    replace: np.ndarray | None = None
+
+
+@dataclass
+class _Plan:
+    base: str
+    shards: list[str]  # file names in BASE_DIR, in index order
+    headers: dict[str, Header]
+    index: dict | None
+    updates: dict[str, list[_Update]] = field(default_factory=dict)  # base tensor -> updates
+
+
+def merge_checkpoint(
+    base: str | os.PathLike,
+    adapters: str | os.PathLike | list[str | os.PathLike],
+    out: str | os.PathLike,
+    scales: list[float] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Merge PEFT LoRA adapters into a Hugging Face checkpoint and write a new checkpoint.
+
+    Parameters
+    ----------
+    base : directory with config.json and model.safetensors, or shards listed in
+        model.safetensors.index.json. Only read, never written.
+    adapters : one PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+        or a list of them, merged in order.
+    out : the directory to create. Written beside itself under a temporary name, then renamed.
+    scales : one multiplier per adapter on top of its own lora_alpha / r (default 1.0 each).
+    force : replace `out` if it exists (only after the new checkpoint is complete).
+    progress : show a progress bar by bytes on stderr.
+
+    Returns
+    -------
+    {"tensors_merged": number of base tensors changed, "updates": LoRA pairs applied,
+     "bytes": bytes of safetensors data written}
+
+    Raises
+    ------
+    ValueError (CheckpointError, AdapterFormatError or SafetensorsError) naming the file or
+    tensor at fault, before anything is written; FileExistsError when `out` exists without
+    `force`.
+    """
+    base = os.path.abspath(os.fspath(base))
+    out = os.path.abspath(os.fspath(out))
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    adapters = [os.path.abspath(os.fspath(a)) for a in adapters]
+    if not adapters:
+        raise CheckpointError("no adapter given")
+    if scales is None:
+        scales = [1.0] * len(adapters)
+    scales = [float(s) for s in scales]
+    if len(scales) != len(adapters):
+        raise CheckpointError(f"{len(scales)} scales given for {len(adapters)} adapters")
+    if not all(np.isfinite(scales)):
+        raise CheckpointError(f"scales must be finite, got {scales}")
+
+    _check_out(base, adapters, out, force)
+    plan = _plan(base, adapters, scales)
+    return _write(plan, out, force, progress)
+
+
+def _check_out(base: str, adapters: list[str], out: str, force: bool) -> None:
+    def inside(path: str, directory: str) -> bool:
+        path, directory = os.path.realpath(path), os.path.realpath(directory)
+        return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+    if not os.path.isdir(base):
+        raise CheckpointError(f"{base}: no such directory")
+    if inside(out, base):
+        raise CheckpointError(f"{out}: output must not be inside the base checkpoint {base}")
+    for directory in [base, *adapters]:
+        if inside(directory, out):
+            raise CheckpointError(f"{out}: output would replace the input {directory}")
+    if os.path.lexists(out):
+        if not force:
+            raise FileExistsError(f"{out}: already exists (use --force / force=True to replace)")
+        if not os.path.isdir(out) or os.path.islink(out):
+            raise CheckpointError(f"{out}: exists and is not a directory; not replacing it")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise CheckpointError(f"{os.path.dirname(out)}: no such directory for the output")
+
+
+def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
+    """Read and check every input; nothing is written here."""
+    index_path = os.path.join(base, INDEX_FILE)
+    index = None
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+        shards = list(dict.fromkeys(weight_map.values()))
+        for shard in shards:
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name")
+    elif os.path.isfile(os.path.join(base, SINGLE_FILE)):
+        weight_map, shards = None, [SINGLE_FILE]
+    else:
+        raise CheckpointError(
+            f"{base}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)"
+        )
+    headers = {}
+    for shard in shards:
+        path = os.path.join(base, shard)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such file (listed in {INDEX_FILE})")
+        headers[shard] = read_header(path)
+    located: dict[str, TensorInfo] = {}
+    for header in headers.values():
+        for name, info in header.tensors.items():
+            if name in located:
+                raise CheckpointError(f"{base}: tensor {name!r} is stored in two shards")
+            located[name] = info
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in headers[shard].tensors:
+                raise CheckpointError(
+                    f"{os.path.join(base, shard)}: tensor {name!r} listed in {INDEX_FILE} "
+                    "is not in this file"
+                )
+    plan = _Plan(base, shards, headers, index)
+
+    for directory, user_scale in zip(adapters, scales, strict=True):
+        config = peft.read_config(directory)
+        if config.get("use_dora"):
+            raise peft.AdapterFormatError(
+                f"{directory}: DoRA adapters (use_dora) are not supported"
+            )
+        weights = os.path.join(directory, peft.WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise peft.AdapterFormatError(f"{weights}: no such file")
+        try:
+            tensors = read_float_tensors(weights)
+        except SafetensorsError as e:
+            raise peft.AdapterFormatError(str(e)) from None
+        pairs, others = peft.split_lora_tensors(tensors)
+        if not pairs:
+            raise peft.AdapterFormatError(f"{weights}: no LoRA tensors in the file")
+        # Full tensors PEFT saves beside the pairs (the embedding it saves when an embedding
+        # is targeted, biases with bias="all") are loaded over the base before merging.
+        for key in sorted(others):
+            name = _replaced_tensor(key, others[key], located, weights)
+            plan.updates.setdefault(name, []).append(_replacement(others[key], located[name]))
+        for path, lora in pairs.items():
+            name = _base_tensor(path, located, directory)
+            plan.updates.setdefault(name, []).append(
+                _update(lora, config, located[name], directory, user_scale)
+            )
+    return plan
+
+
+def _base_tensor(path: str, located: dict[str, TensorInfo], adapter: str) -> str:
+    """The base tensor a module path refers to: `<path>.weight`, or, when the checkpoint was
+    saved with or without the model's prefix (`transformer.`, `model.`), the one tensor whose
+    name matches it up to that prefix."""
+    name = path + ".weight"
+    if name in located:
+        return name
+    matches = [k for k in located if k.endswith("." + name) or name.endswith("." + k)]
+    if len(matches) == 1:
+        return matches[0]
+    what = "no tensor" if not matches else f"several tensors ({', '.join(matches[:3])})"
+    raise CheckpointError(f"{adapter}: module {path!r}: {what} named {name!r} in the base")
+
+
+def _replaced_tensor(key: str, value: np.ndarray, located: dict, weights: str) -> str:
+    name = key[len(peft.KEY_PREFIX) :] if key.startswith(peft.KEY_PREFIX) else key
+    name = name.replace(".base_layer.", ".")
+    if name not in located:
+        raise peft.AdapterFormatError(
+            f"{weights}: tensor {key!r} is neither a LoRA pair nor a base tensor "
+            "(modules_to_save, lora_bias and DoRA are not supported)"
+        )
+    info = located[name]
+    if info.shape != value.shape or info.dtype not in STORAGE:
+        raise CheckpointError(
+            f"{weights}: tensor {key!r} {value.shape} cannot replace base tensor {name!r} "
+            f"({info.dtype} {info.shape})"
+        )
+    return name
+
+
+def _replacement(value: np.ndarray, info: TensorInfo) -> _Update:
+    # Rounded to the base dtype first, as loading it into the model would.
+    stored = from_compute(
+        value.astype(np.float64 if info.dtype == "F64" else np.float32), info.dtype
+    )
+    return _Update(replace=to_compute(stored, info.dtype))
+
+
+def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: float) -> _Update:
+    A, B = lora.A, lora.B
+    (r, d_in), (d_out, _) = A.shape, B.shape
+    embedding = lora.kind == "embedding"
+    transposed = embedding or bool(config.get("fan_in_fan_out", False))
+    expected = (d_in, d_out) if transposed else (d_out, d_in)
+    where = f"{adapter}: module {lora.path!r}"
+    if info.dtype not in STORAGE:
+        raise CheckpointError(
+            f"{where}: base tensor {info.name!r} has dtype {info.dtype}; "
+            "merging supports F32, F16, BF16 and F64"
+        )
+    if info.shape != expected:
+        layout = ("embedding (num_embeddings, embedding_dim)" if embedding else
+                  "fan_in_fan_out (in, out)" if transposed else "(out, in)")  # fmt: skip
+        raise CheckpointError(
+            f"{where}: lora_A {A.shape} and lora_B {B.shape} need base tensor {info.name!r} "
+            f"of shape {expected} [{layout}], but it is {info.shape}"
+        )
+    for label, x in (("lora_A", A), ("lora_B", B)):
+        if not np.isfinite(x).all():
+            raise peft.AdapterFormatError(f"{where}: {label} contains NaN or infinity")
+    scale = user_scale * peft.scaling(config, lora.path, r)
+    if not np.isfinite(scale):
+        raise peft.AdapterFormatError(f"{where}: scaling {scale} is not finite")
+    compute = np.float64 if info.dtype == "F64" else np.float32
+    return _Update(
+        np.ascontiguousarray(A, compute), np.ascontiguousarray(B, compute), scale, transposed
+    )
+
+
+def _write(plan: _Plan, out: str, force: bool, progress: bool) -> dict[str, int]:
+    parent, name = os.path.split(out)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    total = sum(h.file_size for h in plan.headers.values())
+    stats = {"tensors_merged": len(plan.updates), "updates": 0, "bytes": 0}
+    lora_pairs = sum(u.replace is None for us in plan.updates.values() for u in us)
+    try:
+        _copy_other_files(plan, tmp)
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="lora merge",
+            disable=not progress, file=sys.stderr,
+        ) as bar:  # fmt: skip
+            for shard in plan.shards:
+                _write_shard(plan.headers[shard], os.path.join(tmp, shard), plan.updates, bar)
+        if plan.index is not None:
+            index = dict(plan.index)
+            size = sum(t.nbytes for h in plan.headers.values() for t in h.tensors.values())
+            if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+                index["metadata"] = {**index["metadata"], "total_size": size}
+            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=2) + "\n")
+        stats["updates"] = lora_pairs
+        stats["bytes"] = total
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.lexists(out):
+            if not force:  # appeared while we were writing
+                raise FileExistsError(f"{out}: already exists (use --force to replace)")
+            trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(out, os.path.join(trash, name))
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _copy_other_files(plan: _Plan, tmp: str) -> None:
+    """Copy every file of BASE_DIR except the shards and index, which are rewritten."""
+    rewritten = set(plan.shards) | ({INDEX_FILE} if plan.index is not None else set())
+    for entry in sorted(os.scandir(plan.base), key=lambda e: e.name):
+        if entry.name in rewritten:
+            continue
+        target = os.path.join(tmp, entry.name)
+        if entry.is_dir():
+            shutil.copytree(entry.path, target)
+        else:
+            if entry.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+                warnings.warn(
+                    f"{entry.path}: weights outside the checkpoint are copied unmerged",
+                    stacklevel=4,
+                )
+            shutil.copy2(entry.path, target)
+
+
+def _write_shard(header: Header, dst: str, updates: dict[str, list[_Update]], bar) -> None:
+    """Rewrite one shard with the same header and layout; merged tensors replace their bytes,
+    the others are copied by the kernel in runs."""
+    src = header.path
+    with open(src, "rb") as fsrc, open(dst, "wb") as fdst:
+        in_fd, out_fd = fsrc.fileno(), fdst.fileno()
+        _pwrite_all(out_fd, header.raw, 0)
+        bar.update(len(header.raw))
+        run_start = run_end = header.data_start
+        for info in header.tensors.values():
+            if info.name not in updates:
+                run_end = info.end
+                continue
+            if run_end > run_start:
+                copy_range(in_fd, out_fd, run_start, run_start, run_end - run_start)
+                bar.update(run_end - run_start)
+            weight = to_compute(read_array(src, info), info.dtype)
+            for u in updates[info.name]:
+                if u.replace is not None:
+                    weight[...] = u.replace
+                else:
+                    merge(weight, u.A, u.B, u.scale, fan_in_fan_out=u.transposed)
+            stored = from_compute(weight, info.dtype)
+            del weight
+            _pwrite_all(out_fd, memoryview(stored).cast("B"), info.begin)
+            bar.update(info.nbytes)
+            run_start = run_end = info.end
+        if run_end > run_start:
+            copy_range(in_fd, out_fd, run_start, run_start, run_end - run_start)
+            bar.update(run_end - run_start)
+        if os.fstat(out_fd).st_size != header.file_size:
+            raise CheckpointError(f"{dst}: wrote {os.fstat(out_fd).st_size} bytes, "
+                                  f"expected {header.file_size}")  # fmt: skip
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+# ---------------------------------------------------------------- command line: lora merge
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of `lora merge` to a (sub)parser."""
+    parser.description = parser.description or (
+        "Merge PEFT LoRA adapters into a Hugging Face safetensors checkpoint, one tensor at "
+        "a time, and write a new checkpoint directory."
+    )
+    parser.add_argument("base", metavar="BASE_DIR", help="Hugging Face model directory")
+    parser.add_argument("adapters", metavar="ADAPTER_DIR", nargs="+",
+                        help="PEFT adapter directories, merged in order")  # fmt: skip
+    parser.add_argument("-o", "--output", metavar="OUT_DIR", required=True,
+                        help="directory to create (written beside it, then renamed)")  # fmt: skip
+    parser.add_argument("--scale", metavar="S", type=float, nargs="+", default=None,
+                        help="multiplier per adapter on lora_alpha/r (default 1.0)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Run `lora merge` from parsed arguments; returns the exit status (0, or 1 with one
+    error line on stderr)."""
+    try:
+        stats = merge_checkpoint(args.base, args.adapters, args.output, scales=args.scale,
+                                 force=args.force, progress=not args.quiet)  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"lora merge: error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"merged {stats['updates']} LoRA pairs into {stats['tensors_merged']} tensors; "
+              f"wrote {args.output}", file=sys.stderr)  # fmt: skip
+    return 0
