@@ -1,0 +1,268 @@
+"""Saving and loading LoRA adapters in Hugging Face PEFT's on-disk format.
+
+save_adapter writes adapter_config.json and adapter_model.safetensors under PEFT's names (see
+lora/_peft_format.py) atomically; load_adapter reads what PEFT (or save_adapter) wrote into a
+plain model (wrapping it from the file's config) or an already wrapped one. Loading checks
+every key and shape before it assigns anything, so a mismatch leaves the model untouched.
+Nothing is ever unpickled. The base model's weights are not part of an adapter: merging an
+adapter into a base checkpoint on disk is lora/checkpoint.py's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import _peft_format as fmt
+from ._peft_format import AdapterFormatError
+from .config import LoraConfig
+from .layers import LoRAEmbedding
+from .nn import Embedding, Module, Parameter
+from .tuner import ModulesToSaveWrapper, _modules_to_save_paths, find_targets, lora_layers, wrap
+
+__all__ = ["AdapterFormatError", "adapter_state_dict", "load_adapter", "save_adapter"]
+
+_LORA_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _extra_params(
+    model: Module, lora_paths: set[str], saved_paths: list[str]
+) -> dict[str, Parameter]:
+    """The non-LoRA parameters an adapter file may hold, by their key in the file (without
+    "base_model.model."): the trained copies of the modules_to_save at `saved_paths` as
+    `<path>.<name>`, biases of LoRA layers as `<path>.base_layer.bias`, other biases as
+    `<path>.bias`. Works on a wrapped model and, with `lora_paths` and `saved_paths` the
+    layers wrap() will replace, on a plain one."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".original_module." in f".{name}":
+            continue
+        path, _, leaf = name.rpartition(".")
+        name = name.replace(".modules_to_save.", ".")
+        if path in lora_paths:
+            if leaf == "bias":
+                out[f"{path}.base_layer.bias"] = p
+        elif leaf == "bias" or any(name.startswith(s + ".") for s in saved_paths):
+            out[name] = p
+    return out
+
+
+def _saved_paths(model: Module) -> list[str]:
+    return [p for p, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def adapter_state_dict(model: Module) -> dict[str, np.ndarray]:
+    """The tensors save_adapter writes, under PEFT's keys: for every LoRA layer
+    `base_model.model.<path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), or
+    `.lora_embedding_A` (r, num) and `.lora_embedding_B` (dim, r); the trained copies of
+    modules_to_save as `base_model.model.<path>.weight`/`.bias`; biases per config.bias."""
+    config = _config_of(model)
+    layers = lora_layers(model)
+    tensors = {}
+    for path, layer in layers:
+        keys = (
+            fmt.embedding_keys(path) if isinstance(layer, LoRAEmbedding) else fmt.linear_keys(path)
+        )
+        for key, p in zip(keys, layer._pair(), strict=True):
+            tensors[key] = p.data
+    saved_paths = _saved_paths(model)
+    for name, p in _extra_params(model, {p for p, _ in layers}, saved_paths).items():
+        in_saved = any(name.startswith(s + ".") for s in saved_paths)
+        if (
+            in_saved
+            or (config.bias == "all" and name.endswith(".bias"))
+            or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
+        ):
+            tensors[fmt.KEY_PREFIX + name] = p.data
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+
+
+def _config_of(model: Module) -> LoraConfig:
+    config = model.__dict__.get("lora_config")
+    if not isinstance(config, LoraConfig) or not lora_layers(model):
+        raise ValueError("the model has no LoRA adapter (wrap it with lora.wrap first)")
+    return config
+
+
+def _write_all(f, data: bytes) -> None:
+    f.write(data)
+
+
+def _write_temp(directory: str, name: str, data: bytes) -> str:
+    """`data` in a new temporary file next to `name`, flushed and fsynced; its path."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_all(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def save_adapter(model: Module, directory: str | os.PathLike) -> None:
+    """Write the model's adapter to `directory` (created if needed) as PEFT does:
+    adapter_config.json (sorted keys, 2-space indent, inference_mode true) and
+    adapter_model.safetensors (metadata {"format": "pt"}).
+
+    Both files are written in full to temporary files in `directory`, fsynced, and only then
+    renamed over the old ones (os.replace, atomic on POSIX and Windows), so a save that fails
+    or is killed while writing leaves the previous adapter readable. The two renames follow
+    each other immediately; only a crash between them could pair new weights with the old
+    config.
+    """
+    from safetensors.numpy import save as safetensors_bytes
+
+    config = _config_of(model)
+    tensors = adapter_state_dict(model)
+    config_dict = dataclasses.replace(config, inference_mode=True).to_dict()
+    config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()
+    weights_bytes = safetensors_bytes(tensors, metadata={"format": "pt"})
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    temps = []
+    try:
+        temps.append(_write_temp(directory, fmt.WEIGHTS_NAME, weights_bytes))
+        temps.append(_write_temp(directory, fmt.CONFIG_NAME, config_bytes))
+    except BaseException:
+        for tmp in temps:
+            os.unlink(tmp)
+        raise
+    os.replace(temps[0], os.path.join(directory, fmt.WEIGHTS_NAME))
+    os.replace(temps[1], os.path.join(directory, fmt.CONFIG_NAME))
+    if hasattr(os, "O_DIRECTORY"):  # make the renames themselves durable
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | None = None) -> Module:
+    """Load the adapter in `directory` (written by PEFT or save_adapter) and return the model.
+
+    A plain model is wrapped from the file's config (seed seeds the layers' dropout); a
+    wrapped one must have exactly the file's LoRA layers. Every LoRA pair must have the
+    shapes of its layer and the rank the config gives it; modules_to_save and bias tensors
+    must name parameters of matching shape. The first mismatch raises AdapterFormatError
+    naming it, before anything is changed. Unknown config keys are ignored with a warning.
+    Values are cast to the model's dtype; the layers' scaling comes from the file's config.
+    """
+    directory = os.fspath(directory)
+    where = os.path.join(directory, fmt.CONFIG_NAME)
+    try:
+        config = LoraConfig.from_dict(fmt.read_config(directory), where=where)
+    except (TypeError, ValueError) as e:
+        raise AdapterFormatError(str(e)) from None
+    pairs, others = fmt.split_lora_tensors(fmt.read_tensors(directory))
+
+    wrapped = bool(lora_layers(model))
+    if wrapped:
+        merged = [p for p, layer in lora_layers(model) if layer.merged]
+        if merged:
+            raise AdapterFormatError(f"load_adapter: layer {merged[0]!r} is merged; unmerge first")
+        expected = {
+            path: (_kind(layer), layer._pair()[0].shape, layer._pair()[1].shape)
+            for path, layer in lora_layers(model)
+        }
+    else:
+        if config.target_modules is None:
+            raise AdapterFormatError(f"{where}: target_modules is missing")
+        try:
+            targets = find_targets(model, config)
+        except ValueError as e:
+            raise AdapterFormatError(f"load_adapter: {e}") from None
+        expected = {path: _expected_shapes(base, config.rank_for(path)) for path, base in targets}
+    _check_pairs(pairs, expected, config)
+    if wrapped:
+        saved_paths = _saved_paths(model)
+    else:
+        try:
+            saved_paths = _modules_to_save_paths(model, config.modules_to_save)
+        except ValueError as e:
+            raise AdapterFormatError(f"load_adapter: {e}") from None
+    extra = _extra_params(model, set(expected), saved_paths)
+    for key, value in others.items():
+        name = _extra_name(key)
+        if name is None:
+            continue
+        if name not in extra:
+            raise AdapterFormatError(f"load_adapter: {key!r} matches no parameter of the model")
+        if value.shape != extra[name].shape:
+            raise AdapterFormatError(
+                f"load_adapter: {key!r} has shape {value.shape}, the model's parameter "
+                f"{extra[name].shape}"
+            )
+    # -- everything checked; from here on only assignment --
+    if not wrapped:
+        wrap(model, dataclasses.replace(config, init_lora_weights=True), seed=seed)
+        extra = _extra_params(model, set(expected), _saved_paths(model))
+    model.lora_config = config
+    layers = dict(lora_layers(model))
+    for path, t in pairs.items():
+        layer = layers[path]
+        A, B = layer._pair()
+        A.data[...] = t.A
+        B.data[...] = t.B
+        layer.lora_alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
+        layer.scaling = config.scaling_for(path, t.r)
+    for key, value in others.items():
+        name = _extra_name(key)
+        if name is not None:
+            extra[name].data[...] = value
+    return model
+
+
+def _kind(layer: Module) -> str:
+    return "embedding" if isinstance(layer, (LoRAEmbedding, Embedding)) else "linear"
+
+
+def _expected_shapes(base: Module, r: int) -> tuple[str, tuple, tuple]:
+    if isinstance(base, Embedding):
+        return "embedding", (r, base.num_embeddings), (base.embedding_dim, r)
+    return "linear", (r, base.in_features), (base.out_features, r)
+
+
+def _check_pairs(pairs: dict, expected: dict, config: LoraConfig) -> None:
+    for path, (kind, a_shape, b_shape) in expected.items():
+        if path not in pairs:
+            raise AdapterFormatError(f"load_adapter: the adapter has no LoRA weights for {path!r}")
+        t = pairs[path]
+        if t.kind != kind:
+            raise AdapterFormatError(
+                f"load_adapter: {path!r} is a {kind} layer, the adapter has {t.kind} LoRA weights"
+            )
+        if t.r != config.rank_for(path):
+            raise AdapterFormatError(
+                f"load_adapter: {path!r} has rank {t.r} in the file, its config says "
+                f"{config.rank_for(path)}"
+            )
+        if t.A.shape != a_shape or t.B.shape != b_shape:
+            raise AdapterFormatError(
+                f"load_adapter: {path!r}: the file's A {t.A.shape} and B {t.B.shape} do not fit "
+                f"the model's A {a_shape} and B {b_shape}"
+            )
+    for path in pairs:
+        if path not in expected:
+            raise AdapterFormatError(
+                f"load_adapter: the adapter has LoRA weights for {path!r}, which is not a LoRA "
+                "layer of the model"
+            )
+
+
+def _extra_name(key: str) -> str | None:
+    """A non-LoRA key's parameter name, or None for the frozen originals PEFT also writes
+    (with bias="all")."""
+    if not key.startswith(fmt.KEY_PREFIX):
+        raise AdapterFormatError(f"load_adapter: unexpected tensor key {key!r}")
+    name = key[len(fmt.KEY_PREFIX) :]
+    if ".original_module." in f".{name}":
+        return None
+    return name.replace(".modules_to_save.", ".")

@@ -1,0 +1,174 @@
+"""LoraConfig: PEFT's LoRA settings under PEFT's names and defaults, to and from
+adapter_config.json.
+
+Only the fields this library acts on are attributes. Reading a config written by PEFT accepts
+PEFT's other fields silently when they hold their defaults (they describe features not used
+here), refuses them with ValueError when they do not (e.g. use_dora=True), and warns about
+keys it has never heard of (a newer PEFT), ignoring them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from . import _peft_format
+
+INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
+
+# PEFT fields that only carry metadata or configure an initialisation this library does not
+# run; their value does not change what a saved adapter computes.
+_PEFT_METADATA = {
+    "peft_type",
+    "auto_mapping",
+    "revision",
+    "peft_version",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
+# PEFT features not implemented here: accepted only at their (falsy) defaults.
+_PEFT_UNSUPPORTED = {
+    "use_dora",
+    "lora_bias",
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "megatron_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings, as peft.LoraConfig.
+
+    r: rank; lora_alpha: scaling numerator (scaling = lora_alpha / r, or / sqrt(r) with
+    use_rslora); lora_dropout: dropout on the LoRA branch's input; target_modules: a list of
+    module names (a module path equal to an entry or ending in "." + entry), a regex that must
+    match the whole path, or "all-linear"; exclude_modules: the same forms, never wrapped;
+    bias: "none", "all" or "lora_only" (which biases train); init_lora_weights: True, False,
+    "gaussian", "pissa" or "olora"; modules_to_save: modules trained in full and saved with the
+    adapter; fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D; set
+    automatically for Conv1D targets); rank_pattern / alpha_pattern: {module regex: r or
+    alpha}, the first key k with `(.*\\.)?(k)$` matching the path wins.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(
+                f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+            )
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or (isinstance(init, str) and init in INIT_METHODS)):
+            raise ValueError(
+                f"LoraConfig: init_lora_weights must be one of {INIT_METHODS}, "
+                f"got {self.init_lora_weights!r}"
+            )
+        if self.use_dora:
+            raise ValueError("LoraConfig: use_dora=True (DoRA) is not supported")
+        for name, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise ValueError(f"LoraConfig: rank_pattern[{name!r}] must be a positive int")
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the module at `path` (rank_pattern, else r)."""
+        return _peft_format.pattern_value(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path: str) -> float:
+        """The lora_alpha of the module at `path` (alpha_pattern, else lora_alpha)."""
+        return _peft_format.pattern_value(self.alpha_pattern, path, self.lora_alpha)
+
+    def scaling_for(self, path: str, r: int | None = None) -> float:
+        """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rsLoRA, Kalajdzievski 2023),
+        for the module at `path`."""
+        r = self.rank_for(path) if r is None else r
+        alpha = self.alpha_for(path)
+        return alpha / r**0.5 if self.use_rslora else alpha / r
+
+    def excluded(self, path: str) -> bool:
+        """Whether exclude_modules, or being inside a module of modules_to_save (PEFT never
+        puts LoRA inside a module it trains in full), keeps `path` from being wrapped."""
+        if self.exclude_modules and _matches(self.exclude_modules, path):
+            return True
+        return any(
+            re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in self.modules_to_save or []
+        )
+
+    def matches(self, path: str) -> bool:
+        """Whether target_modules (a list or a regex) selects `path` and nothing excludes it.
+        "all-linear" is resolved by lora.wrap, which knows the module types."""
+        if self.target_modules is None or self.target_modules == "all-linear":
+            return False
+        return not self.excluded(path) and _matches(self.target_modules, path)
+
+    def to_dict(self) -> dict:
+        """The JSON-ready dict PEFT writes (peft_type "LORA" included)."""
+        d = asdict(self)
+        d["peft_type"] = "LORA"
+        if isinstance(d["target_modules"], list):
+            d["target_modules"] = sorted(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, config: dict, where: str = "LoraConfig") -> LoraConfig:
+        """Build from a dict such as adapter_config.json; see the module docstring for how
+        PEFT-only and unknown keys are treated."""
+        for key in _PEFT_UNSUPPORTED:
+            if config.get(key):
+                raise ValueError(
+                    f"{where}: {key}={config[key]!r} is a PEFT feature this library does not "
+                    "support"
+                )
+        known = {f.name for f in fields(cls)}
+        config = _peft_format.warn_unknown_keys(
+            config, known | _PEFT_METADATA | _PEFT_UNSUPPORTED, where
+        )
+        return cls(**{k: v for k, v in config.items() if k in known})
+
+
+def _matches(patterns: list[str] | str, path: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, path) is not None
+    return any(path == p or path.endswith("." + p) for p in patterns)

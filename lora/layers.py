@@ -1,0 +1,289 @@
+"""LoRA layers: a frozen base layer plus a trainable low-rank update, PEFT's conventions.
+
+`LoRALinear` wraps a `lora.nn.Linear` (or a GPT-2 style `Conv1D`, whose weight is stored
+(in, out): PEFT's fan_in_fan_out) and computes y = x W^T + b + scaling * (drop(x) A^T) B^T
+through the C kernels; `LoRAEmbedding` wraps a `lora.nn.Embedding` the way PEFT does
+(y = W[ids] + scaling * A^T[ids] B^T, no dropout). Both keep the base layer's own weight and
+bias Parameters (so a base state dict loads into a wrapped model by the same names), hold
+`lora_A`/`lora_B` (`lora_embedding_A`/`lora_embedding_B`) Parameters, and merge/unmerge in
+place through an explicit `merged` flag. Choosing which layers to wrap is lora/tuner.py's job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import functional as F
+from .nn import Conv1D, Embedding, Linear, Module, Parameter, _check_ids, _rows, _scatter_rows
+
+__all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
+
+
+def _scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    # alpha / r keeps the update's size independent of r at init (Hu et al. 2021, sec. 4.1);
+    # rsLoRA's alpha / sqrt(r) keeps it stable as r grows (Kalajdzievski 2023).
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class _LoRABase(Module):
+    """What LoRALinear and LoRAEmbedding share: the base layer, scaling, merged/disabled."""
+
+    def _setup(self, base: Module, r: int, lora_alpha: float, use_rslora: bool, rng) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"{type(self).__name__}: r must be a positive integer, got {r!r}")
+        object.__setattr__(self, "_base", base)  # not a child: its Parameters are ours
+        self.weight = base.weight
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = _scaling(lora_alpha, r, use_rslora)
+        self.merged = False
+        self.disabled = False  # set by lora.disable_adapters: run the base layer only
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.weight.requires_grad = False
+
+    def base_layer(self) -> Module:
+        """The wrapped layer, sharing this layer's weight (and bias) Parameters."""
+        return self._base
+
+    def _pair(self) -> tuple[Parameter, Parameter]:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """weight += scaling * (B @ A), in place, once (a second call does nothing). With
+        safe_merge the result is computed in a copy and committed only if it is finite."""
+        if self.merged:
+            return
+        A, B = self._pair()
+        if safe_merge:
+            merged = self.weight.data.copy()
+            self._merge_into(merged, A.data, B.data, self.scaling)
+            if not np.isfinite(merged).all():
+                raise ValueError(f"{type(self).__name__}.merge: the merged weight is not finite")
+            self.weight.data[...] = merged
+        else:
+            self._merge_into(self.weight.data, A.data, B.data, self.scaling)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo merge() (weight -= scaling * (B @ A)); does nothing when not merged."""
+        if not self.merged:
+            return
+        A, B = self._pair()
+        self._merge_into(self.weight.data, A.data, B.data, -self.scaling)
+        self.merged = False
+
+
+class LoRALinear(_LoRABase):
+    """A Linear (or Conv1D) layer with a LoRA update.
+
+    Shapes: x (..., in), weight (out, in) ((in, out) when fan_in_fan_out), lora_A (r, in),
+    lora_B (out, r), y (..., out). The base weight is frozen; its bias keeps whatever
+    requires_grad it had. Dropout (probability lora_dropout, training mode only) applies to
+    the LoRA branch's input; each forward draws a fresh mask seed from `rng` and backward
+    replays it. When merged (or with adapters disabled) the forward is the plain dense layer.
+    """
+
+    def __init__(
+        self,
+        base: Linear | Conv1D,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        rng: np.random.Generator | None = None,
+    ):
+        super().__init__()
+        if not isinstance(base, (Linear, Conv1D)):
+            raise TypeError(f"LoRALinear wraps a Linear or Conv1D, got {type(base).__name__}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        self._setup(base, r, lora_alpha, use_rslora, rng)
+        self.bias = base.bias
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_dropout = lora_dropout
+        dtype = self.weight.dtype
+        self.lora_A = Parameter(np.zeros((r, self.in_features), dtype))
+        self.lora_B = Parameter(np.zeros((self.out_features, r), dtype))
+        _init_weights(self, init_lora_weights)
+
+    def _pair(self):
+        return self.lora_A, self.lora_B
+
+    def _merge_into(self, weight, A, B, scaling):
+        F.merge(weight, A, B, scaling, fan_in_fan_out=self.fan_in_fan_out)
+
+    def _weight_out_in(self) -> np.ndarray:
+        w = self.weight.data
+        return np.ascontiguousarray(w.T) if self.fan_in_fan_out else w
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if self.disabled and self.merged:
+            self.unmerge()  # as PEFT: running without the adapter needs the base weight back
+        W = self._weight_out_in()
+        bias = None if self.bias is None else self.bias.data
+        if self.disabled or self.merged:
+            self._save("dense", x)
+            return F.dense_forward(x, W, bias)
+        p = self.lora_dropout if self.training else 0.0
+        seed = int(self.rng.integers(0, 2**63)) if p > 0 else None
+        y, xa = F.linear_forward(
+            x, W, self.lora_A.data, self.lora_B.data, self.scaling, bias, dropout=p, seed=seed
+        )
+        self._save("lora", x, xa, p, seed)
+        return y
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        kind, x, *rest = self._saved()
+        W = self._weight_out_in()
+        if kind == "dense":
+            if self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError("LoRALinear.backward: the layer is merged; unmerge() to train")
+            dx, _ = F.dense_backward(dout, x, W, need_dweight=False)
+        else:
+            xa, p, seed = rest
+            dx, dA, dB = F.linear_backward(
+                dout,
+                x,
+                xa,
+                W,
+                self.lora_A.data,
+                self.lora_B.data,
+                self.scaling,
+                dropout=p,
+                seed=seed,
+            )
+            if self.lora_A.requires_grad:
+                self.lora_A.accumulate(dA)
+            if self.lora_B.requires_grad:
+                self.lora_B.accumulate(dB)
+        if self.weight.requires_grad:
+            _, dW = F.dense_backward(dout, x, W, need_dx=False)
+            self.weight.accumulate(dW.T if self.fan_in_fan_out else dW)
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.accumulate(_rows(dout).sum(axis=0))
+        return dx
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}, dropout={self.lora_dropout}, merged={self.merged}"
+        )
+
+
+class LoRAEmbedding(_LoRABase):
+    """An Embedding with a LoRA update, as PEFT: lora_embedding_A (r, num_embeddings),
+    lora_embedding_B (embedding_dim, r), y = W[ids] + scaling * A^T[ids] B^T; no dropout.
+    ids is an integer array of any shape, y is ids.shape + (embedding_dim,)."""
+
+    def __init__(
+        self,
+        base: Embedding,
+        r: int = 8,
+        lora_alpha: float = 8,
+        *,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        rng: np.random.Generator | None = None,
+    ):
+        super().__init__()
+        if not isinstance(base, Embedding):
+            raise TypeError(f"LoRAEmbedding wraps an Embedding, got {type(base).__name__}")
+        self._setup(base, r, lora_alpha, use_rslora, rng)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        dtype = self.weight.dtype
+        self.lora_embedding_A = Parameter(np.zeros((r, self.num_embeddings), dtype))
+        self.lora_embedding_B = Parameter(np.zeros((self.embedding_dim, r), dtype))
+        _init_weights(self, init_lora_weights)
+
+    def _pair(self):
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def _merge_into(self, weight, A, B, scaling):
+        # weight is (num_embeddings, dim) = (d_in, d_out): the transposed layout
+        F.merge(weight, A, B, scaling, fan_in_fan_out=True)
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        if self.disabled and self.merged:
+            self.unmerge()
+        ids = _check_ids(ids, self.num_embeddings)
+        y = self.weight.data[ids]
+        if self.disabled or self.merged:
+            self._save(ids, None)
+            return y
+        after_a = self.lora_embedding_A.data.T[ids]  # ids.shape + (r,)
+        self._save(ids, after_a)
+        return y + self.scaling * (after_a @ self.lora_embedding_B.data.T)
+
+    def backward(self, dout: np.ndarray) -> None:
+        ids, after_a = self._saved()
+        A, B = self.lora_embedding_A, self.lora_embedding_B
+        if after_a is not None:
+            dy = _rows(dout)
+            if B.requires_grad:
+                B.accumulate(self.scaling * (dy.T @ _rows(after_a)))
+            if A.requires_grad:  # torch's embedding gives the padding row no gradient
+                d_after = self.scaling * (dy @ B.data)
+                A.accumulate(_scatter_rows(ids, d_after, A.shape[::-1], self.padding_idx).T)
+        elif self.merged and (A.requires_grad or B.requires_grad):
+            raise RuntimeError("LoRAEmbedding.backward: the layer is merged; unmerge() to train")
+        if self.weight.requires_grad:
+            self.weight.accumulate(_scatter_rows(ids, dout, self.weight.shape, self.padding_idx))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, "
+            f"scaling={self.scaling:g}, merged={self.merged}"
+        )
+
+
+def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True) -> None:
+    """Initialise a LoRA layer's A and B in place, as PEFT's `init_lora_weights`.
+
+    LoRALinear: True: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0;
+    "gaussian": A ~ N(0, (1/r)^2), B = 0; False: A as True and B ~ U(-1/sqrt(r), 1/sqrt(r))
+    (not a no-op; for tests); "pissa": A, B from the top-r singular triplets of W and the base
+    weight replaced by W - scaling * B A (Meng et al. 2024); "olora": A, B from W's QR
+    decomposition, base likewise replaced (Buyukakyuz 2024). LoRAEmbedding: any true value
+    gives A = 0, B ~ N(0, 1); False gives A, B ~ N(0, 1). Random draws use layer.rng.
+    """
+    rng, dtype = layer.rng, layer.weight.dtype
+    if isinstance(layer, LoRAEmbedding):
+        A, B = layer.lora_embedding_A, layer.lora_embedding_B
+        A.data[...] = rng.standard_normal(A.shape) if init is False else 0
+        B.data[...] = rng.standard_normal(B.shape)
+        return
+    if not isinstance(layer, LoRALinear):
+        raise TypeError(f"init_lora_weights: not a LoRA layer: {type(layer).__name__}")
+    A, B, r = layer.lora_A, layer.lora_B, layer.r
+    if init is True or init is False:
+        A.data[...] = rng.uniform(-1, 1, A.shape) / math.sqrt(layer.in_features)
+        B.data[...] = 0 if init else rng.uniform(-1, 1, B.shape) / math.sqrt(r)
+    elif init == "gaussian":
+        A.data[...] = rng.standard_normal(A.shape) / r
+        B.data[...] = 0
+    elif init in ("pissa", "olora"):
+        if layer.merged:
+            raise RuntimeError("init_lora_weights: unmerge() before a pissa/olora init")
+        W = layer._weight_out_in().astype(np.float64)  # (out, in); decompositions in float64
+        if r > min(W.shape):
+            raise ValueError(f"init_lora_weights={init!r}: r={r} exceeds min{W.shape}")
+        if init == "pissa":
+            U, S, Vt = np.linalg.svd(W, full_matrices=False)
+            root = np.sqrt(S[:r] / layer.scaling)
+            a, b = root[:, None] * Vt[:r], U[:, :r] * root
+        else:
+            Q, R = np.linalg.qr(W)
+            a, b = R[:r], Q[:, :r]
+        A.data[...], B.data[...] = a, b
+        residual = (W - layer.scaling * (b @ a)).astype(dtype)
+        layer.weight.data[...] = residual.T if layer.fan_in_fan_out else residual
+    else:
+        raise ValueError(f"init_lora_weights: unknown method {init!r}")
+
+
+_init_weights = init_lora_weights  # the layers' argument of the same name shadows it

@@ -1,0 +1,245 @@
+"""Putting LoRA on a model and taking it off: wrap, trainable parameters, merge_and_unload,
+unload, disable_adapters.
+
+`wrap(model, config)` replaces the layers `config.target_modules` selects by LoRA layers (in
+place, keeping every module path), freezes everything else per `config.bias`, gives each of
+`config.modules_to_save` a trainable copy, and records the config as `model.lora_config`.
+One adapter per model: stacking or switching named adapters, as PEFT can, is not done here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+
+from .config import LoraConfig
+from .layers import LoRAEmbedding, LoRALinear
+from .nn import Conv1D, Embedding, Linear, Module, Parameter
+
+__all__ = [
+    "ModulesToSaveWrapper",
+    "disable_adapters",
+    "lora_layers",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "unload",
+    "wrap",
+]
+
+
+class ModulesToSaveWrapper(Module):
+    """A module trained in full (PEFT's modules_to_save): `original_module` stays frozen and
+    untouched, `modules_to_save` is a trainable copy that runs unless adapters are disabled."""
+
+    def __init__(self, module: Module):
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = copy.deepcopy(module).requires_grad_(True)
+        self.disabled = False
+
+    def active(self) -> Module:
+        return self.original_module if self.disabled else self.modules_to_save
+
+    def forward(self, *args, **kwargs):
+        object.__setattr__(self, "_ran", self.active())
+        return self._ran(*args, **kwargs)
+
+    def backward(self, dout):
+        return self.__dict__["_ran"].backward(dout)
+
+
+def lora_layers(model: Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """(path, layer) of every LoRA layer in `model`."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+
+
+def _output_layer_paths(model: Module) -> set[str]:
+    """Layers "all-linear" leaves alone: a Hugging Face style output head."""
+    paths = {p for p, _ in model.named_modules() if p.rsplit(".", 1)[-1] == "lm_head"}
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter) and (head := getter()) is not None:
+        paths |= {p for p, m in model.named_modules() if m is head}
+    return paths
+
+
+def _match(path: str, names: list[str]) -> bool:
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def find_targets(model: Module, config: LoraConfig) -> list[tuple[str, Module]]:
+    """(path, module) of the layers `config` puts LoRA on, in model order, without changing
+    anything. ValueError when a selected module is of a type LoRA does not support."""
+    targets = []
+    if config.target_modules == "all-linear":
+        skip = _output_layer_paths(model)
+        for path, m in model.named_modules():
+            if isinstance(m, (Linear, Conv1D)) and path not in skip and not config.excluded(path):
+                targets.append((path, m))
+        return targets
+    for path, m in model.named_modules():
+        if path and config.matches(path):
+            if not isinstance(m, (Linear, Conv1D, Embedding)):
+                raise ValueError(
+                    f"target module {path!r} is a {type(m).__name__}; LoRA supports Linear, "
+                    "Conv1D and Embedding layers"
+                )
+            targets.append((path, m))
+    return targets
+
+
+def _modules_to_save_paths(model: Module, names: list[str] | None) -> list[str]:
+    paths = []
+    for path, _ in model.named_modules():
+        if path and _match(path, names or []) and not any(path.startswith(p + ".") for p in paths):
+            paths.append(path)
+    missing = [n for n in names or [] if not any(_match(p, [n]) for p in paths)]
+    if missing:
+        raise ValueError(f"modules_to_save: no module named {missing[0]!r} in the model")
+    return paths
+
+
+def wrap(
+    model: Module, config: LoraConfig | None = None, *, seed: int | None = None, **config_kwargs
+) -> Module:
+    """Put LoRA on `model` in place and return it.
+
+    `config` is a LoraConfig, or its fields are given as keyword arguments:
+    `wrap(model, target_modules=["q_proj", "v_proj"], r=8)`. Every parameter is frozen except
+    the LoRA matrices, the biases `config.bias` asks for, and the trainable copies of
+    `config.modules_to_save`. `seed` seeds the LoRA initialisation and dropout masks.
+    ValueError when nothing matches target_modules or the model already has LoRA layers.
+    """
+    if config is None:
+        config = LoraConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError("wrap: pass either a LoraConfig or its fields as keywords, not both")
+    if lora_layers(model):
+        raise ValueError("wrap: the model already has LoRA layers (one adapter per model)")
+    if config.target_modules is None:
+        raise ValueError("wrap: config.target_modules is None; name the layers to adapt")
+    targets = find_targets(model, config)
+    if not targets:
+        names = [p for p, _ in model.named_modules() if p][:10]
+        raise ValueError(
+            f"wrap: target_modules {config.target_modules!r} match no module of the model; "
+            f"its modules include {names}"
+        )
+    save_paths = _modules_to_save_paths(model, config.modules_to_save)
+    rng = np.random.default_rng(seed)
+    model.requires_grad_(False)
+    for path, base in targets:
+        layer_rng = np.random.default_rng(rng.integers(0, 2**63))
+        r, alpha = config.rank_for(path), config.alpha_for(path)
+        if isinstance(base, Embedding):
+            layer = LoRAEmbedding(
+                base,
+                r,
+                alpha,
+                use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights,
+                rng=layer_rng,
+            )
+        else:
+            if config.fan_in_fan_out != isinstance(base, Conv1D):
+                warnings.warn(
+                    f"wrap: {path!r} is a {type(base).__name__}, so fan_in_fan_out is "
+                    f"{isinstance(base, Conv1D)} for it (the config says {config.fan_in_fan_out})",
+                    stacklevel=2,
+                )
+            layer = LoRALinear(
+                base,
+                r,
+                alpha,
+                config.lora_dropout,
+                use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights,
+                rng=layer_rng,
+            )
+        layer.train(model.training)
+        model.set_submodule(path, layer)
+    for path in save_paths:
+        model.set_submodule(path, ModulesToSaveWrapper(model.get_submodule(path)))
+    if config.bias != "none":
+        for path, m in model.named_modules():
+            if config.bias == "lora_only" and not isinstance(m, (LoRALinear, LoRAEmbedding)):
+                continue
+            if isinstance(m, ModulesToSaveWrapper) or ".original_module" in f".{path}.":
+                continue
+            if isinstance(getattr(m, "bias", None), Parameter):
+                m.bias.requires_grad = True
+    model.lora_config = config
+    return model
+
+
+def trainable_parameters(model: Module) -> list[Parameter]:
+    """The parameters an optimizer should update (requires_grad), each once."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def print_trainable_parameters(model: Module) -> tuple[int, int]:
+    """Print PEFT's line "trainable params: ... || all params: ... || trainable%: ..." and
+    return (trainable, total) element counts."""
+    total = sum(p.size for p in model.parameters())
+    trainable = sum(p.size for p in trainable_parameters(model))
+    percent = 100 * trainable / total if total else 0.0
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+    )
+    return trainable, total
+
+
+def _strip(model: Module, merge: bool, safe_merge: bool = False) -> Module:
+    for path, layer in lora_layers(model):
+        if merge:
+            layer.merge(safe_merge=safe_merge)
+        else:
+            layer.unmerge()
+        base = layer.base_layer()
+        base.train(model.training)
+        if path:
+            model.set_submodule(path, base)
+        else:
+            model = base
+    for path, m in list(model.named_modules()):
+        if isinstance(m, ModulesToSaveWrapper):
+            model.set_submodule(path, m.modules_to_save)
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    return model
+
+
+def merge_and_unload(model: Module, *, safe_merge: bool = False) -> Module:
+    """Merge every LoRA update into its base weight and put the plain layers back (trained
+    copies of modules_to_save replace their originals). Returns the plain model; its
+    parameters stay frozen. safe_merge checks each merged weight is finite first."""
+    return _strip(model, merge=True, safe_merge=safe_merge)
+
+
+def unload(model: Module) -> Module:
+    """Remove the LoRA layers without merging (a merged layer is unmerged first), giving
+    back the base model; trained copies of modules_to_save replace their originals."""
+    return _strip(model, merge=False)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: Module) -> Iterator[Module]:
+    """Within the block, the model runs as its base model: LoRA layers compute the base layer
+    only (merged ones are unmerged), modules_to_save use their original modules."""
+    switches = [
+        m
+        for m in model.modules()
+        if isinstance(m, (LoRALinear, LoRAEmbedding, ModulesToSaveWrapper))
+    ]
+    before = [m.disabled for m in switches]
+    for m in switches:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, flag in zip(switches, before, strict=True):
+            m.disabled = flag
