@@ -137,7 +137,7 @@ def _check_out(base: str, adapters: list[str], out: str, force: bool) -> None:
     if not os.path.isdir(base):
         raise CheckpointError(f"{base}: no such directory")
     if inside(out, base):
-        raise CheckpointError(f"{out}: output must not be inside the base checkpoint {base}")
+        raise CheckpointError(f"{out}: output must not be the base checkpoint {base} or inside it")
     for directory in [base, *adapters]:
         if inside(directory, out):
             raise CheckpointError(f"{out}: output would replace the input {directory}")
