@@ -23,8 +23,8 @@ sources = ["csrc/module.c", "csrc/kernels.c"]
 # a*b+c as two roundings, as PyTorch's CPU kernels round, so Adam trajectories match
 # torch.optim to 1e-6 over many steps. BLAS is unaffected.
 compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wextra",
-                "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
-link_args = []
+                "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-pthread"]
+link_args = ["-pthread"]
 define_macros = []
 include_dirs = ["csrc", numpy.get_include()]
 library_dirs = []

@@ -7,6 +7,7 @@
 #include "kernels.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "blas.h"
@@ -18,6 +19,14 @@
 #define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LORA_CLONES
+#endif
+
+/* The build compiles with -ffp-contract=off so that Adam rounds as PyTorch does; the merge
+ * micro-kernel, whose rounding no one matches bit for bit, asks for FMAs back. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define LORA_FMA __attribute__((optimize("fp-contract=fast")))
+#else
+#define LORA_FMA
 #endif
 
 /* SplitMix64's finaliser (Steele, Lea, Flood 2014): a bijective mix with full avalanche,
@@ -37,6 +46,55 @@ uint32_t lora_dropout_threshold(double p) { return (uint32_t)(p * 16777216.0); }
 
 static inline int dropout_keep(uint64_t key, uint64_t index, uint32_t threshold) {
     return (uint32_t)(mix64(key + index * LORA_GOLDEN) >> 40) >= threshold;
+}
+
+/* Runs fn(ctx, begin, end) over [0, n) split into equal chunks (multiples of `align`), one
+ * per thread, as many threads as the linked OpenBLAS is set to use (lora.set_num_threads),
+ * but none for less than `grain` items each. For the memory-bound loops (merge, Adam) that
+ * one core cannot saturate memory with. Threads are started per call: at the sizes where
+ * this splits at all, that costs ~1% of the call. Falls back to one thread if pthread_create
+ * fails. */
+typedef struct {
+    void (*fn)(void *, size_t, size_t);
+    void *ctx;
+    size_t begin, end;
+} Chunk;
+
+static void *run_chunk(void *arg) {
+    Chunk *c = arg;
+    c->fn(c->ctx, c->begin, c->end);
+    return NULL;
+}
+
+#define LORA_MAX_THREADS 64
+
+void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, size_t, size_t),
+                       void *ctx) {
+    size_t threads = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
+    if (threads > n / grain) threads = n / grain;
+    if (threads > LORA_MAX_THREADS) threads = LORA_MAX_THREADS;
+    if (threads <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    Chunk chunks[LORA_MAX_THREADS];
+    pthread_t ids[LORA_MAX_THREADS];
+    int started[LORA_MAX_THREADS] = {0};
+    size_t per = (n / threads + align - 1) / align * align, begin = 0;
+    for (size_t t = 0; t < threads; t++) {
+        size_t end = begin + per < n && t + 1 < threads ? begin + per : n;
+        chunks[t] = (Chunk){fn, ctx, begin, end};
+        begin = end;
+    }
+    for (size_t t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, run_chunk, &chunks[t]) == 0;
+    run_chunk(&chunks[0]);
+    for (size_t t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_chunk(&chunks[t]);
+    }
 }
 
 size_t lora_scratch_elems(size_t n, size_t d_in, size_t r, int has_dropout) {

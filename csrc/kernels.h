@@ -32,6 +32,11 @@ size_t lora_scratch_elems(size_t n, size_t d_in, size_t r, int has_dropout);
 uint64_t lora_dropout_key(uint64_t seed);
 uint32_t lora_dropout_threshold(double p);
 
+/* fn(ctx, begin, end) over [0, n) in chunks of multiples of `align`, on up to
+ * openblas_get_num_threads() threads, at least `grain` items each. */
+void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, size_t, size_t),
+                       void *ctx);
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *A, const T *B, T scale, double p, uint64_t seed,         \

@@ -1,0 +1,290 @@
+"""Benchmark of the C kernels against their floors and against PyTorch on the CPU.
+
+Not a test: it measures ratios side by side in one run and prints them, with the machine
+and the OpenBLAS kernel that ran. Run it with OpenBLAS free to pick its kernel:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernels.py
+
+Options: --quick (fewer shapes), --markdown FILE (write the tables there as well).
+Timings are medians of interleaved repetitions (base and LoRA alternate), so drift on a
+shared machine hits both sides alike.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import lora
+from lora import functional as F
+
+THREADS = 2
+
+
+def median_times(fns, reps, min_time=0.3):
+    """Median wall time of each callable, calling them in turn `reps` times (at least
+    min_time seconds in all) after one warm-up call each."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    k = 0
+    while k < reps or time.perf_counter() - start < min_time:
+        for f, t in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+        k += 1
+        if k >= 200:
+            break
+    return [statistics.median(t) for t in times]
+
+
+def machine():
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def bandwidth(nbytes=256 << 20):
+    """GB/s of one in-place read+write pass over a large float32 array (one core, NumPy)."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    (t,) = median_times([lambda: np.multiply(a, np.float32(1.0000001), out=a)], 5)
+    return 2 * a.nbytes / t / 1e9
+
+
+def rand(rng, shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def bench_layer(rows, ns, ds, rs, rng):
+    for d in ds:
+        W = rand(rng, (d, d)) * 0.02
+        b = rand(rng, (d,))
+        for n in ns:
+            x = rand(rng, (n, d))
+            dy = rand(rng, (n, d))
+            for r in rs:
+                A, B = rand(rng, (r, d)) * 0.02, rand(rng, (d, r)) * 0.02
+                reps = 30 if n * d * d < 1e9 else 5
+
+                def base():
+                    F.dense_forward(x, W, b)
+
+                def fwd():
+                    F.linear_forward(x, W, A, B, 2.0, b)
+
+                def lora_step():
+                    y, xa = F.linear_forward(x, W, A, B, 2.0, b)
+                    F.linear_backward(dy, x, xa, W, A, B, 2.0)
+
+                def full_step():
+                    F.dense_forward(x, W, b)
+                    F.dense_backward(dy, x, W)
+                    dy.sum(axis=0)
+
+                t_base, t_fwd = median_times([base, fwd], reps)
+                share = r * (2 * d) / (d * d)
+                if n == 1:
+                    target, ok_fwd = "<= 1.10x base", t_fwd / t_base <= 1.10
+                else:
+                    lim = 1 + 2 * share + 0.02
+                    target, ok_fwd = f"<= {lim:.3f}x base", t_fwd / t_base <= lim
+                t_lora, t_full = (None, None)
+                if n >= 64:
+                    t_lora, t_full = median_times([lora_step, full_step], max(3, reps // 3))
+                rows.append(dict(d=d, n=n, r=r, base_ms=t_base * 1e3, fwd_ms=t_fwd * 1e3,
+                                 fwd_ratio=t_fwd / t_base, fwd_target=target, fwd_ok=ok_fwd,
+                                 gflops=2 * n * d * d / t_base / 1e9,
+                                 step_ratio=None if t_lora is None else t_lora / t_full,
+                                 lora_step_ms=None if t_lora is None else t_lora * 1e3,
+                                 full_step_ms=None if t_full is None else t_full * 1e3))
+                row = rows[-1]
+                step = "" if t_lora is None else f" step {row['step_ratio']:.3f}x full"
+                print(f"  d={d:5d} n={n:5d} r={r:3d}: base {row['base_ms']:9.3f} ms "
+                      f"({row['gflops']:6.1f} GFLOP/s), fwd {row['fwd_ratio']:.3f}x base "
+                      f"[{target}: {'ok' if ok_fwd else 'MISS'}]{step}", flush=True)
+
+
+def bench_merge(rows, ds, rs, rng, gemm_gflops, bw):
+    for d in ds:
+        W = rand(rng, (d, d))
+        for r in rs:
+            A, B = rand(rng, (r, d)), rand(rng, (d, r))
+            (t,) = median_times([lambda: F.merge(W, A, B, 1e-3)], 10)
+            floor_bw = 2 * W.nbytes / (bw * 1e9)
+            floor_flop = 2 * d * d * r / (gemm_gflops * 1e9)
+            floor = max(floor_bw, floor_flop)
+            rows.append(dict(d=d, r=r, ms=t * 1e3, floor_bw_ms=floor_bw * 1e3,
+                             floor_flop_ms=floor_flop * 1e3, ratio=t / floor,
+                             gbs=2 * W.nbytes / t / 1e9))
+            print(f"  merge d={d} r={r}: {t * 1e3:.3f} ms, {rows[-1]['gbs']:.1f} GB/s, "
+                  f"{t / floor:.2f}x floor (bw {floor_bw * 1e3:.3f} ms, flop "
+                  f"{floor_flop * 1e3:.3f} ms) [<= 1.5: {'ok' if t / floor <= 1.5 else 'MISS'}]",
+                  flush=True)
+
+
+def bench_adam(numel, bw, torch):
+    rng = np.random.default_rng(0)
+    p = rand(rng, numel)
+    g = rand(rng, numel)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    step = [0]
+
+    def ours():
+        step[0] += 1
+        F.adam_step(p, g, m, v, step=step[0], lr=1e-4, weight_decay=0.01)
+
+    fns = [ours]
+    if torch is not None:
+        tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+        tp.grad = torch.from_numpy(g.copy())
+        opt = torch.optim.AdamW([tp], lr=1e-4, weight_decay=0.01, fused=True)
+        fns.append(opt.step)
+    times = median_times(fns, 10)
+    gbs = 28 * numel / times[0] / 1e9
+    out = dict(numel=numel, ms=times[0] * 1e3, gbs=gbs, frac_bw=gbs / bw,
+               torch_ms=times[1] * 1e3 if torch is not None else None)
+    print(f"  adam_step {numel / 1e6:.0f}M params: {out['ms']:.2f} ms, {gbs:.1f} GB/s = "
+          f"{gbs / bw:.0%} of {bw:.1f} GB/s [>= 70%: {'ok' if gbs / bw >= 0.7 else 'MISS'}]"
+          + ("" if torch is None else f"; torch AdamW(fused) {out['torch_ms']:.2f} ms, "
+             f"lora/torch {times[0] / times[1]:.2f}x"), flush=True)
+    return out
+
+
+def bench_vs_torch(rows, torch, shapes, rng):
+    """A LoRA layer's forward + backward (with dx): lora against a PEFT-style torch layer
+    (frozen nn.Linear plus lora_A/lora_B Linear without bias, scaling, no dropout)."""
+    nn = torch.nn
+    for n, d, r in shapes:
+        x = rand(rng, (n, d))
+        W, b = rand(rng, (d, d)) * 0.02, rand(rng, (d,))
+        A, B = rand(rng, (r, d)) * 0.02, rand(rng, (d, r)) * 0.02
+        dy = rand(rng, (n, d))
+        base = nn.Linear(d, d)
+        la, lb = nn.Linear(d, r, bias=False), nn.Linear(r, d, bias=False)
+        with torch.no_grad():
+            base.weight.copy_(torch.from_numpy(W))
+            base.bias.copy_(torch.from_numpy(b))
+            la.weight.copy_(torch.from_numpy(A))
+            lb.weight.copy_(torch.from_numpy(B))
+        base.weight.requires_grad_(False)
+        base.bias.requires_grad_(False)
+        tx = torch.from_numpy(x).requires_grad_(True)
+        tdy = torch.from_numpy(dy)
+
+        def torch_step():
+            la.weight.grad = lb.weight.grad = tx.grad = None
+            y = base(tx) + lb(la(tx)) * 2.0
+            y.backward(tdy)
+
+        def lora_step():
+            y, xa = F.linear_forward(x, W, A, B, 2.0, b)
+            F.linear_backward(dy, x, xa, W, A, B, 2.0)
+
+        t_lora, t_torch = median_times([lora_step, torch_step], 10)
+        rows.append(dict(n=n, d=d, r=r, lora_ms=t_lora * 1e3, torch_ms=t_torch * 1e3,
+                         ratio=t_lora / t_torch))
+        print(f"  fwd+bwd n={n} d={d} r={r}: lora {t_lora * 1e3:.2f} ms, torch "
+              f"{t_torch * 1e3:.2f} ms, lora/torch {t_lora / t_torch:.2f}x", flush=True)
+
+
+def markdown(info, layer, merges, adam, vs_torch):
+    out = ["## Kernels", "", f"Machine: {info['machine']}. OpenBLAS {info['config']}, "
+           f"kernel **{info['corename']}**, {THREADS} threads. Measured bandwidth (in-place "
+           f"pass, one core): {info['bw']:.1f} GB/s; base sgemm peak in this run: "
+           f"{info['gemm']:.0f} GFLOP/s.", "",
+           "Forward: LoRA forward time over the base GEMM + bias alone (same BLAS); target "
+           "1 + 2 r(d_in+d_out)/(d_in d_out) + 2% for n >= 64, 1.10 for n = 1. Training step: "
+           "LoRA forward + backward (with dx) over a full fine-tuning step (forward + dx + dW "
+           "+ db); target <= 0.72 for n >= 512, r <= 16.", "",
+           "| d | n | r | base ms | GFLOP/s | fwd / base | target | step / full |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in layer:
+        step = "" if row["step_ratio"] is None else f"{row['step_ratio']:.3f}"
+        mark = "" if row["fwd_ok"] else " (miss)"
+        out.append(f"| {row['d']} | {row['n']} | {row['r']} | {row['base_ms']:.3f} | "
+                   f"{row['gflops']:.0f} | {row['fwd_ratio']:.3f}{mark} | "
+                   f"{row['fwd_target']} | {step} |")
+    out += ["", "Merge `W += s B A` (float32, in place) against the larger of its floors: one "
+            "read+write pass over W at the measured bandwidth, and 2 d^2 r FLOPs at the base "
+            "GEMM's rate; target <= 1.5x.", "",
+            "| d | r | ms | GB/s | bandwidth floor ms | FLOP floor ms | x floor |",
+            "|---|---|---|---|---|---|---|"]
+    for m in merges:
+        out.append(f"| {m['d']} | {m['r']} | {m['ms']:.3f} | {m['gbs']:.1f} | "
+                   f"{m['floor_bw_ms']:.3f} | {m['floor_flop_ms']:.3f} | {m['ratio']:.2f} |")
+    out += ["", f"adam_step (AdamW, float32, {adam['numel'] / 1e6:.0f}M parameters, 28 bytes "
+            f"each): {adam['ms']:.2f} ms = {adam['gbs']:.1f} GB/s = {adam['frac_bw']:.0%} of "
+            f"the measured bandwidth (target >= 70%)."]
+    if adam["torch_ms"] is not None:
+        out[-1] += (f" torch.optim.AdamW(fused=True): {adam['torch_ms']:.2f} ms "
+                    f"(lora/torch {adam['ms'] / adam['torch_ms']:.2f}x).")
+    if vs_torch:
+        out += ["", "LoRA layer forward + backward (with dx), lora against a PEFT-style "
+                f"PyTorch {info['torch']} layer, {THREADS} threads each:", "",
+                "| n | d | r | lora ms | torch ms | lora / torch |", "|---|---|---|---|---|---|"]
+        for t in vs_torch:
+            out.append(f"| {t['n']} | {t['d']} | {t['r']} | {t['lora_ms']:.2f} | "
+                       f"{t['torch_ms']:.2f} | {t['ratio']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--markdown", help="also write the tables to this file")
+    args = ap.parse_args()
+    forced = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    if forced:
+        print(f"warning: {forced} set; OpenBLAS kernels are forced (unset them for figures)",
+              file=sys.stderr)
+    lora.set_num_threads(THREADS)
+    try:
+        import torch
+
+        torch.set_num_threads(THREADS)
+    except ImportError:
+        torch = None
+    info = lora.blas_info()
+    info.update(machine=machine(), torch=torch.__version__ if torch else None)
+    print(f"{info['machine']}\nOpenBLAS: {info['config']}\nkernel: {info['corename']}, "
+          f"threads: {info['num_threads']}")
+    rng = np.random.default_rng(0)
+    info["bw"] = bandwidth()
+    print(f"bandwidth (in-place pass, one core): {info['bw']:.1f} GB/s")
+
+    ns = [1, 64, 512] if args.quick else [1, 64, 512, 2048]
+    ds = [1024] if args.quick else [1024, 4096]
+    rs = [8, 16] if args.quick else [8, 16, 64]
+    layer = []
+    print("LoRA layer:")
+    bench_layer(layer, ns, ds, rs, rng)
+    info["gemm"] = max(row["gflops"] for row in layer)
+    merges = []
+    print("merge:")
+    bench_merge(merges, ds, rs, rng, info["gemm"], info["bw"])
+    print("adam:")
+    adam = bench_adam(4_000_000 if args.quick else 20_000_000, info["bw"], torch)
+    vs_torch = []
+    if torch is not None:
+        print("against PyTorch:")
+        shapes = [(512, 1024, 16), (2048, 1024, 16), (512, 4096, 16), (64, 4096, 8)]
+        bench_vs_torch(vs_torch, torch, shapes[:2] if args.quick else shapes, rng)
+    text = markdown(info, layer, merges, adam, vs_torch)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+        print(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
