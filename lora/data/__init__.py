@@ -4,7 +4,7 @@
   of 8x8 pixels, values 0..16, labels 0..9), by E. Alpaydin and C. Kaynak, licensed CC BY 4.0
   (https://archive.ics.uci.edu/dataset/80); the copy is the one scikit-learn ships as
   sklearn/datasets/data/digits.csv.gz, unchanged. Each row is 64 pixels then the label.
-- `digits_mlp.safetensors`: an MLP 64-256-256-10 (`digits_mlp()`) trained on the *upright*
+- `digits_mlp.safetensors`: an MLP 64-512-512-10 (`digits_mlp()`) trained on the *upright*
   training split by `python -m lora.data.make_base` (a few seconds on a CPU; the file's
   metadata records the seed, epochs and accuracy). Keys are the PyTorch state-dict names
   ("0.weight", "0.bias", "2.weight", ...).
@@ -31,7 +31,7 @@ BASE_MODEL_PATH = os.path.join(DATA_DIR, "digits_mlp.safetensors")
 
 #: Sizes of the train / validation / test splits of the 1,797 images (fixed, see digits_splits).
 SPLIT_SIZES = (1197, 300, 300)
-HIDDEN = 256
+HIDDEN = 512
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +64,8 @@ def digits_splits(quarter_turns: int = 0) -> dict[str, tuple[np.ndarray, np.ndar
 
 
 def digits_mlp(rng: np.random.Generator | None = None):
-    """The base architecture, freshly initialised: Sequential(Linear(64, 256), ReLU(),
-    Linear(256, 256), ReLU(), Linear(256, 10)); module paths "0", "2", "4"."""
+    """The base architecture, freshly initialised: Sequential(Linear(64, 512), ReLU(),
+    Linear(512, 512), ReLU(), Linear(512, 10)); module paths "0", "2", "4"."""
     from .. import nn
 
     rng = rng if rng is not None else np.random.default_rng()
