@@ -64,7 +64,7 @@ def _evaluate(model, X, y) -> tuple[float, float]:
 def _train(model, params, lr, splits, epochs, rng, desc, progress) -> tuple[list, list, float]:
     """Adam on `params` over the training split; returns (train losses per epoch, validation
     losses per epoch, seconds spent training, evaluation excluded)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from . import nn
     from .optim import Adam
@@ -185,6 +185,7 @@ def plot_losses(results: list[RunResult], path: str) -> bool:
                       (ax_val, "validation loss (epoch 0: the base, untouched)")):
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0, max(len(r.train_loss) for r in trained) if trained else 1)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
