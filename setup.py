@@ -23,7 +23,7 @@ sources = ["csrc/module.c", "csrc/kernels.c"]
 # a*b+c as two roundings, as PyTorch's CPU kernels round, so Adam trajectories match
 # torch.optim to 1e-6 over many steps. BLAS is unaffected.
 compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wextra",
-                "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-pthread"]
+                "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-Wno-psabi", "-pthread"]
 link_args = ["-pthread"]
 define_macros = []
 include_dirs = ["csrc", numpy.get_include()]

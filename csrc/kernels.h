@@ -18,12 +18,12 @@
 /* Rows of x processed per dropout tile: the dropped input never exists for more rows than this. */
 #define LORA_DROPOUT_TILE_ROWS 64
 
-/* From this rank up, the merge is compute-bound and goes to the BLAS GEMM; below it, a
- * streaming kernel that reads and writes W once. */
-#define LORA_MERGE_GEMM_RANK 32
+/* From this rank up, rank-r updates (merge, y += s xa B^T, dx += s g A) are compute-bound
+ * and go to the BLAS GEMM; below it, a streaming kernel reads and writes the output once. */
+#define LORA_GEMM_RANK 32
 
 /* Elements of scratch a forward or backward call needs (for its dropout tile and for dy B). */
-size_t lora_scratch_elems(size_t n, size_t d_in, size_t r, int has_dropout);
+size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout);
 
 /* The dropout mask: element (i, j) of x, flat index i*d_in + j, is kept iff
  * lora_dropout_keep(key, index, threshold). key = lora_dropout_key(seed) and

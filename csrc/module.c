@@ -345,7 +345,7 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
 
     if (!(y = new_like_rows(x, dm.d_out, type))) goto fail;
     if (!(xa = new_like_rows(x, dm.r, type))) goto fail;
-    if (p > 0 && !(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.r, 1), type)))
+    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0), type)))
         goto fail;
 
     const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
@@ -440,7 +440,7 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     npy_intp a_dims[2] = {dm.r, dm.d_in}, b_dims[2] = {dm.d_out, dm.r};
     if (!(dA = (PyArrayObject *)PyArray_SimpleNew(2, a_dims, type))) goto fail;
     if (!(dB = (PyArrayObject *)PyArray_SimpleNew(2, b_dims, type))) goto fail;
-    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.r, p > 0), type))) goto fail;
+    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0), type))) goto fail;
 
     void *dx_p = dx ? PyArray_DATA(dx) : NULL;
     Py_BEGIN_ALLOW_THREADS;

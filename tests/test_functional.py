@@ -21,6 +21,7 @@ SHAPES = [
     ((3, 1, 4), 5, 11, 1),
     ((131,), 33, 19, 8),
     ((), 12, 10, 2),  # x of shape (d_in,): one token without a batch dim
+    ((9,), 40, 70, 33),  # r past the tiled kernels: the GEMM path
 ]
 
 
