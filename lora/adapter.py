@@ -154,6 +154,8 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | Non
     must name parameters of matching shape. The first mismatch raises AdapterFormatError
     naming it, before anything is changed. Unknown config keys are ignored with a warning.
     Values are cast to the model's dtype; the layers' scaling comes from the file's config.
+    Base weights are never changed: a "pissa"/"olora" adapter applies to the residual base
+    it was trained with, so its initialisation is not re-run.
     """
     directory = os.fspath(directory)
     where = os.path.join(directory, fmt.CONFIG_NAME)

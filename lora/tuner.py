@@ -163,7 +163,8 @@ def wrap(
         layer.train(model.training)
         model.set_submodule(path, layer)
     for path in save_paths:
-        model.set_submodule(path, ModulesToSaveWrapper(model.get_submodule(path)))
+        wrapper = ModulesToSaveWrapper(model.get_submodule(path)).train(model.training)
+        model.set_submodule(path, wrapper)
     if config.bias != "none":
         for path, m in model.named_modules():
             if config.bias == "lora_only" and not isinstance(m, (LoRALinear, LoRAEmbedding)):
