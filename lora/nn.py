@@ -293,6 +293,16 @@ class Linear(Module):
         self.weight = Parameter(_uniform(rng, (out_features, in_features), bound, dtype))
         self.bias = Parameter(_uniform(rng, (out_features,), bound, dtype)) if bias else None
 
+    @classmethod
+    def from_arrays(cls, weight: np.ndarray, bias: np.ndarray | None = None) -> Linear:
+        """A Linear holding `weight` (out, in) and `bias` (out,) (no random init is drawn)."""
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer.out_features, layer.in_features = np.shape(weight)
+        layer.weight = Parameter(weight)
+        layer.bias = None if bias is None else Parameter(bias)
+        return layer
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._save(x)
         return F.dense_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
@@ -367,6 +377,18 @@ class Embedding(Module):
         if padding_idx is not None:
             weight[padding_idx] = 0
         self.weight = Parameter(weight)
+
+    @classmethod
+    def from_arrays(cls, weight: np.ndarray, padding_idx: int | None = None) -> Embedding:
+        """An Embedding holding `weight` (num_embeddings, embedding_dim), used as is."""
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer.num_embeddings, layer.embedding_dim = np.shape(weight)
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += layer.num_embeddings
+        layer.padding_idx = padding_idx
+        layer.weight = Parameter(weight)
+        return layer
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         ids = _check_ids(ids, self.num_embeddings)

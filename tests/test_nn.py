@@ -301,3 +301,14 @@ def test_layers_match_torch(name):
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
     for n, p in ours.named_parameters():
         np.testing.assert_allclose(p.grad, getattr(theirs, n).grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_from_arrays_uses_the_given_arrays():
+    w, b = np.arange(6.0).reshape(2, 3), np.array([1.0, -1.0])
+    lin = nn.Linear.from_arrays(w, b)
+    assert (lin.in_features, lin.out_features) == (3, 2)
+    np.testing.assert_array_equal(lin(np.ones((1, 3))), [[4.0, 11.0]])
+    assert nn.Linear.from_arrays(w).bias is None
+    emb = nn.Embedding.from_arrays(w.T.copy(), padding_idx=-1)
+    assert (emb.num_embeddings, emb.embedding_dim, emb.padding_idx) == (3, 2, 2)
+    np.testing.assert_array_equal(emb(np.array([1])), [[1.0, 4.0]])
