@@ -121,6 +121,10 @@ def assert_matches_peft(ours, ref, base, dtype, deltas):
             assert err <= 1e-6, f"{name}: error {err} relative to |W| + |s| |B| @ |A|"
         else:
             ulps = (ordered(a) - ordered(b)).abs()
+            # Where W and delta W nearly cancel, float32 noise in delta W (about 1e-7 of the
+            # terms, PEFT's or ours) is more than a 16-bit ulp of the small result.
+            noise = (a.double() - b.double()).abs() <= 1e-6 * (base[name].double().abs() + size)
+            ulps = torch.where(noise, torch.zeros_like(ulps), ulps)
             if embedding:
                 # PEFT's Embedding.merge rounds delta W to the weight's dtype before adding
                 # (a second rounding; Linear adds the fp32 delta). Allow that half ulp of
