@@ -5,7 +5,8 @@ and the OpenBLAS kernel that ran. Run it with OpenBLAS free to pick its kernel:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernels.py
 
-Options: --quick (fewer shapes), --markdown FILE (write the tables there as well).
+Options: --quick (fewer shapes), --markdown FILE (write the tables as the "## Kernels"
+section of that Markdown file, e.g. docs/performance.md, keeping its other sections).
 Timings are medians of interleaved repetitions (base and LoRA alternate), so drift on a
 shared machine hits both sides alike.
 """
@@ -281,9 +282,23 @@ def main():
         bench_vs_torch(vs_torch, torch, shapes[:2] if args.quick else shapes, rng)
     text = markdown(info, layer, merges, adam, vs_torch)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-        print(f"wrote {args.markdown}")
+        replace_section(args.markdown, text)
+        print(f"wrote the '## Kernels' section of {args.markdown}")
+
+
+def replace_section(path, section):
+    """Put `section` (starting with its '## ' title) into the Markdown file at path,
+    replacing the section of the same title, so other benchmarks' sections stay."""
+    title = section.split("\n", 1)[0]
+    text = open(path).read() if os.path.exists(path) else "# Performance\n\n"
+    start = text.find(title + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    with open(path, "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":
