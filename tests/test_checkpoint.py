@@ -44,8 +44,9 @@ def gpt2_config():
                                    n_positions=32, bos_token_id=0, eos_token_id=0)  # fmt: skip
 
 
-def make_adapter(model, directory, seed, b_scale=0.05, **lora_kwargs):
-    """A PEFT adapter with random A and B (a trained adapter's delta is small next to W)."""
+def make_adapter(model, directory, seed, b_scale=0.05, bias_shift=0.0, **lora_kwargs):
+    """A PEFT adapter with random A and B (a trained adapter's delta is small next to W),
+    and with bias="all", biases shifted by `bias_shift`."""
     torch.manual_seed(seed)
     config = peft.LoraConfig(init_lora_weights=False, **lora_kwargs)
     wrapped = peft.get_peft_model(model, config)
@@ -53,6 +54,8 @@ def make_adapter(model, directory, seed, b_scale=0.05, **lora_kwargs):
         for name, p in wrapped.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
                 p.mul_(b_scale)
+            elif name.endswith(".bias") and p.requires_grad:
+                p.add_(bias_shift)
     wrapped.save_pretrained(directory)
     return directory
 
@@ -108,8 +111,8 @@ def assert_matches_peft(ours, ref, base, dtype, deltas):
         b = ref[name]
         assert a.dtype == b.dtype == dtype, name
         assert a.shape == b.shape, name
-        if name not in deltas:
-            assert torch.equal(a, base[name]), f"{name} changed but is not a LoRA target"
+        if name not in deltas:  # untouched, or replaced by a copy saved in the adapter
+            assert torch.equal(a, b), f"{name} is not a LoRA target and differs from PEFT"
             continue
         delta, size, embedding = deltas[name]
         if delta.shape != a.shape:
@@ -233,8 +236,10 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path, label):
     base_dir = str(tmp_path / "gpt2")
     model = transformers.GPT2LMHeadModel(gpt2_config())
     model.to(dtype).save_pretrained(base_dir)
-    adapter = make_adapter(model.float(), str(tmp_path / "ad"),
-                           seed=4, r=4, lora_alpha=4, fan_in_fan_out=True,
+    # bias="all": PEFT saves every bias (here changed, as training would) beside the pairs,
+    # and loading the adapter puts them in place of the base's.
+    adapter = make_adapter(model.float(), str(tmp_path / "ad"), seed=4, r=4, lora_alpha=4,
+                           fan_in_fan_out=True, bias="all", bias_shift=0.01,
                            target_modules=["c_attn", "c_proj", "c_fc", "wte"])  # fmt: skip
     out = tmp_path / "merged"
     checkpoint.merge_checkpoint(base_dir, adapter, out, progress=False)
@@ -245,6 +250,8 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path, label):
     assert any(base[n].shape[0] != base[n].shape[1] for n in deltas if "c_attn" in n)
     assert len(deltas) == 2 * 4 + 1
     assert_matches_peft(ours, ref, base, dtype, deltas)
+    biases = [n for n in base if n.endswith(".bias")]
+    assert biases and all(not torch.equal(ours[n], base[n]) for n in biases)
     transformers.GPT2LMHeadModel.from_pretrained(out, dtype=dtype)
 
 
