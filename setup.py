@@ -22,8 +22,9 @@ sources = ["csrc/module.c", "csrc/kernels.c"]
 # -fno-math-errno lets sqrt vectorise (Adam is then bandwidth-bound); -ffp-contract=off keeps
 # a*b+c as two roundings, as PyTorch's CPU kernels round, so Adam trajectories match
 # torch.optim to 1e-6 over many steps. BLAS is unaffected.
-compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wextra",
-                "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-Wno-psabi", "-pthread"]
+compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden", "-pthread",
+                "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                "-Wno-psabi"]
 link_args = ["-pthread"]
 define_macros = []
 include_dirs = ["csrc", numpy.get_include()]

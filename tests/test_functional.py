@@ -186,7 +186,8 @@ def adam_trajectory(step_fn, dtype, decoupled, weight_decay, steps=100, shape=(3
     for t, g in enumerate(grads, start=1):
         step_fn(p, g, m, v, step=t, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
                 weight_decay=weight_decay, decoupled=decoupled)
-    for g, g0 in zip(grads, originals):  # the gradient is read only, also for Adam's L2 term
+    # The gradient is read only, also for Adam's L2 term.
+    for g, g0 in zip(grads, originals, strict=True):
         np.testing.assert_array_equal(g, g0)
     return p, m, v
 

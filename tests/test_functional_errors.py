@@ -387,5 +387,5 @@ def test_property_never_crashes_and_matches_twin(c):
     g_ref = ref.linear_backward(np.ones(y_ref.shape), as64["x"], xa_ref, as64["weight"],
                                 as64["A"], as64["B"], 0.5, dropout=c["dropout"], seed=c["seed"])
     tol = 1e-3 if c["dtype"] == np.float32 else 1e-10
-    for got, want in zip((y, xa, dx, dA, dB), (y_ref, xa_ref, *g_ref)):
+    for got, want in zip((y, xa, dx, dA, dB), (y_ref, xa_ref, *g_ref), strict=True):
         np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max(initial=0)))
