@@ -1,0 +1,756 @@
+"""A BERT-family encoder on lora.nn, float32, forward and backward, for LoRA fine-tuning.
+
+`BertModel.from_pretrained(directory)` reads a Hugging Face checkpoint directory (config.json
+plus model.safetensors) into modules named exactly as in transformers
+(`encoder.layer.0.attention.self.query`, ...), so `lora.wrap(model, target_modules=["query",
+"value"])` and PEFT adapter files made for a transformers BertModel apply by name.
+`BertForSequenceClassification` adds mean / CLS / pooler pooling and a linear head.
+
+The Linear, Embedding and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones). What
+lora.nn has no layer for lives here: attention's own math (scaled scores, padding mask,
+softmax, the two batched matmuls) with its backward, and an exact GELU whose erf is a
+float32 rational approximation evaluated in cache-sized chunks on a small thread pool
+(scipy's erf is ~10x slower on these sizes). Not here: decoder/cross-attention, relative
+position embeddings, key/value caches, gradients for the token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .. import functional as F
+from .. import nn
+from ..nn import Module, Parameter
+
+__all__ = [
+    "BertConfig", "BertModel", "BertForSequenceClassification", "mean_pool", "cls_pool",
+    "load_safetensors_dir",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# config and checkpoint
+
+
+@dataclass
+class BertConfig:
+    """The fields of a transformers BertConfig that the model uses (same names, same defaults)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BertConfig:
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.position_embedding_type != "absolute":
+            raise NotImplementedError(
+                f"position_embedding_type={cfg.position_embedding_type!r}: only 'absolute'")
+        if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise NotImplementedError(f"hidden_act={cfg.hidden_act!r}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> BertConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of `model.safetensors` (or of the shards that
+    `model.safetensors.index.json` lists) as float32 (integer tensors as they are)."""
+    from safetensors import safe_open
+
+    directory = os.fspath(directory)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory}: no model.safetensors (or its index) found")
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(directory, name), framework="np") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if np.issubdtype(t.dtype, np.floating) and t.dtype != np.float32:
+                    t = t.astype(np.float32)
+                out[key] = t
+    return out
+
+
+def _hf_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keys as a transformers BertModel names them: drop a task model's `bert.` prefix and
+    map the TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`."""
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("bert."):
+            k = k[5:]
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight")
+        k = k.replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v
+    return out
+
+
+class _Init:
+    """Hands each layer its arrays: from a checkpoint by name, or freshly initialised as
+    transformers does (N(0, 0.02) weights, zero biases, unit LayerNorm)."""
+
+    def __init__(self, tensors: dict | None, rng: np.random.Generator):
+        self.tensors, self.rng, self.used = tensors, rng, set()
+
+    def get(self, name: str, shape: tuple, kind: str) -> np.ndarray:
+        if self.tensors is not None:
+            if name not in self.tensors:
+                raise KeyError(f"from_pretrained: checkpoint has no tensor {name!r}")
+            t = self.tensors[name]
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"from_pretrained: {name!r} has shape {t.shape}, expected {shape}")
+            self.used.add(name)
+            return np.ascontiguousarray(t, dtype=np.float32)
+        if kind == "normal":
+            return (0.02 * self.rng.standard_normal(shape)).astype(np.float32)
+        return (np.ones if kind == "ones" else np.zeros)(shape, dtype=np.float32)
+
+    def linear(self, prefix: str, d_in: int, d_out: int) -> nn.Linear:
+        # built at size 1 and then given its arrays, so no throw-away random init is allocated
+        lin = nn.Linear(1, 1)
+        lin.in_features, lin.out_features = d_in, d_out
+        lin.weight = Parameter(self.get(prefix + ".weight", (d_out, d_in), "normal"))
+        lin.bias = Parameter(self.get(prefix + ".bias", (d_out,), "zeros"))
+        return lin
+
+    def embedding(self, prefix: str, num: int, dim: int, padding_idx=None) -> nn.Embedding:
+        emb = nn.Embedding(1, dim)
+        emb.num_embeddings, emb.padding_idx = num, padding_idx
+        emb.weight = Parameter(self.get(prefix + ".weight", (num, dim), "normal"))
+        return emb
+
+    def layer_norm(self, prefix: str, dim: int, eps: float) -> nn.LayerNorm:
+        ln = _LayerNorm(dim, eps=eps)
+        ln.weight = Parameter(self.get(prefix + ".weight", (dim,), "ones"))
+        ln.bias = Parameter(self.get(prefix + ".bias", (dim,), "zeros"))
+        return ln
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise work on a small thread pool. NumPy releases the GIL inside its loops, so two
+# threads working on halves of an array, in chunks that stay in L2, run ~2x a single call on
+# the whole array (which streams every temporary through memory).
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _workers() -> int:
+    return max(1, min(os.cpu_count() or 1, int(F.blas_info()["num_threads"])))
+
+
+def _parallel(fn, n: int, chunk: int) -> None:
+    """Call fn(lo, hi) over range(n) in pieces of at most `chunk`, split across the pool."""
+    global _POOL, _POOL_SIZE
+    size = _workers()
+    if size == 1 or n <= chunk:
+        for lo in range(0, n, chunk):
+            fn(lo, min(lo + chunk, n))
+        return
+    if _POOL is None or _POOL_SIZE != size:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="lora-bert"), size
+    bounds = [n * i // size for i in range(size + 1)]
+
+    def run(i):
+        for lo in range(bounds[i], bounds[i + 1], chunk):
+            fn(lo, min(lo + chunk, bounds[i + 1]))
+
+    for f in [_POOL.submit(run, i) for i in range(size)]:
+        f.result()
+
+
+# erf(x) for float32 as x * P(x^2) / Q(x^2) on [-4, 4] (|erf| rounds to 1 outside): the
+# rational minimax fit Eigen and XLA use for float32 (max abs error ~5e-7 vs the exact erf).
+_ERF_P = [np.float32(c) for c in (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)]
+_ERF_Q = [np.float32(c) for c in (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+    -1.42647390514189e-02)]
+_SQRT1_2 = np.float32(math.sqrt(0.5))
+_LOG_INV_SQRT_2PI = np.float32(-0.5 * math.log(2.0 * math.pi))
+
+
+def _normal_cdf(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = Phi(x) = (1 + erf(x / sqrt 2)) / 2, float32; `out` must not alias x."""
+    z = np.multiply(x, _SQRT1_2, out=out)
+    np.clip(z, -4.0, 4.0, out=z)
+    z2 = z * z
+    p = np.multiply(z2, _ERF_P[0])
+    p += _ERF_P[1]
+    for c in _ERF_P[2:]:
+        p *= z2
+        p += c
+    q = np.multiply(z2, _ERF_Q[0])
+    q += _ERF_Q[1]
+    for c in _ERF_Q[2:]:
+        q *= z2
+        q += c
+    p *= z
+    np.divide(p, q, out=out)  # erf(x / sqrt 2)
+    out *= 0.5
+    out += 0.5
+    return out
+
+
+class GELU(nn.GELU):
+    """Exact GELU, x * Phi(x), as torch.nn.GELU(approximate="none") / transformers' "gelu".
+
+    Forward keeps Phi(x) next to x, so backward, dx = dout * (Phi(x) + x phi(x)), needs only one
+    exp; the output array doubles as Phi's storage when the caller no longer needs x's copy."""
+
+    _CHUNK = 1 << 16
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if self.approximate != "none" or x.dtype != np.float32:
+            return super().forward(x)
+        flat = x.reshape(-1)
+        y = np.empty_like(x)
+        yf = y.reshape(-1)
+        cdf = np.empty_like(x) if self.training else None
+        cf = None if cdf is None else cdf.reshape(-1)
+
+        def work(lo, hi):
+            c = _normal_cdf(flat[lo:hi], np.empty(hi - lo, np.float32) if cf is None else cf[lo:hi])
+            np.multiply(flat[lo:hi], c, out=yf[lo:hi])
+
+        _parallel(work, flat.size, self._CHUNK)
+        self._save(x, cdf)
+        return y
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        cache = self._saved()
+        if len(cache) == 1:  # the parent's path (tanh or float64)
+            self._save(*cache)
+            return super().backward(dout)
+        x, cdf = cache
+        xf, cf, df = x.reshape(-1), cdf.reshape(-1), np.ascontiguousarray(dout).reshape(-1)
+        dx = np.empty_like(df)
+
+        def work(lo, hi):
+            xs = xf[lo:hi]
+            t = np.multiply(xs, xs)
+            t *= -0.5
+            t += _LOG_INV_SQRT_2PI
+            np.exp(t, out=t)  # phi(x)
+            t *= xs
+            t += cf[lo:hi]
+            np.multiply(t, df[lo:hi], out=dx[lo:hi])
+
+        _parallel(work, xf.size, self._CHUNK)
+        return dx.reshape(dout.shape)
+
+
+class _LayerNorm(nn.LayerNorm):
+    """lora.nn.LayerNorm over the last axis with the row work chunked on the thread pool; the
+    same parameters, numerics and names (torch.nn.LayerNorm: biased variance, eps inside)."""
+
+    _ROWS = 1024
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if len(self.normalized_shape) != 1 or x.dtype != np.float32 or self.weight is None:
+            return super().forward(x)
+        d = x.shape[-1]
+        xr = np.ascontiguousarray(x).reshape(-1, d)
+        n = xr.shape[0]
+        xhat = np.empty_like(xr)
+        y = np.empty_like(xr)
+        rstd = np.empty((n, 1), np.float32)
+        w, b, eps = self.weight.data, self.bias.data, np.float32(self.eps)
+
+        def work(lo, hi):
+            xs, xh = xr[lo:hi], xhat[lo:hi]
+            np.subtract(xs, xs.mean(axis=1, keepdims=True), out=xh)
+            var = np.einsum("ij,ij->i", xh, xh)[:, None]
+            var *= np.float32(1.0 / d)
+            var += eps
+            np.sqrt(var, out=var)
+            np.divide(1.0, var, out=rstd[lo:hi])
+            xh *= rstd[lo:hi]
+            np.multiply(xh, w, out=y[lo:hi])
+            y[lo:hi] += b
+
+        _parallel(work, n, self._ROWS)
+        self._save(xhat, rstd)
+        return y.reshape(x.shape)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        cache = self._saved()
+        xhat, rstd = cache
+        if xhat.ndim != 2 or xhat.shape[0] != rstd.shape[0]:
+            self._save(*cache)
+            return super().backward(dout)
+        d = xhat.shape[1]
+        g = np.ascontiguousarray(dout).reshape(-1, d)
+        if self.weight.requires_grad:
+            self.weight.accumulate(np.einsum("ij,ij->j", g, xhat))
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.accumulate(g.sum(axis=0))
+        dx = np.empty_like(g)
+        w, inv_d = self.weight.data, np.float32(1.0 / d)
+
+        def work(lo, hi):
+            gs, xh, out = g[lo:hi], xhat[lo:hi], dx[lo:hi]
+            np.multiply(gs, w, out=out)
+            mean_g = out.mean(axis=1, keepdims=True)
+            mean_gx = np.einsum("ij,ij->i", out, xh)[:, None]
+            mean_gx *= inv_d
+            out -= mean_g
+            out -= xh * mean_gx
+            out *= rstd[lo:hi]
+
+        _parallel(work, g.shape[0], self._ROWS)
+        return dx.reshape(dout.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model, module by module, with transformers' names
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1])
+
+
+class BertEmbeddings(Module):
+    """word + position + token-type embeddings, then LayerNorm and dropout. backward runs only
+    when one of its parameters is trainable (the token ids have no gradient)."""
+
+    def __init__(self, cfg: BertConfig, init: _Init):
+        super().__init__()
+        h = cfg.hidden_size
+        self.word_embeddings = init.embedding("embeddings.word_embeddings", cfg.vocab_size, h,
+                                              padding_idx=cfg.pad_token_id)
+        self.position_embeddings = init.embedding(
+            "embeddings.position_embeddings", cfg.max_position_embeddings, h)
+        self.token_type_embeddings = init.embedding(
+            "embeddings.token_type_embeddings", cfg.type_vocab_size, h)
+        self.LayerNorm = init.layer_norm("embeddings.LayerNorm", h, cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        b, s = input_ids.shape
+        if s > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {s} exceeds max_position_embeddings "
+                             f"{self.position_embeddings.num_embeddings}")
+        x = self.word_embeddings(input_ids)
+        x += self.position_embeddings(np.arange(s))
+        x += self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+    def needs_backward(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def backward(self, dout: np.ndarray) -> None:
+        d = self.LayerNorm.backward(self.dropout.backward(dout))
+        self.word_embeddings.backward(d)
+        self.position_embeddings.backward(d.sum(axis=0))
+        self.token_type_embeddings.backward(d)
+        return None
+
+
+class BertSelfAttention(Module):
+    """Multi-head scaled dot-product self-attention with a key padding mask.
+
+    query/key/value are Linear layers (what LoRA targets); the attention itself runs as batched
+    matmuls on (heads, seq, head_dim) views of (batch, seq, hidden) arrays, one batch item
+    per task on the thread pool, with the softmax done in place on the score array."""
+
+    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_attention_heads = cfg.num_attention_heads
+        self.attention_head_size = h // cfg.num_attention_heads
+        self.query = init.linear(prefix + ".query", h, h)
+        self.key = init.linear(prefix + ".key", h, h)
+        self.value = init.linear(prefix + ".value", h, h)
+        self.attention_probs_dropout_prob = cfg.attention_probs_dropout_prob
+        self.rng = np.random.default_rng()
+        self.need_input_grad = True
+
+    def _heads(self, a: np.ndarray) -> np.ndarray:
+        """(batch, seq, hidden) -> a contiguous (batch, heads, seq, head_dim) copy."""
+        b, s, _ = a.shape
+        nh, d = self.num_attention_heads, self.attention_head_size
+        return np.ascontiguousarray(a.reshape(b, s, nh, d).transpose(0, 2, 1, 3))
+
+    @staticmethod
+    def _merge(a: np.ndarray) -> np.ndarray:
+        """(batch, heads, seq, head_dim) -> a contiguous (batch, seq, hidden) copy."""
+        b, nh, s, d = a.shape
+        return a.transpose(0, 2, 1, 3).reshape(b, s, nh * d)
+
+    # Every matmul goes through lora.functional's dense kernels (lora's own OpenBLAS), per
+    # (batch item, head): NumPy's matmul would run a second OpenBLAS whose thread pool fights
+    # lora's for the cores. With y = dense_forward(x, W) = x W^T and
+    # dense_backward(dy, x, W) = (dy W, dy^T x):
+    #   scores = q k^T = dense_forward(q, k)       ctx = p v = dense_backward(p, ., v).dx
+    #   dp = dctx v^T = dense_forward(dctx, v)     dv = p^T dctx = dense_backward(p, dctx, .).dW
+    #   dq = ds k = dense_backward(ds, ., k).dx    dk = ds^T q = dense_backward(ds, q, .).dW
+
+    def forward(self, x: np.ndarray, mask_bias: np.ndarray | None) -> np.ndarray:
+        b, s, hidden = x.shape
+        nh = self.num_attention_heads
+        scale = np.float32(1.0 / math.sqrt(self.attention_head_size))
+        q = self.query(x)
+        q *= scale  # scaling q (b*s*h values) is cheaper than scaling the scores (b*nh*s*s)
+        qh = self._heads(q)
+        del q
+        kh = self._heads(self.key(x))
+        vh = self._heads(self.value(x))
+        probs = np.empty((b, nh, s, s), np.float32)
+        ctxh = np.empty_like(qh)
+        p_drop = self.attention_probs_dropout_prob if self.training else 0.0
+        keep = (self.rng.random(probs.shape, dtype=np.float32) >= p_drop) if p_drop > 0 else None
+        inv_keep = np.float32(1.0 / (1.0 - p_drop))
+
+        def item(i, _hi):
+            sc = probs[i]
+            for h in range(nh):
+                sc[h] = F.dense_forward(qh[i, h], kh[i, h])
+            if mask_bias is not None:
+                sc += mask_bias[i]
+            sc -= sc.max(axis=-1, keepdims=True)
+            np.exp(sc, out=sc)
+            sc /= sc.sum(axis=-1, keepdims=True)
+            pd = sc if keep is None else sc * keep[i] * inv_keep
+            for h in range(nh):
+                ctxh[i, h] = F.dense_backward(pd[h], vh[i, h], vh[i, h], need_dweight=False)[0]
+
+        _parallel(item, b, 1)
+        self._save(qh, kh, vh, probs, keep, inv_keep)
+        return self._merge(ctxh)
+
+    def backward(self, dctx: np.ndarray) -> np.ndarray | None:
+        qh, kh, vh, probs, keep, inv_keep = self._saved()
+        nh = self.num_attention_heads
+        dctxh = self._heads(dctx)
+        key_grad = self.need_input_grad or any(p.requires_grad for p in self.key.parameters())
+        dqh, dkh, dvh = np.empty_like(qh), np.empty_like(kh), np.empty_like(vh)
+
+        def item(i, _hi):
+            p = probs[i]
+            pd = p if keep is None else p * keep[i] * inv_keep
+            dp = np.empty_like(p)
+            for h in range(nh):
+                dvh[i, h] = F.dense_backward(pd[h], dctxh[i, h], vh[i, h], need_dx=False)[1]
+                dp[h] = F.dense_forward(dctxh[i, h], vh[i, h])
+            if keep is not None:
+                dp *= keep[i]
+                dp *= inv_keep
+            # softmax backward: ds = p * (dp - sum(dp * p, -1))
+            rowdot = np.einsum("hij,hij->hi", dp, p)
+            dp -= rowdot[..., None]
+            dp *= p
+            for h in range(nh):
+                dqh[i, h] = F.dense_backward(dp[h], kh[i, h], kh[i, h], need_dweight=False)[0]
+                if key_grad:
+                    dkh[i, h] = F.dense_backward(dp[h], qh[i, h], kh[i, h], need_dx=False)[1]
+
+        _parallel(item, probs.shape[0], 1)
+        dq = self._merge(dqh)
+        dq *= np.float32(1.0 / math.sqrt(self.attention_head_size))  # q was scaled in forward
+        dx = self.query.backward(dq)
+        dxv = self.value.backward(self._merge(dvh))
+        if dx is not None and dxv is not None:
+            dx += dxv
+        if key_grad:
+            dxk = self.key.backward(self._merge(dkh))
+            if dx is not None and dxk is not None:
+                dx += dxk
+        return dx if self.need_input_grad else None
+
+
+class BertSelfOutput(Module):
+    """LayerNorm(dropout(dense(h)) + input): the projection and residual after attention
+    (also the FFN's second half, as BertOutput)."""
+
+    def __init__(self, cfg: BertConfig, init: _Init, prefix: str, d_in: int):
+        super().__init__()
+        self.dense = init.linear(prefix + ".dense", d_in, cfg.hidden_size)
+        self.LayerNorm = init.layer_norm(prefix + ".LayerNorm", cfg.hidden_size, cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        y = self.dropout(self.dense(h))
+        y += residual
+        return self.LayerNorm(y)
+
+    def backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (d h, d residual)."""
+        d = self.LayerNorm.backward(dout)
+        return self.dense.backward(self.dropout.backward(d)), d
+
+
+BertOutput = BertSelfOutput
+
+
+class BertAttention(Module):
+    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, init, prefix + ".self")
+        self.output = BertSelfOutput(cfg, init, prefix + ".output", cfg.hidden_size)
+
+    def forward(self, x, mask_bias):
+        return self.output(self.self(x, mask_bias), x)
+
+    def backward(self, dout):
+        dctx, dres = self.output.backward(dout)
+        dx = self.self.backward(dctx)
+        if dx is None:
+            return None
+        dx += dres
+        return dx
+
+
+class BertIntermediate(Module):
+    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+        super().__init__()
+        self.dense = init.linear(prefix + ".dense", cfg.hidden_size, cfg.intermediate_size)
+        act = cfg.hidden_act
+        self.intermediate_act_fn = nn.ReLU() if act == "relu" else GELU(
+            "none" if act == "gelu" else "tanh")
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+    def backward(self, dout):
+        return self.dense.backward(self.intermediate_act_fn.backward(dout))
+
+
+class BertLayer(Module):
+    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+        super().__init__()
+        self.attention = BertAttention(cfg, init, prefix + ".attention")
+        self.intermediate = BertIntermediate(cfg, init, prefix + ".intermediate")
+        self.output = BertOutput(cfg, init, prefix + ".output", cfg.intermediate_size)
+
+    def forward(self, x, mask_bias):
+        a = self.attention(x, mask_bias)
+        return self.output(self.intermediate(a), a)
+
+    def backward(self, dout):
+        dh, dres = self.output.backward(dout)
+        da = self.intermediate.backward(dh)
+        da += dres
+        return self.attention.backward(da)
+
+
+class BertEncoder(Module):
+    def __init__(self, cfg: BertConfig, init: _Init):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            BertLayer(cfg, init, f"encoder.layer.{i}") for i in range(cfg.num_hidden_layers))
+
+    def forward(self, x, mask_bias):
+        for layer in self.layer:
+            x = layer(x, mask_bias)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(list(self.layer)):
+            dout = layer.backward(dout)
+            if dout is None:
+                return None
+        return dout
+
+
+class BertPooler(Module):
+    """tanh(dense(h[:, 0])): BERT's next-sentence pooler, what transformers' sequence
+    classifier pools with."""
+
+    def __init__(self, cfg: BertConfig, init: _Init):
+        super().__init__()
+        self.dense = init.linear("pooler.dense", cfg.hidden_size, cfg.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, h):
+        return self.activation(self.dense(h[:, 0]))
+
+    def backward(self, dout, shape):
+        dh = np.zeros(shape, np.float32)
+        dh[:, 0] = self.dense.backward(self.activation.backward(dout))
+        return dh
+
+
+class BertModel(Module):
+    """A BERT encoder: `model(input_ids, attention_mask=None, token_type_ids=None)` returns the
+    last hidden state (batch, seq, hidden) float32, and `model.backward(d_last_hidden_state)`
+    accumulates the gradients of every trainable parameter.
+
+    The backward pass stops as low as it can: with the embeddings frozen, the gradient of the
+    first layer's input is never formed (nor the first layer's frozen key projection's)."""
+
+    def __init__(self, config: BertConfig, *, add_pooling_layer: bool = True,
+                 seed: int | None = None, _tensors: dict | None = None):
+        super().__init__()
+        init = _Init(_tensors, np.random.default_rng(seed))
+        self.config = config
+        self.embeddings = BertEmbeddings(config, init)
+        self.encoder = BertEncoder(config, init)
+        has_pooler = _tensors is None or "pooler.dense.weight" in _tensors
+        self.pooler = BertPooler(config, init) if add_pooling_layer and has_pooler else None
+        self._init_used = init.used
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, add_pooling_layer: bool = True,
+                        **config_overrides) -> BertModel:
+        """Load `<directory>/config.json` and `model.safetensors` (a transformers BertModel or
+        a Bert*For* task checkpoint, whose `bert.` prefix is dropped). `config_overrides`
+        replace config fields, e.g. `hidden_dropout_prob=0.0`."""
+        directory = os.fspath(directory)
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: no such file")
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        raw.update(config_overrides)
+        config = BertConfig.from_dict(raw)
+        tensors = _hf_names(load_safetensors_dir(directory))
+        model = cls(config, add_pooling_layer=add_pooling_layer, _tensors=tensors)
+        return model
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+        if token_type_ids is None:
+            token_type_ids = np.zeros(input_ids.shape, np.int64)
+        mask_bias = None
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids "
+                                 f"shape {input_ids.shape}")
+            if not attention_mask.all():
+                # (batch, 1, 1, seq): added to every head's scores of a batch item; a large
+                # finite negative (not -inf) so a row never becomes inf - inf = nan
+                mask_bias = np.where(attention_mask[:, None, None, :] > 0, np.float32(0),
+                                     np.finfo(np.float32).min).astype(np.float32)
+        x = self.embeddings(input_ids, token_type_ids)
+        first = self.encoder.layer[0].attention.self
+        first.need_input_grad = self.embeddings.needs_backward()
+        return self.encoder(x, mask_bias)
+
+    def backward(self, dout: np.ndarray) -> None:
+        d = self.encoder.backward(np.ascontiguousarray(dout, dtype=np.float32))
+        if d is not None:
+            self.embeddings.backward(d)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling and a classification head
+
+
+def mean_pool(h: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+    """Mean of the hidden states over unpadded positions: (batch, seq, hidden) -> (batch,
+    hidden), as sentence-transformers' mean pooling (count clamped at 1e-9)."""
+    if attention_mask is None:
+        return h.mean(axis=1)
+    m = attention_mask.astype(np.float32)
+    summed = np.einsum("bsh,bs->bh", h, m)
+    return summed / np.maximum(m.sum(axis=1, keepdims=True), np.float32(1e-9))
+
+
+def mean_pool_backward(dpooled: np.ndarray, attention_mask: np.ndarray | None,
+                       seq: int) -> np.ndarray:
+    """The gradient of mean_pool: (batch, hidden) -> (batch, seq, hidden)."""
+    if attention_mask is None:
+        w = np.full((dpooled.shape[0], seq), 1.0 / seq, np.float32)
+    else:
+        m = attention_mask.astype(np.float32)
+        w = m / np.maximum(m.sum(axis=1, keepdims=True), np.float32(1e-9))
+    return w[:, :, None] * dpooled[:, None, :]
+
+
+def cls_pool(h: np.ndarray) -> np.ndarray:
+    """The first ([CLS]) position's hidden state, (batch, hidden)."""
+    return h[:, 0]
+
+
+class BertForSequenceClassification(Module):
+    """`bert` (a BertModel), pooling, dropout and a `classifier` Linear: logits (batch,
+    num_labels). Paths match transformers' BertForSequenceClassification (`bert.encoder...`,
+    `classifier`). pooling: "mean" (sentence-transformers), "cls" (the raw [CLS] state) or
+    "pooler" (tanh(dense([CLS])), transformers' choice)."""
+
+    def __init__(self, bert: BertModel, num_labels: int, *, pooling: str = "mean",
+                 classifier_dropout: float | None = None, seed: int | None = None):
+        super().__init__()
+        if pooling not in ("mean", "cls", "pooler"):
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'pooler', got {pooling!r}")
+        if pooling == "pooler" and bert.pooler is None:
+            raise ValueError("pooling='pooler' needs a model with its pooler layer")
+        self.bert = bert
+        self.pooling = pooling
+        self.num_labels = num_labels
+        p = bert.config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        self.dropout = nn.Dropout(p, rng=np.random.default_rng(seed))
+        self.classifier = nn.Linear(bert.config.hidden_size, num_labels,
+                                    rng=np.random.default_rng(seed))
+        self.classifier.weight.data[...] = 0.02 * np.random.default_rng(seed).standard_normal(
+            self.classifier.weight.shape)
+        self.classifier.bias.data[...] = 0
+
+    @classmethod
+    def from_pretrained(cls, directory, num_labels: int, *, pooling: str = "mean",
+                        seed: int | None = None, **config_overrides):
+        bert = BertModel.from_pretrained(directory, **config_overrides)
+        return cls(bert, num_labels, pooling=pooling, seed=seed)
+
+    def pool(self, h: np.ndarray, attention_mask) -> np.ndarray:
+        if self.pooling == "mean":
+            return mean_pool(h, attention_mask)
+        if self.pooling == "cls":
+            return np.ascontiguousarray(cls_pool(h))
+        return self.bert.pooler(h)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        h = self.bert(input_ids, attention_mask, token_type_ids)
+        self._save(h.shape, None if attention_mask is None else np.asarray(attention_mask))
+        return self.classifier(self.dropout(self.pool(h, attention_mask)))
+
+    def backward(self, dlogits: np.ndarray) -> None:
+        shape, mask = self._saved()
+        dpooled = self.dropout.backward(self.classifier.backward(dlogits))
+        if not any(p.requires_grad for p in self.bert.parameters()):
+            return None
+        if self.pooling == "mean":
+            dh = mean_pool_backward(dpooled, mask, shape[1])
+        elif self.pooling == "cls":
+            dh = np.zeros(shape, np.float32)
+            dh[:, 0] = dpooled
+        else:
+            dh = self.bert.pooler.backward(dpooled, shape)
+        self.bert.backward(dh)
+        return None

@@ -1,0 +1,164 @@
+"""Text helpers for lora.models: a tokenizer wrapper and a small labelled sentence set.
+
+`Tokenizer` turns sentences into the padded int64 arrays a BERT model takes, through the
+`tokenizers` package (an optional dependency, imported only here) and the `tokenizer.json`
+shipped with a checkpoint. `negation_sentiment` builds the project's own sentence
+classification set from templates. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+
+__all__ = ["Tokenizer", "negation_sentiment", "batches"]
+
+
+class Tokenizer:
+    """A Hugging Face fast tokenizer read from `<directory>/tokenizer.json`.
+
+    Calling it on a list of strings (or of string pairs) returns a dict with `input_ids`,
+    `attention_mask` and `token_type_ids`, each int64 of shape (batch, seq): seq is the longest
+    sequence in the batch (`padding="longest"`) or `max_length` (`padding="max_length"`).
+    Sequences longer than `max_length` are truncated, the way transformers' tokenizer does it.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_length: int = 128):
+        try:
+            import tokenizers
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "lora.models.Tokenizer needs the `tokenizers` package: pip install 'lora[models]'"
+            ) from e
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (a tokenizer.json is required)")
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        self.max_length = int(max_length)
+        self.pad_token = "[PAD]"
+        cfg_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                self.pad_token = json.load(f).get("pad_token", self.pad_token)
+        self.pad_token_id = self._tok.token_to_id(self.pad_token) or 0
+        self._tok.no_padding()
+        self._tok.no_truncation()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def __call__(self, texts, padding: str = "longest", max_length: int | None = None) -> dict:
+        if isinstance(texts, str):
+            texts = [texts]
+        max_length = self.max_length if max_length is None else int(max_length)
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        self._tok.enable_truncation(max_length)
+        try:
+            encs = self._tok.encode_batch(list(texts))
+        finally:
+            self._tok.no_truncation()
+        n = len(encs)
+        seq = max_length if padding == "max_length" else max((len(e.ids) for e in encs), default=0)
+        ids = np.full((n, seq), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((n, seq), dtype=np.int64)
+        types = np.zeros((n, seq), dtype=np.int64)
+        for i, e in enumerate(encs):
+            k = len(e.ids)
+            ids[i, :k] = e.ids
+            mask[i, :k] = 1
+            types[i, :k] = e.type_ids
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+# ---------------------------------------------------------------------------------------------
+# The sentence set. Every sentence states an opinion about a thing; its label is the opinion the
+# sentence ends up with (1 positive, 0 negative). Templates negate the adjective or put a
+# contrary adjective next to the decisive one, so a bag of the words (and, largely, a mean of
+# frozen contextual embeddings) does not give the label: the model has to read the structure.
+# Train and test use disjoint adjectives and disjoint things, so the test set measures whether
+# the structure was learnt, not whether words were memorised.
+
+_POS = [
+    "good", "great", "excellent", "wonderful", "delightful", "superb", "pleasant", "lovely",
+    "fantastic", "brilliant", "charming", "impressive", "enjoyable", "outstanding", "marvelous",
+    "terrific", "splendid", "satisfying", "fine", "amazing", "perfect", "solid",
+]
+_NEG = [
+    "bad", "awful", "terrible", "horrible", "dreadful", "poor", "disappointing", "mediocre",
+    "unpleasant", "boring", "lousy", "miserable", "dismal", "atrocious", "annoying", "weak",
+    "appalling", "frustrating", "subpar", "shoddy", "tedious", "pathetic",
+]
+_THINGS = [
+    "movie", "meal", "hotel", "phone", "book", "concert", "service", "coffee", "laptop", "game",
+    "show", "trip", "car", "album", "restaurant", "lecture", "camera", "play", "pizza", "course",
+    "flight", "museum", "app", "novel", "soup", "team", "match", "room", "chair", "song",
+]
+
+# (template, which adjective decides, whether the sentence negates it). Slots: {t} thing,
+# {a} the decisive adjective, {b} the contrary distractor.
+_TEMPLATES = [
+    ("the {t} was {a}.", False),
+    ("the {t} was not {a}.", True),
+    ("i expected the {t} to be {b}, but it was {a}.", False),
+    ("i expected the {t} to be {a}, but it was not.", True),
+    ("although the {t} looked {b}, it turned out {a}.", False),
+    ("the {t} was {a}, even though everyone said it would be {b}.", False),
+    ("nobody would call the {t} {a}.", True),
+    ("the {t} was anything but {a}.", True),
+    ("people said the {t} was {b}. they were wrong, it was {a}.", False),
+    ("the {t} was not {b}; it was {a}.", False),
+    ("i would never say the {t} was {a}.", True),
+    ("the reviews called the {t} {b}, yet it was {a}.", False),
+]
+
+
+def _split_half(words, rng):
+    words = list(words)
+    rng.shuffle(words)
+    k = len(words) // 2
+    return words[:k], words[k:]
+
+
+def negation_sentiment(n_train: int = 1200, n_test: int = 400, seed: int = 0):
+    """The project's templated sentence-sentiment set: ((train_texts, train_labels),
+    (test_texts, test_labels)), labels int64 in {0, 1}, classes balanced.
+
+    Made here from 12 templates, 44 adjectives and 30 nouns (see the source); train and test use
+    disjoint halves of the adjectives and of the nouns. Deterministic for a given seed.
+    """
+    rng = random.Random(seed)
+    pos_tr, pos_te = _split_half(_POS, rng)
+    neg_tr, neg_te = _split_half(_NEG, rng)
+    th_tr, th_te = _split_half(_THINGS, rng)
+
+    def make(n, pos, neg, things):
+        texts, labels = [], []
+        for i in range(n):
+            label = i % 2
+            template, negated = _TEMPLATES[rng.randrange(len(_TEMPLATES))]
+            # the decisive adjective's own polarity: flipped by a negation
+            a_pos = (label == 1) != negated
+            a = rng.choice(pos if a_pos else neg)
+            b = rng.choice(neg if a_pos else pos)
+            texts.append(template.format(t=rng.choice(things), a=a, b=b))
+            labels.append(label)
+        order = list(range(n))
+        rng.shuffle(order)
+        return [texts[i] for i in order], np.array([labels[i] for i in order], dtype=np.int64)
+
+    return make(n_train, pos_tr, neg_tr, th_tr), make(n_test, pos_te, neg_te, th_te)
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator | None = None):
+    """Index arrays covering range(n) in batches; shuffled when rng is given."""
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
