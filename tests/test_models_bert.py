@@ -183,13 +183,20 @@ def test_from_pretrained_errors(tmp_path):
         BertModel.from_pretrained(tmp_path)
 
 
-def test_random_config_gradients_match_torch():
+@pytest.mark.parametrize("qk_scale", [1.0, 60.0])
+def test_random_config_gradients_match_torch(qk_scale):
     """A small random BERT built from a config (no checkpoint): full fine-tuning gradients of
-    every parameter, embeddings included, against transformers + autograd."""
+    every parameter, embeddings included, against transformers + autograd. qk_scale blows the
+    attention scores up until rows sit far below their head's maximum, the case the softmax's
+    per-row fallback exists for."""
     cfg = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=48, max_position_embeddings=16, **NO_DROPOUT)
     torch.manual_seed(0)
     ref = transformers.BertModel(transformers.BertConfig(**cfg), add_pooling_layer=False)
+    with torch.no_grad():
+        for layer in ref.encoder.layer:
+            layer.attention.self.query.weight *= qk_scale
+            layer.attention.self.key.weight *= qk_scale
     model = BertModel(lora.models.BertConfig.from_dict(cfg), add_pooling_layer=False, seed=0)
     model.load_state_dict({k: v.numpy() for k, v in ref.state_dict().items()
                            if k != "embeddings.position_ids"})
@@ -205,6 +212,14 @@ def test_random_config_gradients_match_torch():
     h_ref = out.last_hidden_state
     (h_ref * torch.from_numpy(dout)).sum().backward()
     assert np.abs(h - h_ref.detach().numpy())[mask.astype(bool)].max() < 1e-4
+    if qk_scale > 1:  # some row really sits > 87 below its head's maximum in layer 0
+        att = ref.encoder.layer[0].attention.self
+        with torch.no_grad():
+            e = ref.embeddings(torch.from_numpy(ids))
+            q, k = (lin(e).reshape(3, 7, 4, 8).transpose(1, 2) for lin in (att.query, att.key))
+            sc = (q @ k.transpose(-1, -2) / 8**0.5).numpy()
+        row_max = sc.max(axis=-1)
+        assert (row_max.max(axis=-1) - row_max.min(axis=-1)).max() > 87
     for name, p in ref.named_parameters():
         ours = model.get_submodule(name.rsplit(".", 1)[0])._parameters[name.rsplit(".", 1)[1]]
         g = p.grad.numpy()

@@ -219,37 +219,31 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-# erf(x) for float32 as x * P(x^2) / Q(x^2) on [-4, 4] (|erf| rounds to 1 outside): the
-# rational minimax fit Eigen and XLA use for float32 (max abs error ~5e-7 vs the exact erf).
-_ERF_P = [np.float32(c) for c in (
-    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)]
-_ERF_Q = [np.float32(c) for c in (
-    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-    -1.42647390514189e-02)]
-_SQRT1_2 = np.float32(math.sqrt(0.5))
+# Phi(x) for float32 as (1 + tanh(x Q(x^2))) / 2 with x clamped to [-5.5, 5.5] (where Phi is 0
+# or 1 to float32): Q, of degree 6, is a least-squares fit of atanh(2 Phi(x) - 1) / x on
+# [0, 5.5] weighted by tanh's slope, so its error in Phi stays below 1.2e-7 for every float32 x
+# (below torch's own vectorised erf's). NumPy's tanh is SIMD, erf is not: this is ~19 passes of
+# fast ufuncs instead of scipy's scalar erf (~10x slower on a 4096 x 1536 activation).
+_PHI_Q = [np.float32(c) for c in (
+    1.4837265769573214e-09, -1.2236445995753297e-07, 3.839070739526135e-06,
+    -5.461685385149854e-05, -3.4230931419704096e-05, 0.0363345452933773, 0.7978846199095683)]
+_PHI_CLAMP = 5.5
 _LOG_INV_SQRT_2PI = np.float32(-0.5 * math.log(2.0 * math.pi))
 
 
 def _normal_cdf(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = Phi(x) = (1 + erf(x / sqrt 2)) / 2, float32; `out` must not alias x."""
-    z = np.multiply(x, _SQRT1_2, out=out)
-    np.clip(z, -4.0, 4.0, out=z)
-    z2 = z * z
-    p = np.multiply(z2, _ERF_P[0])
-    p += _ERF_P[1]
-    for c in _ERF_P[2:]:
-        p *= z2
+    """out = Phi(x), the standard normal CDF, float32; `out` must not alias x."""
+    xc = np.clip(x, -_PHI_CLAMP, _PHI_CLAMP, out=out)
+    x2 = xc * xc
+    p = np.multiply(x2, _PHI_Q[0])
+    p += _PHI_Q[1]
+    for c in _PHI_Q[2:]:
+        p *= x2
         p += c
-    q = np.multiply(z2, _ERF_Q[0])
-    q += _ERF_Q[1]
-    for c in _ERF_Q[2:]:
-        q *= z2
-        q += c
-    p *= z
-    np.divide(p, q, out=out)  # erf(x / sqrt 2)
-    out *= 0.5
-    out += 0.5
+    p *= xc
+    np.tanh(p, out=p)
+    np.multiply(p, np.float32(0.5), out=out)
+    out += np.float32(0.5)
     return out
 
 
@@ -463,15 +457,31 @@ class BertSelfAttention(Module):
         keep = (self.rng.random(probs.shape, dtype=np.float32) >= p_drop) if p_drop > 0 else None
         inv_keep = np.float32(1.0 / (1.0 - p_drop))
 
-        def item(i, _hi):
+        padded = None if mask_bias is None else (mask_bias != 0).reshape(b, s).any(axis=1)
+
+        def scores(i):
             sc = probs[i]
             for h in range(nh):
                 sc[h] = F.dense_forward(qh[i, h], kh[i, h])
-            if mask_bias is not None:
+            if padded is not None and padded[i]:
                 sc += mask_bias[i]
-            sc -= sc.max(axis=-1, keepdims=True)
+            return sc
+
+        def item(i, _hi):
+            sc = scores(i)
+            # Softmax, stabilised by each head's largest score rather than each row's: one
+            # fast reduction instead of a slow one over 128-wide rows. It is exact unless a
+            # whole row lies ~87 below its head's maximum (exp underflows to a zero sum);
+            # that is detected and the item redone with per-row maxima.
+            sc -= sc.reshape(nh, -1).max(axis=1)[:, None, None]
             np.exp(sc, out=sc)
-            sc /= sc.sum(axis=-1, keepdims=True)
+            sums = sc.sum(axis=-1, keepdims=True)
+            if not sums.min() > 1e-30:
+                sc = scores(i)
+                sc -= sc.max(axis=-1, keepdims=True)
+                np.exp(sc, out=sc)
+                sums = sc.sum(axis=-1, keepdims=True)
+            sc /= sums
             pd = sc if keep is None else sc * keep[i] * inv_keep
             for h in range(nh):
                 ctxh[i, h] = F.dense_backward(pd[h], vh[i, h], vh[i, h], need_dweight=False)[0]
