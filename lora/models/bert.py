@@ -16,6 +16,7 @@ position embeddings, key/value caches, gradients for the token ids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -402,6 +403,21 @@ class BertEmbeddings(Module):
         return None
 
 
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """Run lora's OpenBLAS on one thread inside the block: the per-head GEMMs (seq x seq x
+    head_dim, 128 x 128 x 32 for MiniLM) lose more to waking and syncing a second thread than
+    they gain from it."""
+    n = int(F.blas_info()["num_threads"])
+    if n > 1:
+        F.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            F.set_num_threads(n)
+
+
 class BertSelfAttention(Module):
     """Multi-head scaled dot-product self-attention with a key padding mask.
 
@@ -486,8 +502,9 @@ class BertSelfAttention(Module):
             for h in range(nh):
                 ctxh[i, h] = F.dense_backward(pd[h], vh[i, h], vh[i, h], need_dweight=False)[0]
 
-        for i in range(b):  # serial: two threads calling one OpenBLAS contend for its pool
-            item(i, i + 1)
+        with _single_threaded_blas():
+            for i in range(b):  # serial: two threads calling one OpenBLAS contend for its pool
+                item(i, i + 1)
         self._save(qh, kh, vh, probs, keep, inv_keep)
         return self._merge(ctxh)
 
@@ -517,8 +534,9 @@ class BertSelfAttention(Module):
                 if key_grad:
                     dkh[i, h] = F.dense_backward(dp[h], qh[i, h], kh[i, h], need_dx=False)[1]
 
-        for i in range(probs.shape[0]):
-            item(i, i + 1)
+        with _single_threaded_blas():
+            for i in range(probs.shape[0]):
+                item(i, i + 1)
         dq = self._merge(dqh)
         dq *= np.float32(1.0 / math.sqrt(self.attention_head_size))  # q was scaled in forward
         dx = self.query.backward(dq)
