@@ -8,10 +8,11 @@ plus model.safetensors) into modules named exactly as in transformers
 
 The Linear, Embedding and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones). What
 lora.nn has no layer for lives here: attention's own math (scaled scores, padding mask,
-softmax, the two batched matmuls) with its backward, and an exact GELU whose erf is a
-float32 rational approximation evaluated in cache-sized chunks on a small thread pool
-(scipy's erf is ~10x slower on these sizes). Not here: decoder/cross-attention, relative
-position embeddings, key/value caches, gradients for the token ids.
+softmax, the per-head matmuls) with its backward, an exact GELU whose normal CDF is a
+float32 tanh-form fit evaluated in cache-sized chunks (scipy's erf is ~10x slower on these
+sizes), and a LayerNorm with the same numerics as lora.nn's, chunked by rows. Not here:
+decoder/cross-attention, relative position embeddings, key/value caches, gradients for the
+token ids.
 """
 
 from __future__ import annotations
@@ -421,9 +422,10 @@ def _single_threaded_blas():
 class BertSelfAttention(Module):
     """Multi-head scaled dot-product self-attention with a key padding mask.
 
-    query/key/value are Linear layers (what LoRA targets); the attention itself runs as batched
-    matmuls on (heads, seq, head_dim) views of (batch, seq, hidden) arrays, one batch item
-    per task on the thread pool, with the softmax done in place on the score array."""
+    query/key/value are Linear layers (what LoRA targets); the attention itself runs on
+    contiguous (batch, heads, seq, head_dim) copies of q, k and v, one GEMM per (item, head)
+    through lora's kernels, with the softmax done in place on the (batch, heads, seq, seq)
+    score array that backward reuses. Scores are q k^T / sqrt(head_dim) plus the mask bias."""
 
     def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
         super().__init__()
