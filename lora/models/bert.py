@@ -404,6 +404,27 @@ class BertEmbeddings(Module):
         return None
 
 
+class _AttentionMask:
+    """Which keys each batch item attends to. A right-padded mask (ones, then zeros: what a
+    tokenizer produces) becomes per-item key lengths, so padded keys cost no work at all;
+    any other mask becomes an additive bias (0 or the most negative float32, not -inf, so a
+    row never turns into inf - inf = nan) over all keys."""
+
+    def __init__(self, attention_mask: np.ndarray | None, batch: int, seq: int):
+        self.bias = self.padded = None
+        self.lengths = np.full(batch, seq, np.int64)
+        if attention_mask is None:
+            return
+        m = np.asarray(attention_mask) > 0
+        lengths = m.sum(axis=1)
+        if (m == (np.arange(seq) < lengths[:, None])).all() and lengths.min() > 0:
+            self.lengths = lengths
+            return
+        self.padded = ~m.all(axis=1)
+        self.bias = np.where(m[:, None, None, :], np.float32(0),
+                             np.finfo(np.float32).min).astype(np.float32)
+
+
 @contextlib.contextmanager
 def _single_threaded_blas():
     """Run lora's OpenBLAS on one thread inside the block: the per-head GEMMs (seq x seq x
@@ -424,8 +445,9 @@ class BertSelfAttention(Module):
 
     query/key/value are Linear layers (what LoRA targets); the attention itself runs on
     contiguous (batch, heads, seq, head_dim) copies of q, k and v, one GEMM per (item, head)
-    through lora's kernels, with the softmax done in place on the (batch, heads, seq, seq)
-    score array that backward reuses. Scores are q k^T / sqrt(head_dim) plus the mask bias."""
+    through lora's kernels, with the softmax done in place on each item's (heads, seq, keys)
+    score array, which backward reuses. Scores are q k^T / sqrt(head_dim); a right-padded item
+    only has its real keys, any other mask is added as a bias."""
 
     def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
         super().__init__()
@@ -459,7 +481,7 @@ class BertSelfAttention(Module):
     #   dp = dctx v^T = dense_forward(dctx, v)     dv = p^T dctx = dense_backward(p, dctx, .).dW
     #   dq = ds k = dense_backward(ds, ., k).dx    dk = ds^T q = dense_backward(ds, q, .).dW
 
-    def forward(self, x: np.ndarray, mask_bias: np.ndarray | None) -> np.ndarray:
+    def forward(self, x: np.ndarray, mask: _AttentionMask) -> np.ndarray:
         b, s, hidden = x.shape
         nh = self.num_attention_heads
         scale = np.float32(1.0 / math.sqrt(self.attention_head_size))
@@ -469,76 +491,87 @@ class BertSelfAttention(Module):
         del q
         kh = self._heads(self.key(x))
         vh = self._heads(self.value(x))
-        probs = np.empty((b, nh, s, s), np.float32)
         ctxh = np.empty_like(qh)
         p_drop = self.attention_probs_dropout_prob if self.training else 0.0
-        keep = (self.rng.random(probs.shape, dtype=np.float32) >= p_drop) if p_drop > 0 else None
         inv_keep = np.float32(1.0 / (1.0 - p_drop))
+        probs, keeps = [], []
 
-        padded = None if mask_bias is None else (mask_bias != 0).reshape(b, s).any(axis=1)
-
-        def scores(i):
-            sc = probs[i]
+        def scores(i, n):
+            # (heads, s, n): every query row against the item's first n keys
+            sc = np.empty((nh, s, n), np.float32)
             for h in range(nh):
-                sc[h] = F.dense_forward(qh[i, h], kh[i, h])
-            if padded is not None and padded[i]:
-                sc += mask_bias[i]
+                sc[h] = F.dense_forward(qh[i, h], kh[i, h, :n])
+            if mask.bias is not None and mask.padded[i]:
+                sc += mask.bias[i]
             return sc
 
-        def item(i, _hi):
-            sc = scores(i)
+        def item(i):
+            n = int(mask.lengths[i])
+            sc = scores(i, n)
             # Softmax, stabilised by each head's largest score rather than each row's: one
-            # fast reduction instead of a slow one over 128-wide rows. It is exact unless a
+            # fast reduction instead of a slow one over short rows. It is exact unless a
             # whole row lies ~87 below its head's maximum (exp underflows to a zero sum);
             # that is detected and the item redone with per-row maxima.
             sc -= sc.reshape(nh, -1).max(axis=1)[:, None, None]
             np.exp(sc, out=sc)
             sums = sc.sum(axis=-1, keepdims=True)
             if not sums.min() > 1e-30:
-                sc = scores(i)
+                sc = scores(i, n)
                 sc -= sc.max(axis=-1, keepdims=True)
                 np.exp(sc, out=sc)
                 sums = sc.sum(axis=-1, keepdims=True)
             sc /= sums
-            pd = sc if keep is None else sc * keep[i] * inv_keep
+            keep = None
+            if p_drop > 0:
+                keep = self.rng.random(sc.shape, dtype=np.float32) >= p_drop
+            pd = sc if keep is None else sc * keep * inv_keep
             for h in range(nh):
-                ctxh[i, h] = F.dense_backward(pd[h], vh[i, h], vh[i, h], need_dweight=False)[0]
+                ctxh[i, h] = F.dense_backward(pd[h], vh[i, h], vh[i, h, :n],
+                                              need_dweight=False)[0]
+            probs.append(sc)
+            keeps.append(keep)
 
         with _single_threaded_blas():
             for i in range(b):  # serial: two threads calling one OpenBLAS contend for its pool
-                item(i, i + 1)
-        self._save(qh, kh, vh, probs, keep, inv_keep)
+                item(i)
+        self._save(qh, kh, vh, probs, keeps, inv_keep, mask)
         return self._merge(ctxh)
 
     def backward(self, dctx: np.ndarray) -> np.ndarray | None:
-        qh, kh, vh, probs, keep, inv_keep = self._saved()
+        qh, kh, vh, probs, keeps, inv_keep, mask = self._saved()
         nh = self.num_attention_heads
         dctxh = self._heads(dctx)
         key_grad = self.need_input_grad or any(p.requires_grad for p in self.key.parameters())
         dqh, dkh, dvh = np.empty_like(qh), np.empty_like(kh), np.empty_like(vh)
 
-        def item(i, _hi):
-            p = probs[i]
-            pd = p if keep is None else p * keep[i] * inv_keep
+        def item(i):
+            p, keep = probs[i], keeps[i]
+            n = p.shape[-1]
+            if n < p.shape[1]:  # keys past the item's length get no gradient
+                dvh[i, :, n:] = 0
+                dkh[i, :, n:] = 0
+            pd = p if keep is None else p * keep * inv_keep
             dp = np.empty_like(p)
             for h in range(nh):
-                dvh[i, h] = F.dense_backward(pd[h], dctxh[i, h], vh[i, h], need_dx=False)[1]
-                dp[h] = F.dense_forward(dctxh[i, h], vh[i, h])
+                dvh[i, h, :n] = F.dense_backward(pd[h], dctxh[i, h], vh[i, h, :n],
+                                                 need_dx=False)[1]
+                dp[h] = F.dense_forward(dctxh[i, h], vh[i, h, :n])
             if keep is not None:
-                dp *= keep[i]
+                dp *= keep
                 dp *= inv_keep
             # softmax backward: ds = p * (dp - sum(dp * p, -1))
             rowdot = np.einsum("hij,hij->hi", dp, p)
             dp -= rowdot[..., None]
             dp *= p
             for h in range(nh):
-                dqh[i, h] = F.dense_backward(dp[h], kh[i, h], kh[i, h], need_dweight=False)[0]
+                dqh[i, h] = F.dense_backward(dp[h], qh[i, h], kh[i, h, :n], need_dweight=False)[0]
                 if key_grad:
-                    dkh[i, h] = F.dense_backward(dp[h], qh[i, h], kh[i, h], need_dx=False)[1]
+                    dkh[i, h, :n] = F.dense_backward(dp[h], qh[i, h], kh[i, h, :n],
+                                                     need_dx=False)[1]
 
         with _single_threaded_blas():
-            for i in range(probs.shape[0]):
-                item(i, i + 1)
+            for i in range(len(probs)):
+                item(i)
         dq = self._merge(dqh)
         dq *= np.float32(1.0 / math.sqrt(self.attention_head_size))  # q was scaled in forward
         dx = self.query.backward(dq)
@@ -582,8 +615,8 @@ class BertAttention(Module):
         self.self = BertSelfAttention(cfg, init, prefix + ".self")
         self.output = BertSelfOutput(cfg, init, prefix + ".output", cfg.hidden_size)
 
-    def forward(self, x, mask_bias):
-        return self.output(self.self(x, mask_bias), x)
+    def forward(self, x, mask):
+        return self.output(self.self(x, mask), x)
 
     def backward(self, dout):
         dctx, dres = self.output.backward(dout)
@@ -616,8 +649,8 @@ class BertLayer(Module):
         self.intermediate = BertIntermediate(cfg, init, prefix + ".intermediate")
         self.output = BertOutput(cfg, init, prefix + ".output", cfg.intermediate_size)
 
-    def forward(self, x, mask_bias):
-        a = self.attention(x, mask_bias)
+    def forward(self, x, mask):
+        a = self.attention(x, mask)
         return self.output(self.intermediate(a), a)
 
     def backward(self, dout):
@@ -633,9 +666,9 @@ class BertEncoder(Module):
         self.layer = nn.ModuleList(
             BertLayer(cfg, init, f"encoder.layer.{i}") for i in range(cfg.num_hidden_layers))
 
-    def forward(self, x, mask_bias):
+    def forward(self, x, mask):
         for layer in self.layer:
-            x = layer(x, mask_bias)
+            x = layer(x, mask)
         return x
 
     def backward(self, dout):
@@ -707,23 +740,16 @@ class BertModel(Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         if token_type_ids is None:
             token_type_ids = np.zeros(input_ids.shape, np.int64)
-        mask_bias = None
-        if attention_mask is not None:
-            attention_mask = np.asarray(attention_mask)
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids "
-                                 f"shape {input_ids.shape}")
-            if not attention_mask.all():
-                # (batch, 1, 1, seq): added to every head's scores of a batch item; a large
-                # finite negative (not -inf) so a row never becomes inf - inf = nan
-                mask_bias = np.where(attention_mask[:, None, None, :] > 0, np.float32(0),
-                                     np.finfo(np.float32).min).astype(np.float32)
+        if attention_mask is not None and np.shape(attention_mask) != input_ids.shape:
+            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids "
+                             f"shape {input_ids.shape}")
+        mask = _AttentionMask(attention_mask, *input_ids.shape)
         if self.training:
             keep_freed_memory()
         x = self.embeddings(input_ids, token_type_ids)
         first = self.encoder.layer[0].attention.self
         first.need_input_grad = self.embeddings.needs_backward()
-        return self.encoder(x, mask_bias)
+        return self.encoder(x, mask)
 
     def backward(self, dout: np.ndarray) -> None:
         d = self.encoder.backward(np.ascontiguousarray(dout, dtype=np.float32))
