@@ -51,7 +51,7 @@ static inline int dropout_keep(uint64_t key, uint64_t index, uint32_t threshold)
 /* Runs fn(ctx, begin, end) over [0, n) split into equal chunks (multiples of `align`), one
  * per thread, as many threads as the linked OpenBLAS is set to use (lora.set_num_threads),
  * but none for less than `grain` items each. For the memory-bound loops (merge, Adam) that
- * one core cannot saturate memory with. Threads are started per call: at the sizes where
+ * one core cannot saturate memory with, which run on their own, not between GEMMs. Threads are started per call: at the sizes where
  * this splits at all, that costs ~1% of the call. Falls back to one thread if pthread_create
  * fails. */
 typedef struct {
