@@ -131,16 +131,18 @@ def _peft_pair(tmp_path, pooling):
     return pm, head, ours
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "pooler"])
 def test_lora_gradients_match_peft(tmp_path, batch, pooling):
     pm, head, ours = _peft_pair(tmp_path, pooling)
     ours.classifier.requires_grad_(True)
     labels = np.array([0, 2, 1, 1, 0])
 
     pm.eval()  # dropout off; autograd still runs
-    h = pm(**_torch(batch)).last_hidden_state
+    out = pm(**_torch(batch))
+    h = out.last_hidden_state
     m = torch.from_numpy(batch["attention_mask"]).float()[..., None]
-    pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9) if pooling == "mean" else h[:, 0]
+    pooled = {"mean": lambda: (h * m).sum(1) / m.sum(1).clamp(min=1e-9),
+              "cls": lambda: h[:, 0], "pooler": lambda: out.pooler_output}[pooling]()
     logits_ref = head(pooled)
     torch.nn.functional.cross_entropy(logits_ref, torch.from_numpy(labels)).backward()
 
