@@ -122,6 +122,13 @@ class _Init:
     def __init__(self, tensors: dict | None, rng: np.random.Generator):
         self.tensors, self.rng, self.used = tensors, rng, set()
 
+    def child_rng(self) -> np.random.Generator:
+        """A generator for one dropout layer, drawn from the model's seed."""
+        return np.random.default_rng(self.rng.integers(0, 2**63))
+
+    def dropout(self, p: float) -> nn.Dropout:
+        return nn.Dropout(p, rng=self.child_rng())
+
     def get(self, name: str, shape: tuple, kind: str) -> np.ndarray:
         if self.tensors is not None:
             if name not in self.tensors:
@@ -381,7 +388,7 @@ class BertEmbeddings(Module):
         self.token_type_embeddings = init.embedding(
             "embeddings.token_type_embeddings", cfg.type_vocab_size, h)
         self.LayerNorm = init.layer_norm("embeddings.LayerNorm", h, cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = init.dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         b, s = input_ids.shape
@@ -458,7 +465,7 @@ class BertSelfAttention(Module):
         self.key = init.linear(prefix + ".key", h, h)
         self.value = init.linear(prefix + ".value", h, h)
         self.attention_probs_dropout_prob = cfg.attention_probs_dropout_prob
-        self.rng = np.random.default_rng()
+        self.rng = init.child_rng()
         self.need_input_grad = True
 
     def _heads(self, a: np.ndarray) -> np.ndarray:
@@ -593,7 +600,7 @@ class BertSelfOutput(Module):
         super().__init__()
         self.dense = init.linear(prefix + ".dense", d_in, cfg.hidden_size)
         self.LayerNorm = init.layer_norm(prefix + ".LayerNorm", cfg.hidden_size, cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = init.dropout(cfg.hidden_dropout_prob)
 
     def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
         y = self.dropout(self.dense(h))
@@ -718,10 +725,11 @@ class BertModel(Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, add_pooling_layer: bool = True,
-                        **config_overrides) -> BertModel:
+                        seed: int | None = None, **config_overrides) -> BertModel:
         """Load `<directory>/config.json` and `model.safetensors` (a transformers BertModel or
-        a Bert*For* task checkpoint, whose `bert.` prefix is dropped). `config_overrides`
-        replace config fields, e.g. `hidden_dropout_prob=0.0`."""
+        a Bert*For* task checkpoint, whose `bert.` prefix is dropped). `seed` seeds the
+        dropout masks; `config_overrides` replace config fields, e.g.
+        `hidden_dropout_prob=0.0`."""
         directory = os.fspath(directory)
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
@@ -731,7 +739,7 @@ class BertModel(Module):
         raw.update(config_overrides)
         config = BertConfig.from_dict(raw)
         tensors = _hf_names(load_safetensors_dir(directory))
-        model = cls(config, add_pooling_layer=add_pooling_layer, _tensors=tensors)
+        model = cls(config, add_pooling_layer=add_pooling_layer, seed=seed, _tensors=tensors)
         return model
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
@@ -815,7 +823,7 @@ class BertForSequenceClassification(Module):
     @classmethod
     def from_pretrained(cls, directory, num_labels: int, *, pooling: str = "mean",
                         seed: int | None = None, **config_overrides):
-        bert = BertModel.from_pretrained(directory, **config_overrides)
+        bert = BertModel.from_pretrained(directory, seed=seed, **config_overrides)
         return cls(bert, num_labels, pooling=pooling, seed=seed)
 
     def pool(self, h: np.ndarray, attention_mask) -> np.ndarray:
