@@ -276,3 +276,25 @@ def test_blas_info_and_threads():
     F.set_num_threads(before)
     with pytest.raises(ValueError, match="'n'"):
         F.set_num_threads(0)
+
+
+@pytest.mark.parametrize("offset", range(0, 64, 4))
+def test_merge_at_every_alignment(offset):
+    """The tuned kernels start their vector tiles at a cache-line boundary of W: every
+    offset of W within a cache line gives the same result as the twin."""
+    rng = np.random.default_rng(offset)
+    d_out, d_in, r = 37, 64, 5
+    buf = np.zeros(d_out * d_in + 16, np.float32)
+    start = (-buf.ctypes.data % 64 + offset) // 4
+    W = buf[start:start + d_out * d_in].reshape(d_out, d_in)
+    assert W.ctypes.data % 64 == offset
+    W[...] = rng.standard_normal(W.shape)
+    A, B = rand(rng, (r, d_in), np.float32), rand(rng, (d_out, r), np.float32)
+    want = ref.merge(W.astype(np.float64), A.astype(np.float64), B.astype(np.float64), 0.5)
+    F.merge(W, A, B, 0.5)
+    close(W, want, np.float32)
+    x = rand(rng, (9, d_in), np.float32)
+    y, _ = F.linear_forward(x, np.ascontiguousarray(W[:, :d_in]), A, B, 0.5)
+    y_ref, _ = ref.linear_forward(x.astype(np.float64), W.astype(np.float64),
+                                  A.astype(np.float64), B.astype(np.float64), 0.5)
+    close(y, y_ref, np.float32)
