@@ -284,8 +284,8 @@ def test_merge_at_every_alignment(offset):
     offset of W within a cache line gives the same result as the twin."""
     rng = np.random.default_rng(offset)
     d_out, d_in, r = 37, 64, 5
-    buf = np.zeros(d_out * d_in + 16, np.float32)
-    start = (-buf.ctypes.data % 64 + offset) // 4
+    buf = np.zeros(d_out * d_in + 32, np.float32)
+    start = ((-buf.ctypes.data + offset) % 64) // 4
     W = buf[start:start + d_out * d_in].reshape(d_out, d_in)
     assert W.ctypes.data % 64 == offset
     W[...] = rng.standard_normal(W.shape)
