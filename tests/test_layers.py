@@ -5,6 +5,7 @@ init_lora_weights method."""
 import numpy as np
 import pytest
 
+from gradcheck import numeric_gradient
 from lora import _reference, nn
 from lora.layers import LoRAEmbedding, LoRALinear, init_lora_weights
 
@@ -44,24 +45,14 @@ def test_linear_forward_and_gradients(shape, r, conv):
     def f():
         return float((layer(x) * dy).sum())
 
-    eps = 1e-6
     for name, arr, grad in [
         ("x", x, dx),
         ("A", A, layer.lora_A.grad),
         ("B", B, layer.lora_B.grad),
         ("bias", b, layer.bias.grad),
     ]:
-        num = np.zeros_like(arr).reshape(-1)
-        flat = arr.reshape(-1)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + eps
-            up = f()
-            flat[i] = old - eps
-            down = f()
-            flat[i] = old
-            num[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grad, num.reshape(arr.shape), rtol=1e-6, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(grad, numeric_gradient(f, arr), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)
 
 
 def test_linear_trainable_base_weight_gets_gradient():

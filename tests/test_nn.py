@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 
+from gradcheck import numeric_gradient
 from lora import nn
 
 
@@ -23,17 +24,7 @@ def _fd_check(module, x, *, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0):
         return float((module(x) * dy).sum())
 
     def numeric(arr):
-        g = np.zeros_like(arr)
-        flat, gflat = arr.reshape(-1), g.reshape(-1)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + eps
-            up = f()
-            flat[i] = old - eps
-            down = f()
-            flat[i] = old
-            gflat[i] = (up - down) / (2 * eps)
-        return g
+        return numeric_gradient(f, arr, eps)
 
     if dx is not None:
         np.testing.assert_allclose(dx, numeric(x), rtol=rtol, atol=atol)
