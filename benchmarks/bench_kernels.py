@@ -7,8 +7,9 @@ and the OpenBLAS kernel that ran. Run it with OpenBLAS free to pick its kernel:
 
 Options: --quick (fewer shapes), --markdown FILE (write the tables as the "## Kernels"
 section of that Markdown file, e.g. docs/performance.md, keeping its other sections).
-Timings are medians of interleaved repetitions (base and LoRA alternate), so drift on a
-shared machine hits both sides alike.
+Timings are medians of repetitions, interleaved (base and LoRA alternate) where both sides
+use lora's OpenBLAS, blocked (one side's calls, then the other's) against PyTorch, whose idle
+OpenMP threads spin after its calls just as OpenBLAS's do after lora's.
 """
 
 import argparse
@@ -26,9 +27,14 @@ from lora import functional as F
 THREADS = 2
 
 
-def median_times(fns, reps, min_time=0.3):
-    """Median wall time of each callable, calling them in turn `reps` times (at least
-    min_time seconds in all) after one warm-up call each."""
+def median_times(fns, reps, min_time=0.3, interleave=True):
+    """Median wall time of each callable over `reps` calls (and at least min_time seconds),
+    after one warm-up call. Interleaved (the callables take turns) for sides that share one
+    BLAS, so drift hits both alike; blocked (all calls of one, then the next) for lora
+    against PyTorch: each library's idle threads keep spinning for a while after its calls
+    (OpenBLAS's workers, torch's OpenMP team) and would steal the other side's second core."""
+    if not interleave:
+        return [median_times([f], reps, min_time)[0] for f in fns]
     for f in fns:
         f()
     times = [[] for _ in fns]
@@ -152,7 +158,7 @@ def bench_adam(numel, bw, torch):
         tp.grad = torch.from_numpy(g.copy())
         opt = torch.optim.AdamW([tp], lr=1e-4, weight_decay=0.01, fused=True)
         fns.append(opt.step)
-    times = median_times(fns, 10)
+    times = median_times(fns, 10, interleave=False)
     gbs = 28 * numel / times[0] / 1e9
     out = dict(numel=numel, ms=times[0] * 1e3, gbs=gbs, frac_bw=gbs / bw,
                torch_ms=times[1] * 1e3 if torch is not None else None)
@@ -193,7 +199,7 @@ def bench_vs_torch(rows, torch, shapes, rng):
             y, xa = F.linear_forward(x, W, A, B, 2.0, b)
             F.linear_backward(dy, x, xa, W, A, B, 2.0)
 
-        t_lora, t_torch = median_times([lora_step, torch_step], 10)
+        t_lora, t_torch = median_times([lora_step, torch_step], 10, interleave=False)
         rows.append(dict(n=n, d=d, r=r, lora_ms=t_lora * 1e3, torch_ms=t_torch * 1e3,
                          ratio=t_lora / t_torch))
         print(f"  fwd+bwd n={n} d={d} r={r}: lora {t_lora * 1e3:.2f} ms, torch "
@@ -206,9 +212,9 @@ def markdown(info, layer, merges, adam, vs_torch):
            f"pass, one core): {info['bw']:.1f} GB/s; base sgemm peak in this run: "
            f"{info['gemm']:.0f} GFLOP/s.", "",
            "Forward: LoRA forward time over the base GEMM + bias alone (same BLAS); target "
-           "1 + 2 r(d_in+d_out)/(d_in d_out) + 2% for n >= 64, 1.10 for n = 1 at d = 4096. Training step: "
-           "LoRA forward + backward (with dx) over a full fine-tuning step (forward + dx + dW "
-           "+ db); target <= 0.72 for n >= 512, r <= 16.", "",
+           "1 + 2 r(d_in+d_out)/(d_in d_out) + 2% for n >= 64, 1.10 for n = 1 at d = 4096. "
+           "Training step: LoRA forward + backward (with dx) over a full fine-tuning step "
+           "(forward + dx + dW + db); target <= 0.72 for n >= 512, r <= 16.", "",
            "| d | n | r | base ms | GFLOP/s | fwd / base | target | step / full |",
            "|---|---|---|---|---|---|---|---|"]
     for row in layer:
