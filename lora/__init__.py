@@ -6,9 +6,8 @@
 See docs/ for the guide and API reference.
 """
 
-from . import functional
+from . import functional, nn, optim
 from .functional import blas_info, set_num_threads
-from . import nn, optim
 from .adapter import AdapterFormatError, load_adapter, save_adapter
 from .checkpoint import merge_checkpoint
 from .config import LoraConfig
@@ -24,8 +23,25 @@ from .tuner import (
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "blas_info", "set_num_threads", "__version__"]
-__all__ += ["nn", "optim", "LoraConfig", "LoRALinear", "LoRAEmbedding", "init_lora_weights"]
-__all__ += ["wrap", "trainable_parameters", "print_trainable_parameters", "merge_and_unload"]
-__all__ += ["unload", "disable_adapters", "save_adapter", "load_adapter", "AdapterFormatError"]
-__all__ += ["merge_checkpoint"]
+__all__ = [
+    "AdapterFormatError",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "LoraConfig",
+    "__version__",
+    "blas_info",
+    "disable_adapters",
+    "functional",
+    "init_lora_weights",
+    "load_adapter",
+    "merge_and_unload",
+    "merge_checkpoint",
+    "nn",
+    "optim",
+    "print_trainable_parameters",
+    "save_adapter",
+    "set_num_threads",
+    "trainable_parameters",
+    "unload",
+    "wrap",
+]
