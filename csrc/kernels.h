@@ -37,6 +37,12 @@ uint32_t lora_dropout_threshold(double p);
 void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, size_t, size_t),
                        void *ctx);
 
+/* Exact GELU (x Phi(x)) and its backward, overwriting y / dx; n elements. */
+void gelu_forward_f32(float *y, const float *x, size_t n);
+void gelu_backward_f32(float *dx, const float *dy, const float *x, size_t n);
+void gelu_forward_f64(double *y, const double *x, size_t n);
+void gelu_backward_f64(double *dx, const double *dy, const double *x, size_t n);
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *A, const T *B, T scale, double p, uint64_t seed,         \

@@ -93,3 +93,17 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
     bc2 = 1.0 - beta2**step
     denom = np.sqrt(v) / np.sqrt(bc2) + eps
     param -= (lr / bc1) * (m / denom)
+
+
+def gelu_forward(x):
+    """x * Phi(x), Phi the standard normal CDF (exact GELU)."""
+    from math import erf, sqrt
+
+    return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+
+
+def gelu_backward(dy, x):
+    from math import erf, pi, sqrt
+
+    cdf = 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+    return dy * (cdf + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi))

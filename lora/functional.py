@@ -16,6 +16,8 @@ from ._C import (
     blas_info,
     dense_backward,
     dense_forward,
+    gelu_backward,
+    gelu_forward,
     linear_backward,
     linear_forward,
     merge,
@@ -31,6 +33,8 @@ __all__ = [
     "adam_step",
     "dense_forward",
     "dense_backward",
+    "gelu_forward",
+    "gelu_backward",
     "blas_info",
     "set_num_threads",
 ]

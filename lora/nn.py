@@ -519,18 +519,9 @@ class ReLU(Module):
         return dout * positive
 
 
-try:  # scipy is optional: math.erf element by element is exact but slow
-    from scipy.special import erf as _erf
-except ImportError:  # pragma: no cover
-    _erf_scalar = np.frompyfunc(math.erf, 1, 1)
-
-    def _erf(x):
-        return _erf_scalar(x).astype(x.dtype)
-
-
 class GELU(Module):
-    """x * Phi(x) (approximate="none", via erf) or its tanh approximation
-    (approximate="tanh"), as torch.nn.GELU."""
+    """x * Phi(x) (approximate="none", the C kernel lora.functional.gelu_forward) or its tanh
+    approximation (approximate="tanh"), as torch.nn.GELU."""
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
@@ -542,7 +533,7 @@ class GELU(Module):
         self._save(x)
         if self.approximate == "tanh":
             return 0.5 * x * (1.0 + np.tanh(_K0 * (x + 0.044715 * x**3)))
-        return 0.5 * x * (1.0 + _erf(x * _SQRT1_2))
+        return F.gelu_forward(x)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         (x,) = self._saved()
@@ -550,17 +541,13 @@ class GELU(Module):
             t = np.tanh(_K0 * (x + 0.044715 * x**3))
             dinner = _K0 * (1.0 + 3 * 0.044715 * x * x)
             return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
-        cdf = 0.5 * (1.0 + _erf(x * _SQRT1_2))
-        pdf = np.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return dout * (cdf + x * pdf)
+        return F.gelu_backward(dout, x)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"
 
 
-_SQRT1_2 = math.sqrt(0.5)
 _K0 = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 class Tanh(Module):

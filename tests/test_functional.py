@@ -288,3 +288,33 @@ def test_merge_at_every_alignment(offset):
     y_ref, _ = ref.linear_forward(x.astype(np.float64), W.astype(np.float64),
                                   A.astype(np.float64), B.astype(np.float64), 0.5)
     close(y, y_ref, np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_matches_twin_and_torch(dtype):
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.standard_normal(5000) * 3, np.linspace(-12, 12, 2001),
+                        [0.0, -0.0, 1e-30, 40.0, -40.0, 7.0, -7.0]]).astype(dtype).reshape(-1, 8)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y, dx = F.gelu_forward(x), F.gelu_backward(dy, x)
+    y_ref = ref.gelu_forward(x.astype(np.float64))
+    dx_ref = ref.gelu_backward(dy.astype(np.float64), x.astype(np.float64))
+    assert y.shape == x.shape and y.dtype == dtype and dx.dtype == dtype
+    # float32: Phi to 1.2e-7 absolute, so |error| <= ~1.2e-7 |x| + rounding.
+    tol = 1e-12 if dtype == np.float64 else 2e-7
+    np.testing.assert_allclose(y, y_ref, rtol=tol * 4, atol=tol * (1 + np.abs(x)).max() / 8)
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol * 4, atol=tol * 10)
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(x).requires_grad_(True)
+    torch.nn.functional.gelu(t).backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(dx, t.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_bad_input():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(TypeError, match="gelu_forward: argument 'x'"):
+        F.gelu_forward(x.astype(np.int64))
+    with pytest.raises(ValueError, match="gelu_backward: argument 'x' must have shape"):
+        F.gelu_backward(x, x[:, :3])
+    with pytest.raises(TypeError, match="gelu_backward: argument 'x' must have dtype float32"):
+        F.gelu_backward(x, x.astype(np.float64))

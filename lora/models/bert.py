@@ -6,11 +6,10 @@ plus model.safetensors) into modules named exactly as in transformers
 "value"])` and PEFT adapter files made for a transformers BertModel apply by name.
 `BertForSequenceClassification` adds mean / CLS / pooler pooling and a linear head.
 
-The Linear, Embedding and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones). What
-lora.nn has no layer for lives here: attention's own math (scaled scores, padding mask,
-softmax, the per-head matmuls) with its backward, an exact GELU whose normal CDF is a
-float32 tanh-form fit evaluated in cache-sized chunks (scipy's erf is ~10x slower on these
-sizes), and a LayerNorm with the same numerics as lora.nn's, chunked by rows. Not here:
+The Linear, Embedding, GELU and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones;
+GELU runs the C kernel lora.functional.gelu_forward). What lora.nn has no layer for lives
+here: attention's own math (scaled scores, padding mask, softmax, the per-head matmuls) with
+its backward, and a LayerNorm with the same numerics as lora.nn's, chunked by rows. Not here:
 decoder/cross-attention, relative position embeddings, key/value caches, gradients for the
 token ids.
 """
@@ -226,82 +225,6 @@ def keep_freed_memory() -> bool:
     ok = mallopt(m_mmap_threshold, 32 << 20) == 1  # glibc caps the threshold at 32 MiB
     ok = mallopt(m_trim_threshold, (1 << 32) - 1) == 1 and ok
     return ok
-
-
-# Phi(x) for float32 as (1 + tanh(x Q(x^2))) / 2 with x clamped to [-5.5, 5.5] (where Phi is 0
-# or 1 to float32): Q, of degree 6, is a least-squares fit of atanh(2 Phi(x) - 1) / x on
-# [0, 5.5] weighted by tanh's slope, so its error in Phi stays below 1.2e-7 for every float32 x
-# (below torch's own vectorised erf's). NumPy's tanh is SIMD, erf is not: this is ~19 passes of
-# fast ufuncs instead of scipy's scalar erf (~10x slower on a 4096 x 1536 activation).
-_PHI_Q = [np.float32(c) for c in (
-    1.4837265769573214e-09, -1.2236445995753297e-07, 3.839070739526135e-06,
-    -5.461685385149854e-05, -3.4230931419704096e-05, 0.0363345452933773, 0.7978846199095683)]
-_PHI_CLAMP = 5.5
-_LOG_INV_SQRT_2PI = np.float32(-0.5 * math.log(2.0 * math.pi))
-
-
-def _normal_cdf(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = Phi(x), the standard normal CDF, float32; `out` must not alias x."""
-    xc = np.clip(x, -_PHI_CLAMP, _PHI_CLAMP, out=out)
-    x2 = xc * xc
-    p = np.multiply(x2, _PHI_Q[0])
-    p += _PHI_Q[1]
-    for c in _PHI_Q[2:]:
-        p *= x2
-        p += c
-    p *= xc
-    np.tanh(p, out=p)
-    np.multiply(p, np.float32(0.5), out=out)
-    out += np.float32(0.5)
-    return out
-
-
-class GELU(nn.GELU):
-    """Exact GELU, x * Phi(x), as torch.nn.GELU(approximate="none") / transformers' "gelu".
-
-    Forward keeps Phi(x) next to x, so backward, dx = dout * (Phi(x) + x phi(x)), needs only one
-    exp; the output array doubles as Phi's storage when the caller no longer needs x's copy."""
-
-    _CHUNK = 1 << 18
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.approximate != "none" or x.dtype != np.float32:
-            return super().forward(x)
-        flat = x.reshape(-1)
-        y = np.empty_like(x)
-        yf = y.reshape(-1)
-        cdf = np.empty_like(x) if self.training else None
-        cf = None if cdf is None else cdf.reshape(-1)
-
-        def work(lo, hi):
-            c = _normal_cdf(flat[lo:hi], np.empty(hi - lo, np.float32) if cf is None else cf[lo:hi])
-            np.multiply(flat[lo:hi], c, out=yf[lo:hi])
-
-        _parallel(work, flat.size, self._CHUNK)
-        self._save(x, cdf)
-        return y
-
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        cache = self._saved()
-        if len(cache) == 1:  # the parent's path (tanh or float64)
-            self._save(*cache)
-            return super().backward(dout)
-        x, cdf = cache
-        xf, cf, df = x.reshape(-1), cdf.reshape(-1), np.ascontiguousarray(dout).reshape(-1)
-        dx = np.empty_like(df)
-
-        def work(lo, hi):
-            xs = xf[lo:hi]
-            t = np.multiply(xs, xs)
-            t *= -0.5
-            t += _LOG_INV_SQRT_2PI
-            np.exp(t, out=t)  # phi(x)
-            t *= xs
-            t += cf[lo:hi]
-            np.multiply(t, df[lo:hi], out=dx[lo:hi])
-
-        _parallel(work, xf.size, self._CHUNK)
-        return dx.reshape(dout.shape)
 
 
 class _LayerNorm(nn.LayerNorm):
@@ -639,7 +562,7 @@ class BertIntermediate(Module):
         super().__init__()
         self.dense = init.linear(prefix + ".dense", cfg.hidden_size, cfg.intermediate_size)
         act = cfg.hidden_act
-        self.intermediate_act_fn = nn.ReLU() if act == "relu" else GELU(
+        self.intermediate_act_fn = nn.ReLU() if act == "relu" else nn.GELU(
             "none" if act == "gelu" else "tanh")
 
     def forward(self, x):
