@@ -61,7 +61,11 @@ void gelu_backward_f64(double *dx, const double *dy, const double *x, size_t n);
                               size_t d_in, size_t d_out);                                     \
     void adam_step_##SUF(T *param, T *m, T *v, const T *grad, size_t numel, long long step,   \
                          double lr, double beta1, double beta2, double eps,                   \
-                         double weight_decay, int decoupled);
+                         double weight_decay, int decoupled);                                \
+    void layer_norm_forward_##SUF(T *y, T *mean, T *rstd, const T *x, const T *w, const T *b,   \
+                                  double eps, size_t rows, size_t d);                           \
+    void layer_norm_backward_##SUF(T *dx, T *dw, T *db, const T *dy, const T *x, const T *mean, \
+                                   const T *rstd, const T *w, size_t rows, size_t d);
 
 LORA_DECLARE(float, f32)
 LORA_DECLARE(double, f64)

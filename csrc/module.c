@@ -766,6 +766,138 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ LayerNorm */
+
+PyDoc_STRVAR(layer_norm_forward_doc,
+"layer_norm_forward(x, weight, bias=None, *, eps=1e-5)\n--\n\n"
+"LayerNorm over the last axis, as torch.nn.LayerNorm (biased variance, eps inside the root):\n"
+"``y = (x - mean) / sqrt(var + eps) * weight + bias``.\n\n"
+"Parameters\n----------\n"
+"x : ndarray, shape (..., d)\nweight : ndarray, shape (d,)\nbias : ndarray, shape (d,), optional\n"
+"eps : float >= 0\n\n"
+"Returns\n-------\n"
+"y : ndarray, shape (..., d)\nmean, rstd : ndarray, shape (...,)\n"
+"    Row means and 1 / sqrt(var + eps), kept for layer_norm_backward.");
+
+static PyObject *layer_norm_forward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "layer_norm_forward";
+    static char *kwlist[] = {"x", "weight", "bias", "eps", NULL};
+    PyObject *x_o, *w_o, *b_o = Py_None, *eps_o = NULL;
+    PyArrayObject *x = NULL, *w = NULL, *b = NULL, *y = NULL, *mean = NULL, *rstd = NULL;
+    int type = -1;
+    double eps = 1e-5;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O$O:layer_norm_forward", kwlist, &x_o, &w_o,
+                                     &b_o, &eps_o))
+        return NULL;
+    if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
+    if (!(w = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
+    if (b_o != Py_None && !(b = get_array(func, "bias", b_o, &type, "x", 0))) goto fail;
+    if (check_ndim(func, "x", x, 1, 1)) goto fail;
+    npy_intp d = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    if (check_blas_size(func, "x", "the last dimension d", d, 1)) goto fail;
+    if (check_shape(func, "weight", w, 1, &d, "(d,)")) goto fail;
+    if (b && check_shape(func, "bias", b, 1, &d, "(d,)")) goto fail;
+    if (eps_o && get_real(func, "eps", eps_o, REAL_NONNEG, &eps)) goto fail;
+    if (as_carray(&x) || as_carray(&w) || as_carray(&b)) goto fail;
+    npy_intp rows = leading_rows(x);
+    if (!(y = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(x), PyArray_DIMS(x), type)))
+        goto fail;
+    if (!(mean = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(x) - 1, PyArray_DIMS(x), type)))
+        goto fail;
+    if (!(rstd = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(x) - 1, PyArray_DIMS(x), type)))
+        goto fail;
+    const void *b_p = b ? PyArray_DATA(b) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        layer_norm_forward_f32(PyArray_DATA(y), PyArray_DATA(mean), PyArray_DATA(rstd),
+                               PyArray_DATA(x), PyArray_DATA(w), b_p, eps, rows, d);
+    else
+        layer_norm_forward_f64(PyArray_DATA(y), PyArray_DATA(mean), PyArray_DATA(rstd),
+                               PyArray_DATA(x), PyArray_DATA(w), b_p, eps, rows, d);
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(x);
+    Py_DECREF(w);
+    Py_XDECREF(b);
+    return Py_BuildValue("(NNN)", y, mean, rstd);
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(y);
+    Py_XDECREF(mean);
+    Py_XDECREF(rstd);
+    return NULL;
+}
+
+PyDoc_STRVAR(layer_norm_backward_doc,
+"layer_norm_backward(dy, x, mean, rstd, weight, *, need_dweight=True, need_dbias=True)\n--\n\n"
+"Backward of layer_norm_forward.\n\n"
+"Returns\n-------\n"
+"dx : ndarray, shape (..., d)\n"
+"dweight, dbias : ndarray, shape (d,), or None when not asked for");
+
+static PyObject *layer_norm_backward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "layer_norm_backward";
+    static char *kwlist[] = {"dy", "x", "mean", "rstd", "weight", "need_dweight", "need_dbias",
+                             NULL};
+    PyObject *dy_o, *x_o, *mean_o, *rstd_o, *w_o;
+    int need_dw = 1, need_db = 1;
+    PyArrayObject *dy = NULL, *x = NULL, *mean = NULL, *rstd = NULL, *w = NULL;
+    PyArrayObject *dx = NULL, *dw = NULL, *db = NULL;
+    int type = -1;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|$pp:layer_norm_backward", kwlist, &dy_o,
+                                     &x_o, &mean_o, &rstd_o, &w_o, &need_dw, &need_db))
+        return NULL;
+    if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
+    if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
+    if (!(mean = get_array(func, "mean", mean_o, &type, "dy", 0))) goto fail;
+    if (!(rstd = get_array(func, "rstd", rstd_o, &type, "dy", 0))) goto fail;
+    if (!(w = get_array(func, "weight", w_o, &type, "dy", 0))) goto fail;
+    if (check_ndim(func, "x", x, 1, 1)) goto fail;
+    int nd = PyArray_NDIM(x);
+    npy_intp d = PyArray_DIM(x, nd - 1);
+    if (check_blas_size(func, "x", "the last dimension d", d, 1)) goto fail;
+    if (check_shape(func, "dy", dy, nd, PyArray_DIMS(x), "x.shape") ||
+        check_shape(func, "mean", mean, nd - 1, PyArray_DIMS(x), "x.shape[:-1]") ||
+        check_shape(func, "rstd", rstd, nd - 1, PyArray_DIMS(x), "x.shape[:-1]") ||
+        check_shape(func, "weight", w, 1, &d, "(d,)"))
+        goto fail;
+    if (as_carray(&dy) || as_carray(&x) || as_carray(&mean) || as_carray(&rstd) || as_carray(&w))
+        goto fail;
+    npy_intp rows = leading_rows(x);
+    if (!(dx = (PyArrayObject *)PyArray_SimpleNew(nd, PyArray_DIMS(x), type))) goto fail;
+    if (need_dw && !(dw = (PyArrayObject *)PyArray_ZEROS(1, &d, type, 0))) goto fail;
+    if (need_db && !(db = (PyArrayObject *)PyArray_ZEROS(1, &d, type, 0))) goto fail;
+    void *dw_p = dw ? PyArray_DATA(dw) : NULL, *db_p = db ? PyArray_DATA(db) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        layer_norm_backward_f32(PyArray_DATA(dx), dw_p, db_p, PyArray_DATA(dy), PyArray_DATA(x),
+                                PyArray_DATA(mean), PyArray_DATA(rstd), PyArray_DATA(w), rows, d);
+    else
+        layer_norm_backward_f64(PyArray_DATA(dx), dw_p, db_p, PyArray_DATA(dy), PyArray_DATA(x),
+                                PyArray_DATA(mean), PyArray_DATA(rstd), PyArray_DATA(w), rows, d);
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(dy);
+    Py_DECREF(x);
+    Py_DECREF(mean);
+    Py_DECREF(rstd);
+    Py_DECREF(w);
+    return Py_BuildValue("(NNN)", dx, dw ? (PyObject *)dw : Py_NewRef(Py_None),
+                         db ? (PyObject *)db : Py_NewRef(Py_None));
+fail:
+    Py_XDECREF(dy);
+    Py_XDECREF(x);
+    Py_XDECREF(mean);
+    Py_XDECREF(rstd);
+    Py_XDECREF(w);
+    Py_XDECREF(dx);
+    Py_XDECREF(dw);
+    Py_XDECREF(db);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ adam_step */
 
 PyDoc_STRVAR(adam_step_doc,
@@ -906,6 +1038,10 @@ static PyMethodDef methods[] = {
      dense_backward_doc},
     {"adam_step", (PyCFunction)(void (*)(void))adam_step, METH_VARARGS | METH_KEYWORDS,
      adam_step_doc},
+    {"layer_norm_forward", (PyCFunction)(void (*)(void))layer_norm_forward,
+     METH_VARARGS | METH_KEYWORDS, layer_norm_forward_doc},
+    {"layer_norm_backward", (PyCFunction)(void (*)(void))layer_norm_backward,
+     METH_VARARGS | METH_KEYWORDS, layer_norm_backward_doc},
     {"gelu_forward", (PyCFunction)(void (*)(void))gelu_forward, METH_VARARGS | METH_KEYWORDS,
      gelu_forward_doc},
     {"gelu_backward", (PyCFunction)(void (*)(void))gelu_backward, METH_VARARGS | METH_KEYWORDS,

@@ -107,3 +107,21 @@ def gelu_backward(dy, x):
 
     cdf = 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
     return dy * (cdf + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi))
+
+
+def layer_norm_forward(x, weight, bias=None, *, eps=1e-5):
+    mean = x.mean(axis=-1)
+    rstd = 1.0 / np.sqrt(((x - mean[..., None]) ** 2).mean(axis=-1) + eps)
+    y = (x - mean[..., None]) * rstd[..., None] * weight
+    return (y if bias is None else y + bias), mean, rstd
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight, *, need_dweight=True, need_dbias=True):
+    xhat = (x - mean[..., None]) * rstd[..., None]
+    g = dy * weight
+    dx = rstd[..., None] * (g - g.mean(axis=-1, keepdims=True)
+                            - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    dw = (dy * xhat).sum(axis=rows) if need_dweight else None
+    db = dy.sum(axis=rows) if need_dbias else None
+    return dx, dw, db

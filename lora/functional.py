@@ -18,6 +18,8 @@ from ._C import (
     dense_forward,
     gelu_backward,
     gelu_forward,
+    layer_norm_backward,
+    layer_norm_forward,
     linear_backward,
     linear_forward,
     merge,
@@ -35,6 +37,8 @@ __all__ = [
     "dense_backward",
     "gelu_forward",
     "gelu_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
     "blas_info",
     "set_num_threads",
 ]

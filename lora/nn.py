@@ -445,17 +445,35 @@ class LayerNorm(Module):
         self.bias = Parameter(np.zeros(shape, dtype)) if elementwise_affine and bias else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        if len(self.normalized_shape) == 1 and self.weight is not None:
+            # The usual case, one axis with a weight: the C kernel, one pass per row.
+            bias = None if self.bias is None else self.bias.data
+            y, mean, rstd = F.layer_norm_forward(x, self.weight.data, bias, eps=self.eps)
+            self._save("kernel", x, mean, rstd)
+            return y
         axes = tuple(range(-len(self.normalized_shape), 0))
         mean = x.mean(axis=axes, keepdims=True)
         centred = x - mean
         rstd = 1.0 / np.sqrt((centred * centred).mean(axis=axes, keepdims=True) + self.eps)
         xhat = (centred * rstd).astype(x.dtype, copy=False)
-        self._save(xhat, rstd)
+        self._save("numpy", xhat, rstd)
         y = xhat if self.weight is None else xhat * self.weight.data
         return y if self.bias is None else y + self.bias.data
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        xhat, rstd = self._saved()
+        kind, *cache = self._saved()
+        if kind == "kernel":
+            x, mean, rstd = cache
+            need_dw = self.weight.requires_grad
+            need_db = self.bias is not None and self.bias.requires_grad
+            dx, dw, db = F.layer_norm_backward(dout, x, mean, rstd, self.weight.data,
+                                               need_dweight=need_dw, need_dbias=need_db)
+            if need_dw:
+                self.weight.accumulate(dw)
+            if need_db:
+                self.bias.accumulate(db)
+            return dx
+        xhat, rstd = cache
         k = len(self.normalized_shape)
         axes, lead = tuple(range(-k, 0)), tuple(range(dout.ndim - k))
         if self.weight is not None and self.weight.requires_grad:

@@ -318,3 +318,49 @@ def test_gelu_bad_input():
         F.gelu_backward(x, x[:, :3])
     with pytest.raises(TypeError, match="gelu_backward: argument 'x' must have dtype float32"):
         F.gelu_backward(x, x.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,d", [((5,), 7), ((2, 3), 384), ((0,), 4), ((), 33), ((4,), 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_matches_twin_and_finite_differences(dtype, lead, d, with_bias):
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((*lead, d)) * 3 + 1).astype(dtype)
+    w, b = rand(rng, (d,), dtype), rand(rng, (d,), dtype) if with_bias else None
+    y, mean, rstd = F.layer_norm_forward(x, w, b, eps=1e-5)
+    as64 = (lambda a: None if a is None else a.astype(np.float64))
+    y_ref, mean_ref, rstd_ref = ref.layer_norm_forward(as64(x), as64(w), as64(b), eps=1e-5)
+    assert y.shape == x.shape and mean.shape == lead and y.dtype == dtype
+    close(y, y_ref, dtype)
+    close(mean, mean_ref, dtype)
+    close(rstd, rstd_ref, dtype)
+    dy = rand(rng, x.shape, dtype)
+    dx, dw, db = F.layer_norm_backward(dy, x, mean, rstd, w, need_dbias=with_bias)
+    dx_ref, dw_ref, db_ref = ref.layer_norm_backward(as64(dy), as64(x), mean_ref, rstd_ref,
+                                                     as64(w))
+    close(dx, dx_ref, dtype)
+    close(dw, dw_ref, dtype)
+    if with_bias:
+        close(db, db_ref, dtype)
+    else:
+        assert db is None
+    if dtype == np.float64 and x.size and d > 1:
+        x64 = x.copy()
+
+        def loss():
+            return float(np.sum(F.layer_norm_forward(x64, w, b)[0] * dy))
+
+        np.testing.assert_allclose(dx, numeric_gradient(loss, x64), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_bad_input():
+    x, w = np.zeros((3, 4), np.float32), np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="layer_norm_forward: argument 'weight' must have shape"):
+        F.layer_norm_forward(x, w[:3])
+    with pytest.raises(ValueError, match="layer_norm_forward: argument 'eps'"):
+        F.layer_norm_forward(x, w, eps=-1.0)
+    with pytest.raises(TypeError, match="layer_norm_forward: argument 'bias' must have dtype"):
+        F.layer_norm_forward(x, w, np.zeros(4))
+    y, mean, rstd = F.layer_norm_forward(x, w)
+    with pytest.raises(ValueError, match="layer_norm_backward: argument 'rstd' must have shape"):
+        F.layer_norm_backward(y, x, mean, rstd[:2], w)

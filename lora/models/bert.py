@@ -7,9 +7,9 @@ plus model.safetensors) into modules named exactly as in transformers
 `BertForSequenceClassification` adds mean / CLS / pooler pooling and a linear head.
 
 The Linear, Embedding, GELU and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones;
-GELU runs the C kernel lora.functional.gelu_forward). What lora.nn has no layer for lives
+GELU and LayerNorm run the C kernels in lora.functional). What lora.nn has no layer for lives
 here: attention's own math (scaled scores, padding mask, softmax, the per-head matmuls) with
-its backward, and a LayerNorm with the same numerics as lora.nn's, chunked by rows. Not here:
+its backward. Not here:
 decoder/cross-attention, relative position embeddings, key/value caches, gradients for the
 token ids.
 """
@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -156,45 +155,10 @@ class _Init:
         return emb
 
     def layer_norm(self, prefix: str, dim: int, eps: float) -> nn.LayerNorm:
-        ln = _LayerNorm(dim, eps=eps)
+        ln = nn.LayerNorm(dim, eps=eps)
         ln.weight = Parameter(self.get(prefix + ".weight", (dim,), "ones"))
         ln.bias = Parameter(self.get(prefix + ".bias", (dim,), "zeros"))
         return ln
-
-
-# ---------------------------------------------------------------------------------------------
-# elementwise work on a small thread pool. NumPy releases the GIL inside its loops, so two
-# threads working on halves of an array, in chunks that stay in L2, run ~2x a single call on
-# the whole array (which streams every temporary through memory).
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
-def _workers() -> int:
-    return max(1, min(os.cpu_count() or 1, int(F.blas_info()["num_threads"])))
-
-
-def _parallel(fn, n: int, chunk: int) -> None:
-    """Call fn(lo, hi) over range(n) in pieces of at most `chunk`, split across the pool."""
-    global _POOL, _POOL_SIZE
-    size = _workers()
-    if size == 1 or n <= chunk:
-        for lo in range(0, n, chunk):
-            fn(lo, min(lo + chunk, n))
-        return
-    if _POOL is None or _POOL_SIZE != size:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="lora-bert"), size
-    bounds = [n * i // size for i in range(size + 1)]
-
-    def run(i):
-        for lo in range(bounds[i], bounds[i + 1], chunk):
-            fn(lo, min(lo + chunk, bounds[i + 1]))
-
-    for f in [_POOL.submit(run, i) for i in range(size)]:
-        f.result()
 
 
 # A training step allocates and frees the same large activation arrays every time. glibc
@@ -225,68 +189,6 @@ def keep_freed_memory() -> bool:
     ok = mallopt(m_mmap_threshold, 32 << 20) == 1  # glibc caps the threshold at 32 MiB
     ok = mallopt(m_trim_threshold, (1 << 32) - 1) == 1 and ok
     return ok
-
-
-class _LayerNorm(nn.LayerNorm):
-    """lora.nn.LayerNorm over the last axis with the row work chunked on the thread pool; the
-    same parameters, numerics and names (torch.nn.LayerNorm: biased variance, eps inside)."""
-
-    _ROWS = 1024
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        if len(self.normalized_shape) != 1 or x.dtype != np.float32 or self.weight is None:
-            return super().forward(x)
-        d = x.shape[-1]
-        xr = np.ascontiguousarray(x).reshape(-1, d)
-        n = xr.shape[0]
-        xhat = np.empty_like(xr)
-        y = np.empty_like(xr)
-        rstd = np.empty((n, 1), np.float32)
-        w, b, eps = self.weight.data, self.bias.data, np.float32(self.eps)
-
-        def work(lo, hi):
-            xs, xh = xr[lo:hi], xhat[lo:hi]
-            np.subtract(xs, xs.mean(axis=1, keepdims=True), out=xh)
-            var = np.einsum("ij,ij->i", xh, xh)[:, None]
-            var *= np.float32(1.0 / d)
-            var += eps
-            np.sqrt(var, out=var)
-            np.divide(1.0, var, out=rstd[lo:hi])
-            xh *= rstd[lo:hi]
-            np.multiply(xh, w, out=y[lo:hi])
-            y[lo:hi] += b
-
-        _parallel(work, n, self._ROWS)
-        self._save(xhat, rstd)
-        return y.reshape(x.shape)
-
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        cache = self._saved()
-        xhat, rstd = cache
-        if xhat.ndim != 2 or xhat.shape[0] != rstd.shape[0]:
-            self._save(*cache)
-            return super().backward(dout)
-        d = xhat.shape[1]
-        g = np.ascontiguousarray(dout).reshape(-1, d)
-        if self.weight.requires_grad:
-            self.weight.accumulate(np.einsum("ij,ij->j", g, xhat))
-        if self.bias is not None and self.bias.requires_grad:
-            self.bias.accumulate(g.sum(axis=0))
-        dx = np.empty_like(g)
-        w, inv_d = self.weight.data, np.float32(1.0 / d)
-
-        def work(lo, hi):
-            gs, xh, out = g[lo:hi], xhat[lo:hi], dx[lo:hi]
-            np.multiply(gs, w, out=out)
-            mean_g = out.mean(axis=1, keepdims=True)
-            mean_gx = np.einsum("ij,ij->i", out, xh)[:, None]
-            mean_gx *= inv_d
-            out -= mean_g
-            out -= xh * mean_gx
-            out *= rstd[lo:hi]
-
-        _parallel(work, g.shape[0], self._ROWS)
-        return dx.reshape(dout.shape)
 
 
 # ---------------------------------------------------------------------------------------------
