@@ -100,7 +100,7 @@ def child_lora(targets, steps, warmup, threads, profile=False):
         totals = _profile_modules({
             "frozen Linear": nn.Linear, "LoRALinear": layers.LoRALinear,
             "attention core (scores, softmax, context)": bert.BertSelfAttention,
-            "GELU": nn.GELU, "LayerNorm": bert._LayerNorm,
+            "GELU": nn.GELU, "LayerNorm": nn.LayerNorm,
             "classifier model (pooling, head, rest)": BertForSequenceClassification,
         })
     model = BertForSequenceClassification.from_pretrained(
