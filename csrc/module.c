@@ -118,7 +118,8 @@ static int check_ndim(const char *func, const char *name, PyArrayObject *a, int 
 /* Checks a's shape against `want` (ndim entries); `what` names the dims, e.g. "(r, d_in)". */
 static int check_shape(const char *func, const char *name, PyArrayObject *a, int ndim,
                        const npy_intp *want, const char *what) {
-    if (PyArray_NDIM(a) == ndim && memcmp(PyArray_DIMS(a), want, ndim * sizeof(npy_intp)) == 0)
+    if (PyArray_NDIM(a) == ndim &&
+        (ndim == 0 || memcmp(PyArray_DIMS(a), want, ndim * sizeof(npy_intp)) == 0))
         return 0;
     char want_s[256], got_s[256];
     format_shape(want_s, sizeof want_s, ndim, want);
