@@ -99,7 +99,8 @@ void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, 
 
 size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout) {
     size_t tile_rows = n < LORA_DROPOUT_TILE_ROWS ? n : LORA_DROPOUT_TILE_ROWS;
-    /* n*r for g = dy B in the backward, r*d_out for B^T, one tile of rows for dropout. */
+    /* n*r for g = dy B in the backward, r*d_out for B^T in the forward, one tile of rows of
+     * x for dropout. */
     return n * r + r * d_out + (has_dropout ? tile_rows * d_in : 0) + 1;
 }
 
