@@ -169,17 +169,37 @@ static inline __attribute__((always_inline)) float normal_cdf_f32(float x) {
     return 0.5f + 0.5f * t;
 }
 
-LORA_CLONES void gelu_forward_f32(float *restrict y, const float *restrict x, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = x[i] * normal_cdf_f32(x[i]);
+typedef struct {
+    float *out;
+    const float *dy, *x;
+} GeluArgs;
+
+static LORA_CLONES void gelu_forward_range(void *arg, size_t begin, size_t end) {
+    const GeluArgs *g = arg;
+    float *restrict y = g->out;
+    const float *restrict x = g->x;
+    for (size_t i = begin; i < end; i++) y[i] = x[i] * normal_cdf_f32(x[i]);
 }
 
-LORA_CLONES void gelu_backward_f32(float *restrict dx, const float *restrict dy,
-                                   const float *restrict x, size_t n) {
+void gelu_forward_f32(float *y, const float *x, size_t n) {
+    GeluArgs g = {y, NULL, x};
+    lora_parallel_for(n, 1 << 16, 16, gelu_forward_range, &g);
+}
+
+static LORA_CLONES void gelu_backward_range(void *arg, size_t begin, size_t end) {
+    const GeluArgs *g = arg;
+    float *restrict dx = g->out;
+    const float *restrict dy = g->dy, *restrict x = g->x;
     /* Two passes, phi then the rest: as one loop GCC gives up if-converting the clamps and
      * does not vectorise it (7x slower). exp_f32 clamps its argument at -87, where phi is
      * below 1e-38 anyway. */
-    for (size_t i = 0; i < n; i++) dx[i] = 0.3989422804014327f * exp_f32(-0.5f * x[i] * x[i]);
-    for (size_t i = 0; i < n; i++) dx[i] = dy[i] * (normal_cdf_f32(x[i]) + x[i] * dx[i]);
+    for (size_t i = begin; i < end; i++) dx[i] = 0.3989422804014327f * exp_f32(-0.5f * x[i] * x[i]);
+    for (size_t i = begin; i < end; i++) dx[i] = dy[i] * (normal_cdf_f32(x[i]) + x[i] * dx[i]);
+}
+
+void gelu_backward_f32(float *dx, const float *dy, const float *x, size_t n) {
+    GeluArgs g = {dx, dy, x};
+    lora_parallel_for(n, 1 << 16, 16, gelu_backward_range, &g);
 }
 
 void gelu_forward_f64(double *y, const double *x, size_t n) {
