@@ -24,8 +24,8 @@ sources = ["csrc/module.c", "csrc/kernels.c"]
 # torch.optim to 1e-6 over many steps. BLAS is unaffected. -fopenmp-simd honours `omp simd`
 # reductions (LayerNorm's row sums vectorise) and needs no OpenMP runtime.
 compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd",
-                "-fvisibility=hidden", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
-                "-Wno-psabi"]
+                "-fvisibility=hidden", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                "-Wno-missing-field-initializers", "-Wno-psabi"]
 link_args = ["-pthread"]
 define_macros = []
 include_dirs = ["csrc", numpy.get_include()]
@@ -37,9 +37,24 @@ if os.environ.get("LORA_BLAS", "scipy-openblas32") == "system":
     def pkg_config(flag):
         return shlex.split(subprocess.check_output(["pkg-config", flag, "openblas"], text=True))
 
+    def links(source, cflags, libs):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write(source)
+            cmd = ["cc", src, "-o", os.path.join(tmp, "probe"), *cflags, *libs]
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+
     define_macros.append(("LORA_SYSTEM_BLAS", "1"))
     compile_args += pkg_config("--cflags")
     link_args += pkg_config("--libs")
+    # cblas_?gemm_batch (attention's per-head products) came with OpenBLAS 0.3.2x; older
+    # libraries get a loop of cblas_?gemm calls instead.
+    if not links("#include <cblas.h>\nint main(void) { return (int)(long)&cblas_sgemm_batch; }\n",
+                 pkg_config("--cflags"), pkg_config("--libs")):
+        define_macros.append(("LORA_NO_GEMM_BATCH", "1"))
 else:
     import scipy_openblas32
 
@@ -60,7 +75,8 @@ setup(
         Extension(
             "lora._C",
             sources=sources,
-            depends=["csrc/blas.h", "csrc/kernels.h", "csrc/kernels_impl.inc"],
+            depends=["csrc/blas.h", "csrc/kernels.h", "csrc/kernels_impl.inc",
+                     "csrc/attention_impl.inc"],
             include_dirs=include_dirs,
             library_dirs=library_dirs,
             libraries=libraries,

@@ -104,42 +104,6 @@ size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has
     return n * r + r * d_out + (has_dropout ? tile_rows * d_in : 0) + 1;
 }
 
-#define T float
-#define SUF f32
-#define GEMM CBLAS_FUNC(cblas_sgemm)
-#define GEMV CBLAS_FUNC(cblas_sgemv)
-#define GER CBLAS_FUNC(cblas_sger)
-#define SQRT sqrtf
-#include "kernels_impl.inc"
-#undef T
-#undef SUF
-#undef GEMM
-#undef GEMV
-#undef GER
-#undef SQRT
-
-#define T double
-#define SUF f64
-#define GEMM CBLAS_FUNC(cblas_dgemm)
-#define GEMV CBLAS_FUNC(cblas_dgemv)
-#define GER CBLAS_FUNC(cblas_dger)
-#define SQRT sqrt
-#include "kernels_impl.inc"
-
-/* ------------------------------------------------------------------ GELU
- * Exact GELU, y = x Phi(x) with Phi the standard normal CDF (torch.nn.GELU(approximate=
- * "none"), transformers' "gelu"); backward dx = dy (Phi(x) + x phi(x)).
- * float32 evaluates Phi without libm, so the loop vectorises: Phi(x) = (1 + tanh(x Q(x^2)))/2
- * with x clamped to [-5.5, 5.5], Q a degree-6 least-squares fit of atanh(2 Phi(x) - 1) / x
- * (absolute error in Phi below 1.2e-7 for every float32 x), and tanh and exp written out
- * (Cody-Waite reduction, degree-6 polynomial, 2^k by exponent bits). float64 uses libm's erf
- * and exp. */
-
-static const float PHI_Q[7] = {1.4837265769573214e-09f, -1.2236445995753297e-07f,
-                               3.839070739526135e-06f,  -5.461685385149854e-05f,
-                               -3.4230931419704096e-05f, 0.0363345452933773f,
-                               0.7978846199095683f};
-
 /* e^x for x in [-87, 88], float32, ~2 ulp; no libm call, so it vectorises. */
 static inline __attribute__((always_inline)) float exp_f32(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
@@ -157,6 +121,106 @@ static inline __attribute__((always_inline)) float exp_f32(float x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
+
+/* ------------------------------------------------------------------ attention helpers
+ * Shared by both types of csrc/attention_impl.inc. */
+
+enum { ATTN_PREFIX = 0, ATTN_MASKED = 1, ATTN_NONE = 2 };
+
+/* Per item b of a (batch, seq_k) key mask (NULL: every key): keys[b], how many leading keys
+ * the products use, and mode[b]: ATTN_PREFIX when the mask is ones then zeros (keys[b] = the
+ * ones), ATTN_MASKED for any other mask with a key set (keys[b] = seq_k), ATTN_NONE when no
+ * key is set (keys[b] = seq_k, every key weighs 1/seq_k). */
+static void attention_items(size_t *keys, int *mode, const unsigned char *key_mask, size_t batch,
+                            size_t seq_k) {
+    for (size_t b = 0; b < batch; b++) {
+        const unsigned char *m = key_mask ? key_mask + b * seq_k : NULL;
+        size_t n = 0, rest = 0;
+        if (m) {
+            while (n < seq_k && m[n]) n++;
+            for (size_t j = n; j < seq_k; j++) rest += m[j] != 0;
+        } else {
+            n = seq_k;
+        }
+        keys[b] = rest || !n ? seq_k : n;
+        mode[b] = rest ? ATTN_MASKED : n ? ATTN_PREFIX : ATTN_NONE;
+    }
+}
+
+/* A list of GEMMs for one batched BLAS call, its arrays carved from scratch. alpha and beta
+ * hold T. */
+typedef struct {
+    size_t count;
+    CBLAS_TRANSPOSE *ta, *tb;
+    int *m, *n, *k, *lda, *ldb, *ldc, *one;
+    void *alpha, *beta;
+    const void **a, **b;
+    void **c;
+} GemmList;
+
+/* The next `bytes` of a block at base (64-byte aligned); with base NULL, only counts. */
+static void *carve(char *base, size_t *off, size_t bytes) {
+    void *p = base ? base + *off : NULL;
+    *off += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+static void gemm_list_layout(GemmList *g, char *base, size_t *off, size_t cap, size_t elem) {
+    g->count = 0;
+    g->ta = carve(base, off, cap * sizeof(CBLAS_TRANSPOSE));
+    g->tb = carve(base, off, cap * sizeof(CBLAS_TRANSPOSE));
+    int **ints[] = {&g->m, &g->n, &g->k, &g->lda, &g->ldb, &g->ldc, &g->one};
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) *ints[i] = carve(base, off, cap * sizeof(int));
+    g->alpha = carve(base, off, cap * elem);
+    g->beta = carve(base, off, cap * elem);
+    g->a = carve(base, off, cap * sizeof(void *));
+    g->b = carve(base, off, cap * sizeof(void *));
+    g->c = carve(base, off, cap * sizeof(void *));
+}
+
+#define T float
+#define SUF f32
+#define GEMM CBLAS_FUNC(cblas_sgemm)
+#define GEMV CBLAS_FUNC(cblas_sgemv)
+#define GER CBLAS_FUNC(cblas_sger)
+#define SQRT sqrtf
+#define GEMM_BATCH CBLAS_FUNC(cblas_sgemm_batch)
+#define EXP exp_f32
+#include "kernels_impl.inc"
+#include "attention_impl.inc"
+#undef T
+#undef SUF
+#undef GEMM
+#undef GEMV
+#undef GER
+#undef SQRT
+#undef GEMM_BATCH
+#undef EXP
+
+#define T double
+#define SUF f64
+#define GEMM CBLAS_FUNC(cblas_dgemm)
+#define GEMV CBLAS_FUNC(cblas_dgemv)
+#define GER CBLAS_FUNC(cblas_dger)
+#define SQRT sqrt
+#define GEMM_BATCH CBLAS_FUNC(cblas_dgemm_batch)
+#define EXP exp
+#include "kernels_impl.inc"
+#include "attention_impl.inc"
+
+/* ------------------------------------------------------------------ GELU
+ * Exact GELU, y = x Phi(x) with Phi the standard normal CDF (torch.nn.GELU(approximate=
+ * "none"), transformers' "gelu"); backward dx = dy (Phi(x) + x phi(x)).
+ * float32 evaluates Phi without libm, so the loop vectorises: Phi(x) = (1 + tanh(x Q(x^2)))/2
+ * with x clamped to [-5.5, 5.5], Q a degree-6 least-squares fit of atanh(2 Phi(x) - 1) / x
+ * (absolute error in Phi below 1.2e-7 for every float32 x), and tanh and exp written out
+ * (Cody-Waite reduction, degree-6 polynomial, 2^k by exponent bits). float64 uses libm's erf
+ * and exp. */
+
+static const float PHI_Q[7] = {1.4837265769573214e-09f, -1.2236445995753297e-07f,
+                               3.839070739526135e-06f,  -5.461685385149854e-05f,
+                               -3.4230931419704096e-05f, 0.0363345452933773f,
+                               0.7978846199095683f};
 
 static inline __attribute__((always_inline)) float normal_cdf_f32(float x) {
     const float xc = x < -5.5f ? -5.5f : x > 5.5f ? 5.5f : x;

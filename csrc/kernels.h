@@ -43,6 +43,12 @@ void gelu_backward_f32(float *dx, const float *dy, const float *x, size_t n);
 void gelu_forward_f64(double *y, const double *x, size_t n);
 void gelu_backward_f64(double *dx, const double *dy, const double *x, size_t n);
 
+/* Multi-head attention sizes: q (batch, seq_q, heads*head_dim), k and v (batch, seq_k,
+ * heads*head_dim); probs (batch, heads, seq_q, seq_k). See csrc/attention_impl.inc. */
+typedef struct {
+    size_t batch, seq_q, seq_k, heads, head_dim;
+} LoraAttnDims;
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *A, const T *B, T scale, double p, uint64_t seed,         \
@@ -65,7 +71,15 @@ void gelu_backward_f64(double *dx, const double *dy, const double *x, size_t n);
     void layer_norm_forward_##SUF(T *y, T *mean, T *rstd, const T *x, const T *w, const T *b,   \
                                   double eps, size_t rows, size_t d);                           \
     void layer_norm_backward_##SUF(T *dx, T *dw, T *db, const T *dy, const T *x, const T *mean, \
-                                   const T *rstd, const T *w, size_t rows, size_t d);
+                                   const T *rstd, const T *w, size_t rows, size_t d);      \
+    size_t attention_scratch_bytes_##SUF(const LoraAttnDims *d, int backward, int has_dropout); \
+    void attention_forward_##SUF(T *ctx, T *probs, void *scratch, const T *q, const T *k,      \
+                                 const T *v, const unsigned char *key_mask, T scale, double p, \
+                                 uint64_t seed, const LoraAttnDims *d);                        \
+    void attention_backward_##SUF(T *dq, T *dk, T *dv, void *scratch, const T *dctx,           \
+                                  const T *q, const T *k, const T *v, const T *probs,          \
+                                  const unsigned char *key_mask, T scale, double p,            \
+                                  uint64_t seed, const LoraAttnDims *d);
 
 LORA_DECLARE(float, f32)
 LORA_DECLARE(double, f64)

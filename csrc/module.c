@@ -263,14 +263,17 @@ static int check_rows_like(const char *func, const char *name, PyArrayObject *a,
 
 /* Scratch for the kernels, 64-byte aligned so that their vector loads of it never straddle
  * two cache lines. Freed with free(). */
-static void *alloc_scratch(size_t elems, int type) {
-    size_t bytes = elems * (type == NPY_FLOAT32 ? sizeof(float) : sizeof(double));
+static void *alloc_bytes(size_t bytes) {
     void *p = NULL;
     if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0) {
         PyErr_NoMemory();
         return NULL;
     }
     return p;
+}
+
+static void *alloc_scratch(size_t elems, int type) {
+    return alloc_bytes(elems * (type == NPY_FLOAT32 ? sizeof(float) : sizeof(double)));
 }
 
 /* The shapes of a LoRA layer: weight (d_out, d_in), A (r, d_in), B (d_out, r). */
@@ -901,6 +904,246 @@ fail:
 
 /* ------------------------------------------------------------------ adam_step */
 
+/* ------------------------------------------------------------------ attention */
+
+/* The shared arguments of attention_forward/backward: q (batch, seq_q, hidden), k and v
+ * (batch, seq_k, hidden), num_heads dividing hidden, the key mask (None, or bool/integer
+ * (batch, seq_k), converted to a C bool array in *mask), scale (default 1/sqrt(head_dim)),
+ * dropout and seed. Fills *d. */
+static int attention_args(const char *func, PyArrayObject *q, PyArrayObject *k, PyArrayObject *v,
+                          PyObject *heads_o, PyObject *mask_o, PyObject *scale_o,
+                          PyObject *drop_o, PyObject *seed_o, LoraAttnDims *d,
+                          PyArrayObject **mask, double *scale, double *p, uint64_t *seed) {
+    if (check_ndim(func, "q", q, 3, 0) || check_ndim(func, "k", k, 3, 0)) return -1;
+    npy_intp batch = PyArray_DIM(q, 0), seq_q = PyArray_DIM(q, 1), hidden = PyArray_DIM(q, 2);
+    npy_intp seq_k = PyArray_DIM(k, 1);
+    npy_intp want_k[3] = {batch, seq_k, hidden};
+    if (check_shape(func, "k", k, 3, want_k, "(batch, seq_k, hidden)") ||
+        check_shape(func, "v", v, 3, want_k, "(batch, seq_k, hidden) = k.shape"))
+        return -1;
+    if (check_blas_size(func, "q", "hidden (q.shape[2])", hidden, 1) ||
+        check_blas_size(func, "q", "seq_q (q.shape[1])", seq_q, 0) ||
+        check_blas_size(func, "k", "seq_k (k.shape[1])", seq_k, 1))
+        return -1;
+    if (!PyLong_Check(heads_o)) {
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument 'num_heads' must be an int, got %s",
+                     func, Py_TYPE(heads_o)->tp_name);
+        return -1;
+    }
+    long heads = PyLong_AsLong(heads_o);
+    if (heads == -1 && PyErr_Occurred()) PyErr_Clear();
+    if (heads < 1 || heads > hidden || hidden % heads) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument 'num_heads' must be a positive divisor of hidden "
+                            "(q.shape[2] = %" NPY_INTP_FMT "), got %R",
+                     func, hidden, heads_o);
+        return -1;
+    }
+    *d = (LoraAttnDims){(size_t)batch, (size_t)seq_q, (size_t)seq_k, (size_t)heads,
+                        (size_t)(hidden / heads)};
+    /* probs and the backward's scratch hold batch*heads*seq_q*seq_k values */
+    npy_intp probs = 0;
+    if (__builtin_mul_overflow(batch, (npy_intp)heads, &probs) ||
+        __builtin_mul_overflow(probs, seq_q, &probs) ||
+        __builtin_mul_overflow(probs, seq_k, &probs) || probs > NPY_MAX_INTP / 16) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: batch * num_heads * seq_q * seq_k attention probabilities do "
+                            "not fit in memory",
+                     func);
+        return -1;
+    }
+    if (mask_o != Py_None) {
+        if (!PyArray_Check(mask_o) ||
+            !(PyArray_ISBOOL((PyArrayObject *)mask_o) || PyArray_ISINTEGER((PyArrayObject *)mask_o))) {
+            PyErr_Format(PyExc_TypeError,
+                         PREFIX "%s: argument 'key_mask' must be None or a numpy.ndarray of "
+                                "bool or integer dtype, got %s",
+                         func, PyArray_Check(mask_o) ? "an array of another dtype"
+                                                    : Py_TYPE(mask_o)->tp_name);
+            return -1;
+        }
+        npy_intp want_m[2] = {batch, seq_k};
+        if (check_shape(func, "key_mask", (PyArrayObject *)mask_o, 2, want_m, "(batch, seq_k)"))
+            return -1;
+    }
+    *scale = 1.0 / sqrt((double)d->head_dim);
+    if (scale_o && scale_o != Py_None && get_real(func, "scale", scale_o, REAL_ANY, scale))
+        return -1;
+    *p = 0.0;
+    if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, p)) return -1;
+    if (get_seed(func, seed_o, *p, seed)) return -1;
+    if (mask_o != Py_None &&
+        !(*mask = (PyArrayObject *)PyArray_FromAny(mask_o, PyArray_DescrFromType(NPY_BOOL), 2, 2,
+                                                   NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST,
+                                                   NULL)))
+        return -1;
+    return 0;
+}
+
+PyDoc_STRVAR(attention_forward_doc,
+"attention_forward(q, k, v, num_heads, *, key_mask=None, scale=None, dropout=0.0, seed=None)\n"
+"--\n\n"
+"Multi-head scaled dot-product attention on the layout Linear projections write:\n"
+"``P = softmax(scale * q_h k_h^T + mask)``, ``ctx_h = dropout(P) v_h`` for each head h, the\n"
+"column block ``[h*head_dim, (h+1)*head_dim)``.\n\n"
+"Parameters\n----------\n"
+"q : ndarray, shape (batch, seq_q, hidden)\n"
+"k, v : ndarray, shape (batch, seq_k, hidden)\n"
+"num_heads : int, divides hidden\n"
+"key_mask : ndarray of bool or int, shape (batch, seq_k), optional\n"
+"    Nonzero where a query may attend to the key. Masked keys get probability 0; an item\n"
+"    with no key at all attends to every key equally (as an additive mask of the most\n"
+"    negative float does). A right-padded mask (ones, then zeros) skips the padded keys'\n"
+"    work entirely.\n"
+"scale : float, default 1 / sqrt(head_dim)\n"
+"dropout : float in [0, 1)\n    Dropout on the probabilities, its mask drawn from seed.\n"
+"seed : int in [0, 2**64), required when dropout > 0\n\n"
+"Returns\n-------\n"
+"ctx : ndarray, shape (batch, seq_q, hidden)\n"
+"probs : ndarray, shape (batch, num_heads, seq_q, seq_k)\n"
+"    The softmax probabilities before dropout, kept for attention_backward.");
+
+static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "attention_forward";
+    static char *kwlist[] = {"q", "k", "v", "num_heads", "key_mask", "scale", "dropout", "seed",
+                             NULL};
+    PyObject *q_o, *k_o, *v_o, *heads_o, *mask_o = Py_None, *scale_o = NULL, *drop_o = NULL,
+                                         *seed_o = NULL;
+    PyArrayObject *q = NULL, *k = NULL, *v = NULL, *mask = NULL, *ctx = NULL, *probs = NULL;
+    void *scratch = NULL;
+    int type = -1;
+    LoraAttnDims d;
+    double scale, p;
+    uint64_t seed;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$OOOO:attention_forward", kwlist, &q_o,
+                                     &k_o, &v_o, &heads_o, &mask_o, &scale_o, &drop_o, &seed_o))
+        return NULL;
+    if (!(q = get_array(func, "q", q_o, &type, "q", 0))) goto fail;
+    if (!(k = get_array(func, "k", k_o, &type, "q", 0))) goto fail;
+    if (!(v = get_array(func, "v", v_o, &type, "q", 0))) goto fail;
+    if (attention_args(func, q, k, v, heads_o, mask_o, scale_o, drop_o, seed_o, &d, &mask,
+                       &scale, &p, &seed))
+        goto fail;
+    if (as_carray(&q) || as_carray(&k) || as_carray(&v)) goto fail;
+    npy_intp pdims[4] = {(npy_intp)d.batch, (npy_intp)d.heads, (npy_intp)d.seq_q,
+                         (npy_intp)d.seq_k};
+    if (!(ctx = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(q), type))) goto fail;
+    if (!(probs = (PyArrayObject *)PyArray_SimpleNew(4, pdims, type))) goto fail;
+    size_t bytes = type == NPY_FLOAT32 ? attention_scratch_bytes_f32(&d, 0, p > 0)
+                                       : attention_scratch_bytes_f64(&d, 0, p > 0);
+    if (!(scratch = alloc_bytes(bytes))) goto fail;
+    const unsigned char *m = mask ? PyArray_DATA(mask) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        attention_forward_f32(PyArray_DATA(ctx), PyArray_DATA(probs), scratch, PyArray_DATA(q),
+                              PyArray_DATA(k), PyArray_DATA(v), m, (float)scale, p, seed, &d);
+    else
+        attention_forward_f64(PyArray_DATA(ctx), PyArray_DATA(probs), scratch, PyArray_DATA(q),
+                              PyArray_DATA(k), PyArray_DATA(v), m, scale, p, seed, &d);
+    Py_END_ALLOW_THREADS;
+    free(scratch);
+    Py_DECREF(q);
+    Py_DECREF(k);
+    Py_DECREF(v);
+    Py_XDECREF(mask);
+    return Py_BuildValue("(NN)", ctx, probs);
+fail:
+    Py_XDECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(mask);
+    Py_XDECREF(ctx);
+    Py_XDECREF(probs);
+    return NULL;
+}
+
+PyDoc_STRVAR(attention_backward_doc,
+"attention_backward(dctx, q, k, v, probs, num_heads, *, key_mask=None, scale=None, "
+"dropout=0.0, seed=None)\n--\n\n"
+"Backward of attention_forward, with the same q, k, v, key_mask, scale, dropout and seed and\n"
+"its probs: ``dv = dropout(P)^T dctx``, ``dS = P (dP - rowsum(P dP))`` with\n"
+"``dP = dropout'(dctx v^T)``, ``dq = scale dS k``, ``dk = scale dS^T q`` per head.\n\n"
+"Parameters\n----------\n"
+"dctx : ndarray, shape (batch, seq_q, hidden)\n"
+"q, k, v, num_heads, key_mask, scale, dropout, seed : as attention_forward\n"
+"probs : ndarray, shape (batch, num_heads, seq_q, seq_k), from attention_forward\n\n"
+"Returns\n-------\n"
+"dq : ndarray, shape (batch, seq_q, hidden)\n"
+"dk, dv : ndarray, shape (batch, seq_k, hidden)");
+
+static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwds) {
+    static const char *func = "attention_backward";
+    static char *kwlist[] = {"dctx", "q", "k", "v", "probs", "num_heads", "key_mask", "scale",
+                             "dropout", "seed", NULL};
+    PyObject *dctx_o, *q_o, *k_o, *v_o, *probs_o, *heads_o, *mask_o = Py_None, *scale_o = NULL,
+                                                           *drop_o = NULL, *seed_o = NULL;
+    PyArrayObject *dctx = NULL, *q = NULL, *k = NULL, *v = NULL, *probs = NULL, *mask = NULL,
+                  *dq = NULL, *dk = NULL, *dv = NULL;
+    void *scratch = NULL;
+    int type = -1;
+    LoraAttnDims d;
+    double scale, p;
+    uint64_t seed;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|$OOOO:attention_backward", kwlist,
+                                     &dctx_o, &q_o, &k_o, &v_o, &probs_o, &heads_o, &mask_o,
+                                     &scale_o, &drop_o, &seed_o))
+        return NULL;
+    if (!(dctx = get_array(func, "dctx", dctx_o, &type, "dctx", 0))) goto fail;
+    if (!(q = get_array(func, "q", q_o, &type, "dctx", 0))) goto fail;
+    if (!(k = get_array(func, "k", k_o, &type, "dctx", 0))) goto fail;
+    if (!(v = get_array(func, "v", v_o, &type, "dctx", 0))) goto fail;
+    if (!(probs = get_array(func, "probs", probs_o, &type, "dctx", 0))) goto fail;
+    if (attention_args(func, q, k, v, heads_o, mask_o, scale_o, drop_o, seed_o, &d, &mask,
+                       &scale, &p, &seed))
+        goto fail;
+    npy_intp pdims[4] = {(npy_intp)d.batch, (npy_intp)d.heads, (npy_intp)d.seq_q,
+                         (npy_intp)d.seq_k};
+    if (check_shape(func, "dctx", dctx, 3, PyArray_DIMS(q), "q.shape") ||
+        check_shape(func, "probs", probs, 4, pdims, "(batch, num_heads, seq_q, seq_k)"))
+        goto fail;
+    if (as_carray(&dctx) || as_carray(&q) || as_carray(&k) || as_carray(&v) || as_carray(&probs))
+        goto fail;
+    if (!(dq = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(q), type))) goto fail;
+    if (!(dk = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(k), type))) goto fail;
+    if (!(dv = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(k), type))) goto fail;
+    size_t bytes = type == NPY_FLOAT32 ? attention_scratch_bytes_f32(&d, 1, p > 0)
+                                       : attention_scratch_bytes_f64(&d, 1, p > 0);
+    if (!(scratch = alloc_bytes(bytes))) goto fail;
+    const unsigned char *m = mask ? PyArray_DATA(mask) : NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (type == NPY_FLOAT32)
+        attention_backward_f32(PyArray_DATA(dq), PyArray_DATA(dk), PyArray_DATA(dv), scratch,
+                               PyArray_DATA(dctx), PyArray_DATA(q), PyArray_DATA(k),
+                               PyArray_DATA(v), PyArray_DATA(probs), m, (float)scale, p, seed,
+                               &d);
+    else
+        attention_backward_f64(PyArray_DATA(dq), PyArray_DATA(dk), PyArray_DATA(dv), scratch,
+                               PyArray_DATA(dctx), PyArray_DATA(q), PyArray_DATA(k),
+                               PyArray_DATA(v), PyArray_DATA(probs), m, scale, p, seed, &d);
+    Py_END_ALLOW_THREADS;
+    free(scratch);
+    Py_DECREF(dctx);
+    Py_DECREF(q);
+    Py_DECREF(k);
+    Py_DECREF(v);
+    Py_DECREF(probs);
+    Py_XDECREF(mask);
+    return Py_BuildValue("(NNN)", dq, dk, dv);
+fail:
+    Py_XDECREF(dctx);
+    Py_XDECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(probs);
+    Py_XDECREF(mask);
+    Py_XDECREF(dq);
+    Py_XDECREF(dk);
+    Py_XDECREF(dv);
+    return NULL;
+}
+
 PyDoc_STRVAR(adam_step_doc,
 "adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,\n"
 "          weight_decay=0.0, decoupled=True)\n--\n\n"
@@ -1047,6 +1290,10 @@ static PyMethodDef methods[] = {
      gelu_forward_doc},
     {"gelu_backward", (PyCFunction)(void (*)(void))gelu_backward, METH_VARARGS | METH_KEYWORDS,
      gelu_backward_doc},
+    {"attention_forward", (PyCFunction)(void (*)(void))attention_forward,
+     METH_VARARGS | METH_KEYWORDS, attention_forward_doc},
+    {"attention_backward", (PyCFunction)(void (*)(void))attention_backward,
+     METH_VARARGS | METH_KEYWORDS, attention_backward_doc},
     {"set_num_threads", set_num_threads, METH_O, set_num_threads_doc},
     {"blas_info", blas_info, METH_NOARGS, blas_info_doc},
     {NULL, NULL, 0, NULL}};

@@ -125,3 +125,47 @@ def layer_norm_backward(dy, x, mean, rstd, weight, *, need_dweight=True, need_db
     dw = (dy * xhat).sum(axis=rows) if need_dweight else None
     db = dy.sum(axis=rows) if need_dbias else None
     return dx, dw, db
+
+
+def _heads(a, num_heads):
+    """(batch, seq, hidden) -> (batch, heads, seq, head_dim) view."""
+    b, s, hidden = a.shape
+    return a.reshape(b, s, num_heads, hidden // num_heads).transpose(0, 2, 1, 3)
+
+
+def _drop_probs(p, dropout, seed):
+    if dropout == 0:
+        return p
+    keep = dropout_mask(seed, p.size // p.shape[-1], p.shape[-1], dropout).reshape(p.shape)
+    return np.where(keep, p * (1.0 / (1.0 - dropout)), 0.0)
+
+
+def attention_forward(q, k, v, num_heads, *, key_mask=None, scale=None, dropout=0.0, seed=None):
+    """Multi-head attention on (batch, seq, hidden) arrays; head h is the column block
+    [h*head_dim, (h+1)*head_dim). Masked keys get probability 0; an item with no key left
+    attends to every key equally."""
+    scale = 1.0 / np.sqrt(q.shape[-1] // num_heads) if scale is None else scale
+    s = scale * (_heads(q, num_heads) @ _heads(k, num_heads).transpose(0, 1, 3, 2))
+    if key_mask is not None:
+        m = np.asarray(key_mask).astype(bool)
+        s = np.where(m[:, None, None, :], s, -np.inf)
+        s[~m.any(axis=1)] = 0.0
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    ctx = _drop_probs(p, dropout, seed) @ _heads(v, num_heads)
+    return ctx.transpose(0, 2, 1, 3).reshape(q.shape), p
+
+
+def attention_backward(dctx, q, k, v, probs, num_heads, *, key_mask=None, scale=None,
+                       dropout=0.0, seed=None):
+    scale = 1.0 / np.sqrt(q.shape[-1] // num_heads) if scale is None else scale
+    qh, kh, vh, dch = (_heads(a, num_heads) for a in (q, k, v, dctx))
+    dv = _drop_probs(probs, dropout, seed).transpose(0, 1, 3, 2) @ dch
+    dp = _drop_probs(dch @ vh.transpose(0, 1, 3, 2), dropout, seed)
+    ds = probs * (dp - (probs * dp).sum(axis=-1, keepdims=True))
+    dq, dk = scale * (ds @ kh), scale * (ds.transpose(0, 1, 3, 2) @ qh)
+
+    def merge(a, like):
+        return a.transpose(0, 2, 1, 3).reshape(like.shape)
+
+    return merge(dq, q), merge(dk, k), merge(dv, k)

@@ -13,6 +13,8 @@ parallel.
 from . import _blas  # noqa: F401  (loads OpenBLAS before the extension)
 from ._C import (
     adam_step,
+    attention_backward,
+    attention_forward,
     blas_info,
     dense_backward,
     dense_forward,
@@ -39,6 +41,8 @@ __all__ = [
     "gelu_backward",
     "layer_norm_forward",
     "layer_norm_backward",
+    "attention_forward",
+    "attention_backward",
     "blas_info",
     "set_num_threads",
 ]

@@ -328,7 +328,10 @@ def test_layer_norm_matches_twin_and_finite_differences(dtype, lead, d, with_bia
     x = (rng.standard_normal((*lead, d)) * 3 + 1).astype(dtype)
     w, b = rand(rng, (d,), dtype), rand(rng, (d,), dtype) if with_bias else None
     y, mean, rstd = F.layer_norm_forward(x, w, b, eps=1e-5)
-    as64 = (lambda a: None if a is None else a.astype(np.float64))
+
+    def as64(a):
+        return None if a is None else a.astype(np.float64)
+
     y_ref, mean_ref, rstd_ref = ref.layer_norm_forward(as64(x), as64(w), as64(b), eps=1e-5)
     assert y.shape == x.shape and mean.shape == lead and y.dtype == dtype
     close(y, y_ref, dtype)

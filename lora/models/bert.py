@@ -8,17 +8,15 @@ plus model.safetensors) into modules named exactly as in transformers
 
 The Linear, Embedding, GELU and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones;
 GELU and LayerNorm run the C kernels in lora.functional). What lora.nn has no layer for lives
-here: attention's own math (scaled scores, padding mask, softmax, the per-head matmuls) with
-its backward. Not here:
+here: attention's own math (scaled scores, padding mask, softmax, the per-head matmuls), which
+is the C kernel lora.functional.attention_forward/backward. Not here:
 decoder/cross-attention, relative position embeddings, key/value caches, gradients for the
 token ids.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 
@@ -236,50 +234,24 @@ class BertEmbeddings(Module):
         return None
 
 
-class _AttentionMask:
-    """Which keys each batch item attends to. A right-padded mask (ones, then zeros: what a
-    tokenizer produces) becomes per-item key lengths, so padded keys cost no work at all;
-    any other mask becomes an additive bias (0 or the most negative float32, not -inf, so a
-    row never turns into inf - inf = nan) over all keys."""
-
-    def __init__(self, attention_mask: np.ndarray | None, batch: int, seq: int):
-        self.bias = self.padded = None
-        self.lengths = np.full(batch, seq, np.int64)
-        if attention_mask is None:
-            return
-        m = np.asarray(attention_mask) > 0
-        lengths = m.sum(axis=1)
-        if (m == (np.arange(seq) < lengths[:, None])).all() and lengths.min() > 0:
-            self.lengths = lengths
-            return
-        self.padded = ~m.all(axis=1)
-        self.bias = np.where(m[:, None, None, :], np.float32(0),
-                             np.finfo(np.float32).min).astype(np.float32)
-
-
-@contextlib.contextmanager
-def _single_threaded_blas():
-    """Run lora's OpenBLAS on one thread inside the block: the per-head GEMMs (seq x seq x
-    head_dim, 128 x 128 x 32 for MiniLM) lose more to waking and syncing a second thread than
-    they gain from it."""
-    n = int(F.blas_info()["num_threads"])
-    if n > 1:
-        F.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            F.set_num_threads(n)
+def _key_mask(attention_mask: np.ndarray | None) -> np.ndarray | None:
+    """The (batch, seq) keys each item attends to, as bool, or None when it is every key. A
+    right-padded mask (what a tokenizer produces) lets the attention kernel skip the padded
+    keys' work; see lora.functional.attention_forward for any other mask."""
+    if attention_mask is None:
+        return None
+    m = np.asarray(attention_mask) > 0
+    return None if m.all() else m
 
 
 class BertSelfAttention(Module):
     """Multi-head scaled dot-product self-attention with a key padding mask.
 
-    query/key/value are Linear layers (what LoRA targets); the attention itself runs on
-    contiguous (batch, heads, seq, head_dim) copies of q, k and v, one GEMM per (item, head)
-    through lora's kernels, with the softmax done in place on each item's (heads, seq, keys)
-    score array, which backward reuses. Scores are q k^T / sqrt(head_dim); a right-padded item
-    only has its real keys, any other mask is added as a bias."""
+    query/key/value are Linear layers (what LoRA targets); the attention itself (scores
+    q k^T / sqrt(head_dim), softmax, dropout on the probabilities, the context) is
+    lora.functional.attention_forward/backward, which reads q, k, v in the (batch, seq,
+    hidden) layout the projections write and keeps only the probabilities for the backward
+    (the dropout mask is regenerated from a seed)."""
 
     def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
         super().__init__()
@@ -293,125 +265,27 @@ class BertSelfAttention(Module):
         self.rng = init.child_rng()
         self.need_input_grad = True
 
-    def _heads(self, a: np.ndarray) -> np.ndarray:
-        """(batch, seq, hidden) -> a contiguous (batch, heads, seq, head_dim) copy."""
-        b, s, _ = a.shape
-        nh, d = self.num_attention_heads, self.attention_head_size
-        return np.ascontiguousarray(a.reshape(b, s, nh, d).transpose(0, 2, 1, 3))
-
-    @staticmethod
-    def _merge(a: np.ndarray) -> np.ndarray:
-        """(batch, heads, seq, head_dim) -> a contiguous (batch, seq, hidden) copy."""
-        b, nh, s, d = a.shape
-        return a.transpose(0, 2, 1, 3).reshape(b, s, nh * d)
-
-    # Every matmul goes through lora.functional's dense kernels (lora's own OpenBLAS), per
-    # (batch item, head): NumPy's matmul would run a second OpenBLAS whose thread pool fights
-    # lora's for the cores. With y = dense_forward(x, W) = x W^T and
-    # dense_backward(dy, x, W) = (dy W, dy^T x):
-    #   scores = q k^T = dense_forward(q, k)       ctx = p v = dense_backward(p, ., v).dx
-    #   dp = dctx v^T = dense_forward(dctx, v)     dv = p^T dctx = dense_backward(p, dctx, .).dW
-    #   dq = ds k = dense_backward(ds, ., k).dx    dk = ds^T q = dense_backward(ds, q, .).dW
-
-    def forward(self, x: np.ndarray, mask: _AttentionMask) -> np.ndarray:
-        b, s, hidden = x.shape
-        nh = self.num_attention_heads
-        scale = np.float32(1.0 / math.sqrt(self.attention_head_size))
-        q = self.query(x)
-        q *= scale  # scaling q (b*s*h values) is cheaper than scaling the scores (b*nh*s*s)
-        qh = self._heads(q)
-        del q
-        kh = self._heads(self.key(x))
-        vh = self._heads(self.value(x))
-        ctxh = np.empty_like(qh)
+    def forward(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        q, k, v = self.query(x), self.key(x), self.value(x)
         p_drop = self.attention_probs_dropout_prob if self.training else 0.0
-        inv_keep = np.float32(1.0 / (1.0 - p_drop))
-        probs, keeps = [], []
-
-        def scores(i, n):
-            # (heads, s, n): every query row against the item's first n keys
-            sc = np.empty((nh, s, n), np.float32)
-            for h in range(nh):
-                sc[h] = F.dense_forward(qh[i, h], kh[i, h, :n])
-            if mask.bias is not None and mask.padded[i]:
-                sc += mask.bias[i]
-            return sc
-
-        def item(i):
-            n = int(mask.lengths[i])
-            sc = scores(i, n)
-            # Softmax, stabilised by each head's largest score rather than each row's: one
-            # fast reduction instead of a slow one over short rows. It is exact unless a
-            # whole row lies ~87 below its head's maximum (exp underflows to a zero sum);
-            # that is detected and the item redone with per-row maxima.
-            sc -= sc.reshape(nh, -1).max(axis=1)[:, None, None]
-            np.exp(sc, out=sc)
-            sums = sc.sum(axis=-1, keepdims=True)
-            if not sums.min() > 1e-30:
-                sc = scores(i, n)
-                sc -= sc.max(axis=-1, keepdims=True)
-                np.exp(sc, out=sc)
-                sums = sc.sum(axis=-1, keepdims=True)
-            sc /= sums
-            keep = None
-            if p_drop > 0:
-                keep = self.rng.random(sc.shape, dtype=np.float32) >= p_drop
-            pd = sc if keep is None else sc * keep * inv_keep
-            for h in range(nh):
-                ctxh[i, h] = F.dense_backward(pd[h], vh[i, h], vh[i, h, :n],
-                                              need_dweight=False)[0]
-            probs.append(sc)
-            keeps.append(keep)
-
-        with _single_threaded_blas():
-            for i in range(b):  # serial: two threads calling one OpenBLAS contend for its pool
-                item(i)
-        self._save(qh, kh, vh, probs, keeps, inv_keep, mask)
-        return self._merge(ctxh)
+        seed = int(self.rng.integers(2**63)) if p_drop > 0 else None
+        ctx, probs = F.attention_forward(q, k, v, self.num_attention_heads, key_mask=mask,
+                                         dropout=p_drop, seed=seed)
+        self._save(q, k, v, probs, mask, p_drop, seed)
+        return ctx
 
     def backward(self, dctx: np.ndarray) -> np.ndarray | None:
-        qh, kh, vh, probs, keeps, inv_keep, mask = self._saved()
-        nh = self.num_attention_heads
-        dctxh = self._heads(dctx)
+        q, k, v, probs, mask, p_drop, seed = self._saved()
+        dq, dk, dv = F.attention_backward(dctx, q, k, v, probs, self.num_attention_heads,
+                                          key_mask=mask, dropout=p_drop, seed=seed)
+        del q, k, v, probs
         key_grad = self.need_input_grad or any(p.requires_grad for p in self.key.parameters())
-        dqh, dkh, dvh = np.empty_like(qh), np.empty_like(kh), np.empty_like(vh)
-
-        def item(i):
-            p, keep = probs[i], keeps[i]
-            n = p.shape[-1]
-            if n < p.shape[1]:  # keys past the item's length get no gradient
-                dvh[i, :, n:] = 0
-                dkh[i, :, n:] = 0
-            pd = p if keep is None else p * keep * inv_keep
-            dp = np.empty_like(p)
-            for h in range(nh):
-                dvh[i, h, :n] = F.dense_backward(pd[h], dctxh[i, h], vh[i, h, :n],
-                                                 need_dx=False)[1]
-                dp[h] = F.dense_forward(dctxh[i, h], vh[i, h, :n])
-            if keep is not None:
-                dp *= keep
-                dp *= inv_keep
-            # softmax backward: ds = p * (dp - sum(dp * p, -1))
-            rowdot = np.einsum("hij,hij->hi", dp, p)
-            dp -= rowdot[..., None]
-            dp *= p
-            for h in range(nh):
-                dqh[i, h] = F.dense_backward(dp[h], qh[i, h], kh[i, h, :n], need_dweight=False)[0]
-                if key_grad:
-                    dkh[i, h, :n] = F.dense_backward(dp[h], qh[i, h], kh[i, h, :n],
-                                                     need_dx=False)[1]
-
-        with _single_threaded_blas():
-            for i in range(len(probs)):
-                item(i)
-        dq = self._merge(dqh)
-        dq *= np.float32(1.0 / math.sqrt(self.attention_head_size))  # q was scaled in forward
         dx = self.query.backward(dq)
-        dxv = self.value.backward(self._merge(dvh))
+        dxv = self.value.backward(dv)
         if dx is not None and dxv is not None:
             dx += dxv
         if key_grad:
-            dxk = self.key.backward(self._merge(dkh))
+            dxk = self.key.backward(dk)
             if dx is not None and dxk is not None:
                 dx += dxk
         return dx if self.need_input_grad else None
@@ -576,7 +450,7 @@ class BertModel(Module):
         if attention_mask is not None and np.shape(attention_mask) != input_ids.shape:
             raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids "
                              f"shape {input_ids.shape}")
-        mask = _AttentionMask(attention_mask, *input_ids.shape)
+        mask = _key_mask(attention_mask)
         if self.training:
             keep_freed_memory()
         x = self.embeddings(input_ids, token_type_ids)
