@@ -97,11 +97,29 @@ void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, 
     }
 }
 
-size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout) {
-    size_t tile_rows = n < LORA_DROPOUT_TILE_ROWS ? n : LORA_DROPOUT_TILE_ROWS;
-    /* n*r for g = dy B in the backward, r*d_out for B^T in the forward, one tile of rows of
-     * x for dropout. */
-    return n * r + r * d_out + (has_dropout ? tile_rows * d_in : 0) + 1;
+/* One part of the backward's row pass: its (r, d_out) and (r, d_in) partial sums and, under
+ * dropout, a tile of rows; a multiple of 16 elements so each part starts 64-byte aligned. */
+size_t lora_part_elems(size_t d_in, size_t d_out, size_t r, int has_dropout) {
+    size_t e = r * (d_in + d_out) + (has_dropout ? LORA_BWD_TILE * d_in : 0);
+    return (e + 15) / 16 * 16;
+}
+
+size_t lora_backward_parts(size_t n, size_t d_in, size_t d_out) {
+    /* a part is worth a thread from ~128k elements of dy and x, and two tiles of rows */
+    size_t min_rows = (1 << 17) / (d_in + d_out);
+    if (min_rows < 2 * LORA_BWD_TILE) min_rows = 2 * LORA_BWD_TILE;
+    size_t parts = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
+    if (parts > n / min_rows) parts = n / min_rows;
+    if (parts > LORA_MAX_THREADS) parts = LORA_MAX_THREADS;
+    return parts ? parts : 1;
+}
+
+size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout,
+                          size_t parts) {
+    /* n*r for g = dy B in the backward, r*d_out for B^T, one tile of rows of x for dropout,
+     * and the backward's partial sums, 16 elements of slack to align them. */
+    return n * r + r * d_out + (has_dropout ? LORA_DROPOUT_TILE_ROWS * d_in : 0) +
+           parts * lora_part_elems(d_in, d_out, r, has_dropout) + 16;
 }
 
 /* e^x for x in [-87, 88], float32, ~2 ulp; no libm call, so it vectorises. */

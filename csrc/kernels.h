@@ -22,8 +22,19 @@
  * and go to the BLAS GEMM; below it, a streaming kernel reads and writes the output once. */
 #define LORA_GEMM_RANK 32
 
-/* Elements of scratch a forward or backward call needs (for its dropout tile and for dy B). */
-size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout);
+/* Rows per tile of the backward's row pass (at most LORA_GEMM_RANK - 1: the tile is the inner
+ * dimension of rank_update). */
+#define LORA_BWD_TILE 16
+
+/* How many row ranges (one per thread) lora_backward splits n rows into; read once by the
+ * caller and passed to both calls below, so the scratch and the kernel agree. */
+size_t lora_backward_parts(size_t n, size_t d_in, size_t d_out);
+size_t lora_part_elems(size_t d_in, size_t d_out, size_t r, int has_dropout);
+
+/* Elements of scratch a forward or backward call needs (its dropout tile, dy B, the
+ * backward's per-part sums); the forward passes parts = 1. */
+size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout,
+                          size_t parts);
 
 /* The dropout mask: element (i, j) of x, flat index i*d_in + j, is kept iff
  * lora_dropout_keep(key, index, threshold). key = lora_dropout_key(seed) and
@@ -56,7 +67,7 @@ typedef struct {
     void lora_backward_##SUF(T *dx, T *dA, T *dB, T *scratch, const T *dy, const T *x,        \
                              const T *xa, const T *W, const T *A, const T *B, T scale,        \
                              double p, uint64_t seed, size_t n, size_t d_in, size_t d_out,    \
-                             size_t r);                                                       \
+                             size_t r, size_t parts);                                         \
     void lora_merge_##SUF(T *W, T *scratch, const T *A, const T *B, T scale,                 \
                           int fan_in_fan_out, size_t d_out, size_t d_in, size_t r);           \
     void lora_merge_naive_##SUF(T *W, const T *A, const T *B, T scale, size_t d_out,          \

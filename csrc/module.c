@@ -355,7 +355,7 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
 
     if (!(y = new_like_rows(x, dm.d_out, type))) goto fail;
     if (!(xa = new_like_rows(x, dm.r, type))) goto fail;
-    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0), type)))
+    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0, 1), type)))
         goto fail;
 
     const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
@@ -450,7 +450,10 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     npy_intp a_dims[2] = {dm.r, dm.d_in}, b_dims[2] = {dm.d_out, dm.r};
     if (!(dA = (PyArrayObject *)PyArray_SimpleNew(2, a_dims, type))) goto fail;
     if (!(dB = (PyArrayObject *)PyArray_SimpleNew(2, b_dims, type))) goto fail;
-    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0), type))) goto fail;
+    const size_t parts = lora_backward_parts((size_t)n, (size_t)dm.d_in, (size_t)dm.d_out);
+    if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0, parts),
+                                  type)))
+        goto fail;
 
     void *dx_p = dx ? PyArray_DATA(dx) : NULL;
     Py_BEGIN_ALLOW_THREADS;
@@ -458,12 +461,12 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
         lora_backward_f32(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
                           PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
                           PyArray_DATA(A), PyArray_DATA(B), (float)scale, p, seed, n, dm.d_in,
-                          dm.d_out, dm.r);
+                          dm.d_out, dm.r, parts);
     else
         lora_backward_f64(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
                           PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
                           PyArray_DATA(A), PyArray_DATA(B), scale, p, seed, n, dm.d_in, dm.d_out,
-                          dm.r);
+                          dm.r, parts);
     Py_END_ALLOW_THREADS;
 
     free(scratch);

@@ -43,14 +43,16 @@ static void check_layer(size_t n, size_t d_in, size_t d_out, size_t r) {
     float *y = malloc(n * d_out * sizeof(float)), *xa = malloc(n * r * sizeof(float));
     float *dx = malloc(n * d_in * sizeof(float)), *dA = malloc(r * d_in * sizeof(float));
     float *dB = malloc(d_out * r * sizeof(float));
-    float *scratch = malloc(lora_scratch_elems(n, d_in, d_out, r, 0) * sizeof(float));
+    const size_t parts = lora_backward_parts(n, d_in, d_out);
+    float *scratch = malloc(lora_scratch_elems(n, d_in, d_out, r, 0, parts) * sizeof(float));
     double *want_y = calloc(n * d_out, sizeof(double)), *want_xa = calloc(n * r, sizeof(double));
     double *want_dx = calloc(n * d_in, sizeof(double)), *want_dA = calloc(r * d_in, sizeof(double));
     double *want_dB = calloc(d_out * r, sizeof(double)), *g = calloc(n * r, sizeof(double));
     const float s = 0.5f;
 
     lora_forward_f32(y, xa, scratch, x, W, NULL, A, B, s, 0.0, 0, n, d_in, d_out, r);
-    lora_backward_f32(dx, dA, dB, scratch, dy, x, xa, W, A, B, s, 0.0, 0, n, d_in, d_out, r);
+    lora_backward_f32(dx, dA, dB, scratch, dy, x, xa, W, A, B, s, 0.0, 0, n, d_in, d_out, r,
+                      parts);
 
     for (size_t i = 0; i < n; i++) {
         for (size_t k = 0; k < r; k++)
@@ -108,6 +110,7 @@ int main(void) {
     check_layer(5, 33, 17, 3);
     check_layer(70, 64, 40, 8);
     check_layer(130, 100, 70, 33);
+    check_layer(1500, 50, 90, 7); /* the backward splits its rows over threads */
     check_merge(515, 700, 5);
     check_merge(1030, 1027, 16);
     check_merge(64, 96, 40);

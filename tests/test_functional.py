@@ -23,6 +23,8 @@ SHAPES = [
     ((131,), 33, 19, 8),
     ((), 12, 10, 2),  # x of shape (d_in,): one token without a batch dim
     ((9,), 40, 70, 33),  # r past the tiled kernels: the GEMM path
+    ((2, 300), 37, 45, 5),  # enough rows for the backward to split them over two threads
+    ((1030,), 20, 70, 31),
 ]
 
 
