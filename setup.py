@@ -37,24 +37,9 @@ if os.environ.get("LORA_BLAS", "scipy-openblas32") == "system":
     def pkg_config(flag):
         return shlex.split(subprocess.check_output(["pkg-config", flag, "openblas"], text=True))
 
-    def links(source, cflags, libs):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "probe.c")
-            with open(src, "w") as f:
-                f.write(source)
-            cmd = ["cc", src, "-o", os.path.join(tmp, "probe"), *cflags, *libs]
-            return subprocess.run(cmd, capture_output=True).returncode == 0
-
     define_macros.append(("LORA_SYSTEM_BLAS", "1"))
     compile_args += pkg_config("--cflags")
     link_args += pkg_config("--libs")
-    # cblas_?gemm_batch (attention's per-head products) came with OpenBLAS 0.3.2x; older
-    # libraries get a loop of cblas_?gemm calls instead.
-    if not links("#include <cblas.h>\nint main(void) { return (int)(long)&cblas_sgemm_batch; }\n",
-                 pkg_config("--cflags"), pkg_config("--libs")):
-        define_macros.append(("LORA_NO_GEMM_BATCH", "1"))
 else:
     import scipy_openblas32
 

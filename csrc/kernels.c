@@ -165,35 +165,32 @@ static void attention_items(size_t *keys, int *mode, const unsigned char *key_ma
     }
 }
 
-/* A list of GEMMs for one batched BLAS call, its arrays carved from scratch. alpha and beta
- * hold T. */
-typedef struct {
-    size_t count;
-    CBLAS_TRANSPOSE *ta, *tb;
-    int *m, *n, *k, *lda, *ldb, *ldc, *one;
-    void *alpha, *beta;
-    const void **a, **b;
-    void **c;
-} GemmList;
+/* Attention scratch: the per-item key counts and modes, then one block per part (thread)
+ * holding k or v of one head transposed, two seq_q x seq_k blocks (dropped probabilities,
+ * dS) and a max(seq_q, seq_k) x 32-element block (small_gemm's zero-padded last columns: two
+ * vectors of 64 bytes hold at most 32 floats). Each piece 64-byte aligned. */
+static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-/* The next `bytes` of a block at base (64-byte aligned); with base NULL, only counts. */
-static void *carve(char *base, size_t *off, size_t bytes) {
-    void *p = base ? base + *off : NULL;
-    *off += (bytes + 63) / 64 * 64;
-    return p;
+static size_t attention_items_bytes(const LoraAttnDims *d) {
+    return round64(d->batch * (sizeof(size_t) + sizeof(int)));
 }
 
-static void gemm_list_layout(GemmList *g, char *base, size_t *off, size_t cap, size_t elem) {
-    g->count = 0;
-    g->ta = carve(base, off, cap * sizeof(CBLAS_TRANSPOSE));
-    g->tb = carve(base, off, cap * sizeof(CBLAS_TRANSPOSE));
-    int **ints[] = {&g->m, &g->n, &g->k, &g->lda, &g->ldb, &g->ldc, &g->one};
-    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) *ints[i] = carve(base, off, cap * sizeof(int));
-    g->alpha = carve(base, off, cap * elem);
-    g->beta = carve(base, off, cap * elem);
-    g->a = carve(base, off, cap * sizeof(void *));
-    g->b = carve(base, off, cap * sizeof(void *));
-    g->c = carve(base, off, cap * sizeof(void *));
+static size_t attention_part_bytes(const LoraAttnDims *d, size_t elem) {
+    const size_t inner = d->seq_q > d->seq_k ? d->seq_q : d->seq_k;
+    const size_t inner_max = inner > d->head_dim ? inner : d->head_dim;
+    return round64((d->head_dim * d->seq_k + 2 * d->seq_q * d->seq_k) * elem) +
+           round64(inner_max * 128);
+}
+
+size_t lora_attention_parts(const LoraAttnDims *d) {
+    size_t parts = (size_t)CBLAS_FUNC(openblas_get_num_threads)(), pairs = d->batch * d->heads;
+    if (parts > pairs) parts = pairs;
+    if (parts > LORA_MAX_THREADS) parts = LORA_MAX_THREADS;
+    return parts ? parts : 1;
+}
+
+size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t parts) {
+    return attention_items_bytes(d) + parts * attention_part_bytes(d, elem);
 }
 
 #define T float
@@ -202,7 +199,6 @@ static void gemm_list_layout(GemmList *g, char *base, size_t *off, size_t cap, s
 #define GEMV CBLAS_FUNC(cblas_sgemv)
 #define GER CBLAS_FUNC(cblas_sger)
 #define SQRT sqrtf
-#define GEMM_BATCH CBLAS_FUNC(cblas_sgemm_batch)
 #define EXP exp_f32
 #include "kernels_impl.inc"
 #include "attention_impl.inc"
@@ -212,7 +208,6 @@ static void gemm_list_layout(GemmList *g, char *base, size_t *off, size_t cap, s
 #undef GEMV
 #undef GER
 #undef SQRT
-#undef GEMM_BATCH
 #undef EXP
 
 #define T double
@@ -221,7 +216,6 @@ static void gemm_list_layout(GemmList *g, char *base, size_t *off, size_t cap, s
 #define GEMV CBLAS_FUNC(cblas_dgemv)
 #define GER CBLAS_FUNC(cblas_dger)
 #define SQRT sqrt
-#define GEMM_BATCH CBLAS_FUNC(cblas_dgemm_batch)
 #define EXP exp
 #include "kernels_impl.inc"
 #include "attention_impl.inc"

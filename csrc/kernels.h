@@ -60,6 +60,11 @@ typedef struct {
     size_t batch, seq_q, seq_k, heads, head_dim;
 } LoraAttnDims;
 
+/* How many parts (threads) an attention call splits its (item, head) pairs into, read once by
+ * the caller, and the bytes of scratch the call then needs (elem: sizeof the float type). */
+size_t lora_attention_parts(const LoraAttnDims *d);
+size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t parts);
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *A, const T *B, T scale, double p, uint64_t seed,         \
@@ -83,14 +88,13 @@ typedef struct {
                                   double eps, size_t rows, size_t d);                           \
     void layer_norm_backward_##SUF(T *dx, T *dw, T *db, const T *dy, const T *x, const T *mean, \
                                    const T *rstd, const T *w, size_t rows, size_t d);      \
-    size_t attention_scratch_bytes_##SUF(const LoraAttnDims *d, int backward, int has_dropout); \
     void attention_forward_##SUF(T *ctx, T *probs, void *scratch, const T *q, const T *k,      \
                                  const T *v, const unsigned char *key_mask, T scale, double p, \
-                                 uint64_t seed, const LoraAttnDims *d);                        \
+                                 uint64_t seed, const LoraAttnDims *d, size_t parts);          \
     void attention_backward_##SUF(T *dq, T *dk, T *dv, void *scratch, const T *dctx,           \
                                   const T *q, const T *k, const T *v, const T *probs,          \
                                   const unsigned char *key_mask, T scale, double p,            \
-                                  uint64_t seed, const LoraAttnDims *d);
+                                  uint64_t seed, const LoraAttnDims *d, size_t parts);
 
 LORA_DECLARE(float, f32)
 LORA_DECLARE(double, f64)

@@ -1033,17 +1033,17 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwd
                          (npy_intp)d.seq_k};
     if (!(ctx = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(q), type))) goto fail;
     if (!(probs = (PyArrayObject *)PyArray_SimpleNew(4, pdims, type))) goto fail;
-    size_t bytes = type == NPY_FLOAT32 ? attention_scratch_bytes_f32(&d, 0, p > 0)
-                                       : attention_scratch_bytes_f64(&d, 0, p > 0);
-    if (!(scratch = alloc_bytes(bytes))) goto fail;
+    const size_t parts = lora_attention_parts(&d), elem = PyArray_ITEMSIZE(q);
+    if (!(scratch = alloc_bytes(lora_attention_scratch_bytes(&d, elem, parts)))) goto fail;
     const unsigned char *m = mask ? PyArray_DATA(mask) : NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
         attention_forward_f32(PyArray_DATA(ctx), PyArray_DATA(probs), scratch, PyArray_DATA(q),
-                              PyArray_DATA(k), PyArray_DATA(v), m, (float)scale, p, seed, &d);
+                              PyArray_DATA(k), PyArray_DATA(v), m, (float)scale, p, seed, &d,
+                              parts);
     else
         attention_forward_f64(PyArray_DATA(ctx), PyArray_DATA(probs), scratch, PyArray_DATA(q),
-                              PyArray_DATA(k), PyArray_DATA(v), m, scale, p, seed, &d);
+                              PyArray_DATA(k), PyArray_DATA(v), m, scale, p, seed, &d, parts);
     Py_END_ALLOW_THREADS;
     free(scratch);
     Py_DECREF(q);
@@ -1111,20 +1111,20 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     if (!(dq = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(q), type))) goto fail;
     if (!(dk = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(k), type))) goto fail;
     if (!(dv = (PyArrayObject *)PyArray_SimpleNew(3, PyArray_DIMS(k), type))) goto fail;
-    size_t bytes = type == NPY_FLOAT32 ? attention_scratch_bytes_f32(&d, 1, p > 0)
-                                       : attention_scratch_bytes_f64(&d, 1, p > 0);
-    if (!(scratch = alloc_bytes(bytes))) goto fail;
+    const size_t parts = lora_attention_parts(&d), elem = PyArray_ITEMSIZE(q);
+    if (!(scratch = alloc_bytes(lora_attention_scratch_bytes(&d, elem, parts)))) goto fail;
     const unsigned char *m = mask ? PyArray_DATA(mask) : NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
         attention_backward_f32(PyArray_DATA(dq), PyArray_DATA(dk), PyArray_DATA(dv), scratch,
                                PyArray_DATA(dctx), PyArray_DATA(q), PyArray_DATA(k),
                                PyArray_DATA(v), PyArray_DATA(probs), m, (float)scale, p, seed,
-                               &d);
+                               &d, parts);
     else
         attention_backward_f64(PyArray_DATA(dq), PyArray_DATA(dk), PyArray_DATA(dv), scratch,
                                PyArray_DATA(dctx), PyArray_DATA(q), PyArray_DATA(k),
-                               PyArray_DATA(v), PyArray_DATA(probs), m, scale, p, seed, &d);
+                               PyArray_DATA(v), PyArray_DATA(probs), m, scale, p, seed, &d,
+                               parts);
     Py_END_ALLOW_THREADS;
     free(scratch);
     Py_DECREF(dctx);
