@@ -142,7 +142,7 @@ class LoRALinear(_LoRABase):
         if kind == "dense":
             if self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 raise RuntimeError("LoRALinear.backward: the layer is merged; unmerge() to train")
-            dx, _ = F.dense_backward(dout, x, W, need_dweight=False)
+            dx, _ = F.dense_backward(dout, x, W, need_dx=self.need_input_grad, need_dweight=False)
         else:
             xa, p, seed = rest
             dx, dA, dB = F.linear_backward(
@@ -153,6 +153,7 @@ class LoRALinear(_LoRABase):
                 self.lora_A.data,
                 self.lora_B.data,
                 self.scaling,
+                need_dx=self.need_input_grad,
                 dropout=p,
                 seed=seed,
             )

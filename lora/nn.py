@@ -81,7 +81,13 @@ class Module:
 
     Subclasses implement `forward(*args)` and `backward(dout) -> din`. Assigning a Parameter or
     a Module to an attribute registers it under that name, in assignment order.
+
+    `need_input_grad = False` tells a layer that nothing upstream uses its input gradient
+    (say, the first layer over frozen embeddings): Linear and LoRALinear then skip computing
+    it, as autograd would, and backward returns None.
     """
+
+    need_input_grad = True
 
     def __init__(self):
         object.__setattr__(self, "_parameters", {})
@@ -309,7 +315,8 @@ class Linear(Module):
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         (x,) = self._saved()
-        dx, dw = F.dense_backward(dout, x, self.weight.data, need_dweight=self.weight.requires_grad)
+        dx, dw = F.dense_backward(dout, x, self.weight.data, need_dx=self.need_input_grad,
+                                  need_dweight=self.weight.requires_grad)
         if dw is not None:
             self.weight.accumulate(dw)
         if self.bias is not None and self.bias.requires_grad:

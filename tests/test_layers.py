@@ -208,3 +208,29 @@ def test_embedding_init():
     assert layer.lora_embedding_B.data.std() == pytest.approx(1.0, rel=0.1)
     init_lora_weights(layer, False)
     assert layer.lora_embedding_A.data.std() == pytest.approx(1.0, rel=0.1)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_no_input_grad_skips_dx_but_not_the_parameter_gradients(merged):
+    rng = np.random.default_rng(5)
+    x, dout = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
+    grads = {}
+    for need in (True, False):
+        layer = _lora_linear(seed=1)
+        if merged:
+            layer.lora_A.requires_grad = layer.lora_B.requires_grad = False
+            layer.merge()
+        layer.need_input_grad = need
+        layer.train()
+        layer(x)
+        dx = layer.backward(dout)
+        assert (dx is None) == (not need)
+        grads[need] = [None if p.grad is None else p.grad.copy() for p in layer.parameters()]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    base = nn.Linear(6, 5, rng=rng, dtype=np.float64)
+    base.need_input_grad = False
+    base(x)
+    assert base.backward(dout) is None and base.weight.grad is not None

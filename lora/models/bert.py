@@ -280,6 +280,8 @@ class BertSelfAttention(Module):
                                           key_mask=mask, dropout=p_drop, seed=seed)
         del q, k, v, probs
         key_grad = self.need_input_grad or any(p.requires_grad for p in self.key.parameters())
+        for proj in (self.query, self.key, self.value):
+            proj.need_input_grad = self.need_input_grad
         dx = self.query.backward(dq)
         dxv = self.value.backward(dv)
         if dx is not None and dxv is not None:
