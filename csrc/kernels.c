@@ -106,8 +106,8 @@ size_t lora_part_elems(size_t d_in, size_t d_out, size_t r, int has_dropout) {
 }
 
 size_t lora_backward_parts(size_t n, size_t d_in, size_t d_out) {
-    /* a part is worth a thread from ~128k elements of dy and x, and two tiles of rows */
-    size_t min_rows = (1 << 17) / (d_in + d_out);
+    /* a part is worth a thread from ~64k elements of dy and x, and two tiles of rows */
+    size_t min_rows = (1 << 16) / (d_in + d_out);
     if (min_rows < 2 * LORA_BWD_TILE) min_rows = 2 * LORA_BWD_TILE;
     size_t parts = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
     if (parts > n / min_rows) parts = n / min_rows;

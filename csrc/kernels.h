@@ -26,6 +26,9 @@
  * dimension of rank_update). */
 #define LORA_BWD_TILE 16
 
+/* Batches of fewer rows go through OpenBLAS GEMMs in the backward instead of the row pass. */
+#define LORA_BWD_ROW_PASS_MIN 1024
+
 /* How many row ranges (one per thread) lora_backward splits n rows into; read once by the
  * caller and passed to both calls below, so the scratch and the kernel agree. */
 size_t lora_backward_parts(size_t n, size_t d_in, size_t d_out);
