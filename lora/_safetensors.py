@@ -34,6 +34,9 @@ ITEMSIZE = {
 STORAGE = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"),
            "F64": np.dtype("<f8")}  # fmt: skip
 MAX_HEADER = 100_000_000  # the limit the safetensors package enforces
+# A Hugging Face checkpoint directory holds one of these.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class SafetensorsError(ValueError):
@@ -125,6 +128,36 @@ def read_header(path: str | os.PathLike) -> Header:
             f"{path}: truncated or corrupt: header describes {position} bytes, file has {size}"
         )
     return Header(path, prefix + header_bytes, metadata, {t.name: t for t in infos}, size)
+
+
+def checkpoint_shards(directory: str | os.PathLike) -> tuple[list[str], dict | None]:
+    """The safetensors files of a Hugging Face checkpoint directory, as file names in the order
+    the index first lists them, and the parsed index, whose "weight_map" is checked to map
+    names to file names (None for a single model.safetensors). Only the index is read.
+    Raises FileNotFoundError when the directory has neither file, SafetensorsError for an
+    index that is not one or that names a shard outside the directory."""
+    directory = os.fspath(directory)
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise SafetensorsError(f"{index_path}: not a safetensors index ({e})") from None
+        shards = list(dict.fromkeys(weight_map.values()))
+        for shard in shards:
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise SafetensorsError(f"{index_path}: shard {shard!r} is not a file name")
+        return shards, index
+    if os.path.isfile(os.path.join(directory, SINGLE_FILE)):
+        return [SINGLE_FILE], None
+    raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors "
+                            "checkpoints are supported)")
 
 
 def read_array(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:

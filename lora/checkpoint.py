@@ -32,10 +32,12 @@ import numpy as np
 
 from . import _peft_format as peft
 from ._safetensors import (
+    INDEX_FILE,
     STORAGE,
     Header,
     SafetensorsError,
     TensorInfo,
+    checkpoint_shards,
     copy_range,
     from_compute,
     read_array,
@@ -44,9 +46,6 @@ from ._safetensors import (
     to_compute,
 )
 from .functional import merge
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 __all__ = ["merge_checkpoint", "CheckpointError", "add_merge_arguments", "run_merge"]
 
@@ -152,29 +151,11 @@ def _check_out(base: str, adapters: list[str], out: str, force: bool) -> None:
 
 def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
     """Read and check every input; nothing is written here."""
-    index_path = os.path.join(base, INDEX_FILE)
-    index = None
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) for v in weight_map.values()
-            ):
-                raise TypeError("weight_map must map tensor names to file names")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
-        shards = list(dict.fromkeys(weight_map.values()))
-        for shard in shards:
-            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
-                raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name")
-    elif os.path.isfile(os.path.join(base, SINGLE_FILE)):
-        weight_map, shards = None, [SINGLE_FILE]
-    else:
-        raise CheckpointError(
-            f"{base}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)"
-        )
+    try:
+        shards, index = checkpoint_shards(base)
+    except (FileNotFoundError, SafetensorsError) as e:
+        raise CheckpointError(str(e)) from None
+    weight_map = None if index is None else index["weight_map"]
     headers = {}
     for shard in shards:
         path = os.path.join(base, shard)

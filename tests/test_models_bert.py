@@ -261,3 +261,27 @@ def test_lora_fine_tune_beats_frozen_baseline(tok):
     lora_acc = run(tuned, [p for p in tuned.parameters() if p.requires_grad], epochs=4)
     assert lora_acc > base_acc + 0.1, (base_acc, lora_acc)
     assert lora_acc > 0.85, lora_acc
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shards", [False, True])
+def test_from_pretrained_reads_half_precision_and_sharded_checkpoints(tmp_path, dtype, shards):
+    """transformers' own save_pretrained in bf16 / fp16 / fp32, whole or sharded: the model
+    loads, every weight widened exactly, and runs as the float32 model of the same values."""
+    cfg = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=48, max_position_embeddings=16, **NO_DROPOUT)
+    torch.manual_seed(1)
+    ref = transformers.BertModel(transformers.BertConfig(**cfg), add_pooling_layer=False)
+    ref = ref.to(getattr(torch, dtype))
+    ref.save_pretrained(tmp_path, safe_serialization=True,
+                        max_shard_size="20KB" if shards else "10GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == shards
+    model = BertModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    widened = {k: v.float().numpy() for k, v in ref.state_dict().items()
+               if k != "embeddings.position_ids"}
+    for name, value in widened.items():
+        np.testing.assert_array_equal(model.state_dict()[name], value, err_msg=name)
+    same = BertModel(lora.models.BertConfig.from_dict(cfg), add_pooling_layer=False).eval()
+    same.load_state_dict(widened)
+    ids = np.random.default_rng(0).integers(0, 50, (2, 5))
+    np.testing.assert_array_equal(model(ids), same(ids))

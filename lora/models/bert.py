@@ -23,6 +23,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .. import functional as F
+from .._safetensors import (
+    INDEX_FILE,
+    STORAGE,
+    SafetensorsError,
+    checkpoint_shards,
+    read_array,
+    read_header,
+    to_compute,
+)
 from .. import nn
 from ..nn import Module, Parameter
 
@@ -75,27 +84,37 @@ class BertConfig:
 
 def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of `model.safetensors` (or of the shards that
-    `model.safetensors.index.json` lists) as float32 (integer tensors as they are)."""
-    from safetensors import safe_open
-
+    `model.safetensors.index.json` lists) as float32: float16 and bfloat16 checkpoints are
+    widened exactly, integer tensors kept as they are. Read with lora's own safetensors reader,
+    one tensor at a time. Raises FileNotFoundError for a directory with neither file."""
     directory = os.fspath(directory)
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{directory}: no model.safetensors (or its index) found")
+    shards, _ = checkpoint_shards(directory)
     out = {}
-    for name in files:
-        with safe_open(os.path.join(directory, name), framework="np") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if np.issubdtype(t.dtype, np.floating) and t.dtype != np.float32:
-                    t = t.astype(np.float32)
-                out[key] = t
+    for shard in shards:
+        path = os.path.join(directory, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (listed in {INDEX_FILE})")
+        for name, info in read_header(path).tensors.items():
+            if info.dtype in STORAGE:
+                t = to_compute(read_array(path, info), info.dtype)
+                out[name] = t if t.dtype == np.float32 else t.astype(np.float32)
+            elif info.dtype in _INTEGER:
+                out[name] = _read_integer(path, info)
+            else:
+                raise SafetensorsError(f"{path}: tensor {name!r} has dtype {info.dtype}; "
+                                       "expected a float or integer type")
     return out
+
+
+_INTEGER = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _read_integer(path: str, info) -> np.ndarray:
+    """An integer tensor (transformers' position_ids buffers): small, read whole."""
+    with open(path, "rb") as f:
+        f.seek(info.begin)
+        data = f.read(info.end - info.begin)
+    return np.frombuffer(data, _INTEGER[info.dtype]).reshape(info.shape).copy()
 
 
 def _hf_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
