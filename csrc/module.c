@@ -276,21 +276,31 @@ static void *alloc_scratch(size_t elems, int type) {
     return alloc_bytes(elems * (type == NPY_FLOAT32 ? sizeof(float) : sizeof(double)));
 }
 
-/* The shapes of a LoRA layer: weight (d_out, d_in), A (r, d_in), B (d_out, r). */
+/* d_out and d_in from a 2-D weight: (d_out, d_in), or (d_in, d_out) when wt (fan_in_fan_out). */
+static int check_weight_dims(const char *func, PyArrayObject *weight, int wt, npy_intp *d_out,
+                             npy_intp *d_in) {
+    *d_out = PyArray_DIM(weight, wt ? 1 : 0);
+    *d_in = PyArray_DIM(weight, wt ? 0 : 1);
+    return check_blas_size(func, "weight", wt ? "d_out (weight.shape[1], fan_in_fan_out)"
+                                              : "d_out (weight.shape[0])", *d_out, 1) ||
+           check_blas_size(func, "weight", wt ? "d_in (weight.shape[0], fan_in_fan_out)"
+                                              : "d_in (weight.shape[1])", *d_in, 1);
+}
+
+/* The shapes of a LoRA layer: weight (d_out, d_in) (or (d_in, d_out) when fan_in_fan_out),
+ * A (r, d_in), B (d_out, r). */
 typedef struct {
     npy_intp d_out, d_in, r;
 } LoraDims;
 
 static int check_lora_weights(const char *func, PyArrayObject *weight, PyArrayObject *A,
-                              PyArrayObject *B, LoraDims *dims) {
+                              PyArrayObject *B, LoraDims *dims, int wt) {
     if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "A", A, 2, 0) ||
         check_ndim(func, "B", B, 2, 0))
         return -1;
-    dims->d_out = PyArray_DIM(weight, 0);
-    dims->d_in = PyArray_DIM(weight, 1);
+    if (check_weight_dims(func, weight, wt, &dims->d_out, &dims->d_in)) return -1;
     dims->r = PyArray_DIM(A, 0);
-    if (check_blas_size(func, "weight", "d_out (weight.shape[0])", dims->d_out, 1) ||
-        check_blas_size(func, "weight", "d_in (weight.shape[1])", dims->d_in, 1) ||
+    if (
         check_blas_size(func, "A", "the rank r (A.shape[0])", dims->r, 1))
         return -1;
     npy_intp want_a[2] = {dims->r, dims->d_in}, want_b[2] = {dims->d_out, dims->r};
@@ -303,7 +313,8 @@ static int check_lora_weights(const char *func, PyArrayObject *weight, PyArrayOb
 /* ------------------------------------------------------------------ linear_forward */
 
 PyDoc_STRVAR(linear_forward_doc,
-"linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None)\n--\n\n"
+"linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None,\n"
+"               fan_in_fan_out=False)\n--\n\n"
 "Forward pass of a LoRA linear layer.\n\n"
 "Computes ``y = x @ weight.T + bias + scale * (drop(x) @ A.T) @ B.T``.\n\n"
 "Parameters\n----------\n"
@@ -315,7 +326,10 @@ PyDoc_STRVAR(linear_forward_doc,
 "bias : ndarray, shape (d_out,), optional\n"
 "dropout : float in [0, 1)\n    Dropout probability on the LoRA branch's input.\n"
 "seed : int, required when dropout > 0\n"
-"    Key of the dropout mask; pass the same seed to linear_backward.\n\n"
+"    Key of the dropout mask; pass the same seed to linear_backward.\n"
+"fan_in_fan_out : bool\n"
+"    weight is stored (d_in, d_out), as GPT-2's Conv1D: ``y = x @ weight + ...``; it is\n"
+"    read in place, never transposed into a copy.\n\n"
 "Returns\n-------\n"
 "y : ndarray, shape (..., d_out)\n"
 "xa : ndarray, shape (..., r)\n    drop(x) @ A.T, kept for linear_backward.\n\n"
@@ -323,8 +337,10 @@ PyDoc_STRVAR(linear_forward_doc,
 
 static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "linear_forward";
-    static char *kwlist[] = {"x", "weight", "A", "B", "scale", "bias", "dropout", "seed", NULL};
+    static char *kwlist[] = {"x",    "weight",  "A",    "B",           "scale",
+                             "bias", "dropout", "seed", "fan_in_fan_out", NULL};
     PyObject *x_o, *w_o, *a_o, *b_o, *scale_o, *bias_o = Py_None, *drop_o = NULL, *seed_o = NULL;
+    int wt = 0;
     PyArrayObject *x = NULL, *weight = NULL, *A = NULL, *B = NULL, *bias = NULL;
     PyArrayObject *y = NULL, *xa = NULL;
     void *scratch = NULL;
@@ -333,15 +349,15 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     uint64_t seed;
     LoraDims dm;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|O$OO:linear_forward", kwlist, &x_o, &w_o,
-                                     &a_o, &b_o, &scale_o, &bias_o, &drop_o, &seed_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|O$OOp:linear_forward", kwlist, &x_o, &w_o,
+                                     &a_o, &b_o, &scale_o, &bias_o, &drop_o, &seed_o, &wt))
         return NULL;
     if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
     if (!(weight = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
     if (!(A = get_array(func, "A", a_o, &type, "x", 0))) goto fail;
     if (!(B = get_array(func, "B", b_o, &type, "x", 0))) goto fail;
     if (bias_o != Py_None && !(bias = get_array(func, "bias", bias_o, &type, "x", 0))) goto fail;
-    if (check_lora_weights(func, weight, A, B, &dm)) goto fail;
+    if (check_lora_weights(func, weight, A, B, &dm, wt)) goto fail;
     if (check_ndim(func, "x", x, 1, 1)) goto fail;
     if (check_rows_like(func, "x", x, x, dm.d_in, "(..., d_in)")) goto fail;
     npy_intp n = leading_rows(x);
@@ -363,11 +379,11 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (type == NPY_FLOAT32)
         lora_forward_f32(PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
                          PyArray_DATA(weight), bias_p, PyArray_DATA(A), PyArray_DATA(B),
-                         (float)scale, p, seed, n, dm.d_in, dm.d_out, dm.r);
+                         (float)scale, p, seed, n, dm.d_in, dm.d_out, dm.r, wt);
     else
         lora_forward_f64(PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
                          PyArray_DATA(weight), bias_p, PyArray_DATA(A), PyArray_DATA(B), scale, p,
-                         seed, n, dm.d_in, dm.d_out, dm.r);
+                         seed, n, dm.d_in, dm.d_out, dm.r, wt);
     Py_END_ALLOW_THREADS;
 
     free(scratch);
@@ -392,13 +408,14 @@ fail:
 /* ------------------------------------------------------------------ linear_backward */
 
 PyDoc_STRVAR(linear_backward_doc,
-"linear_backward(dy, x, xa, weight, A, B, scale, *, need_dx=True, dropout=0.0, seed=None)\n--\n\n"
+"linear_backward(dy, x, xa, weight, A, B, scale, *, need_dx=True, dropout=0.0, seed=None,\n"
+"                fan_in_fan_out=False)\n--\n\n"
 "Backward pass of linear_forward. The frozen weight gets no gradient.\n\n"
 "Parameters\n----------\n"
 "dy : ndarray, shape (..., d_out)\n    Gradient of the loss with respect to y.\n"
 "x : ndarray, shape (..., d_in)\n"
 "xa : ndarray, shape (..., r)\n    As returned by linear_forward.\n"
-"weight, A, B, scale : as for linear_forward\n"
+"weight, A, B, scale, fan_in_fan_out : as for linear_forward\n"
 "need_dx : bool\n    Whether to compute the input gradient.\n"
 "dropout, seed : the values given to linear_forward\n\n"
 "Returns\n-------\n"
@@ -408,10 +425,10 @@ PyDoc_STRVAR(linear_backward_doc,
 
 static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "linear_backward";
-    static char *kwlist[] = {"dy",    "x",       "xa",      "weight", "A", "B",
-                             "scale", "need_dx", "dropout", "seed",   NULL};
+    static char *kwlist[] = {"dy",      "x",       "xa",   "weight",         "A", "B",
+                             "scale",   "need_dx", "dropout", "seed", "fan_in_fan_out", NULL};
     PyObject *dy_o, *x_o, *xa_o, *w_o, *a_o, *b_o, *scale_o, *drop_o = NULL, *seed_o = NULL;
-    int need_dx = 1;
+    int need_dx = 1, wt = 0;
     PyArrayObject *dy = NULL, *x = NULL, *xa = NULL, *weight = NULL, *A = NULL, *B = NULL;
     PyArrayObject *dx = NULL, *dA = NULL, *dB = NULL;
     void *scratch = NULL;
@@ -420,9 +437,9 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     uint64_t seed;
     LoraDims dm;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$pOO:linear_backward", kwlist, &dy_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$pOOp:linear_backward", kwlist, &dy_o,
                                      &x_o, &xa_o, &w_o, &a_o, &b_o, &scale_o, &need_dx, &drop_o,
-                                     &seed_o))
+                                     &seed_o, &wt))
         return NULL;
     if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
     if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
@@ -430,7 +447,7 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (!(weight = get_array(func, "weight", w_o, &type, "dy", 0))) goto fail;
     if (!(A = get_array(func, "A", a_o, &type, "dy", 0))) goto fail;
     if (!(B = get_array(func, "B", b_o, &type, "dy", 0))) goto fail;
-    if (check_lora_weights(func, weight, A, B, &dm)) goto fail;
+    if (check_lora_weights(func, weight, A, B, &dm, wt)) goto fail;
     if (check_ndim(func, "x", x, 1, 1)) goto fail;
     if (check_rows_like(func, "x", x, x, dm.d_in, "(..., d_in)")) goto fail;
     if (check_rows_like(func, "dy", dy, x, dm.d_out, "(..., d_out) with the leading dims of x"))
@@ -461,12 +478,12 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
         lora_backward_f32(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
                           PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
                           PyArray_DATA(A), PyArray_DATA(B), (float)scale, p, seed, n, dm.d_in,
-                          dm.d_out, dm.r, parts);
+                          dm.d_out, dm.r, parts, wt);
     else
         lora_backward_f64(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
                           PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
                           PyArray_DATA(A), PyArray_DATA(B), scale, p, seed, n, dm.d_in, dm.d_out,
-                          dm.r, parts);
+                          dm.r, parts, wt);
     Py_END_ALLOW_THREADS;
 
     free(scratch);
@@ -588,31 +605,30 @@ static PyObject *unmerge(PyObject *self, PyObject *args, PyObject *kwds) {
 /* ------------------------------------------------------------------ dense forward/backward */
 
 PyDoc_STRVAR(dense_forward_doc,
-"dense_forward(x, weight, bias=None)\n--\n\n"
-"A plain linear layer: ``y = x @ weight.T + bias``.\n\n"
+"dense_forward(x, weight, bias=None, *, fan_in_fan_out=False)\n--\n\n"
+"A plain linear layer: ``y = x @ weight.T + bias`` (``x @ weight + bias`` when\n"
+"fan_in_fan_out: weight stored (d_in, d_out), as GPT-2's Conv1D, read in place).\n\n"
 "Parameters\n----------\n"
-"x : ndarray, shape (..., d_in)\nweight : ndarray, shape (d_out, d_in)\n"
-"bias : ndarray, shape (d_out,), optional\n\n"
+"x : ndarray, shape (..., d_in)\nweight : ndarray, shape (d_out, d_in) or (d_in, d_out)\n"
+"bias : ndarray, shape (d_out,), optional\nfan_in_fan_out : bool\n\n"
 "Returns\n-------\ny : ndarray, shape (..., d_out)");
 
 static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "dense_forward";
-    static char *kwlist[] = {"x", "weight", "bias", NULL};
+    static char *kwlist[] = {"x", "weight", "bias", "fan_in_fan_out", NULL};
     PyObject *x_o, *w_o, *bias_o = Py_None;
     PyArrayObject *x = NULL, *weight = NULL, *bias = NULL, *y = NULL;
-    int type = -1;
+    int type = -1, wt = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:dense_forward", kwlist, &x_o, &w_o,
-                                     &bias_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O$p:dense_forward", kwlist, &x_o, &w_o,
+                                     &bias_o, &wt))
         return NULL;
     if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
     if (!(weight = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
     if (bias_o != Py_None && !(bias = get_array(func, "bias", bias_o, &type, "x", 0))) goto fail;
     if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "x", x, 1, 1)) goto fail;
-    npy_intp d_out = PyArray_DIM(weight, 0), d_in = PyArray_DIM(weight, 1);
-    if (check_blas_size(func, "weight", "d_out (weight.shape[0])", d_out, 1) ||
-        check_blas_size(func, "weight", "d_in (weight.shape[1])", d_in, 1))
-        goto fail;
+    npy_intp d_out, d_in;
+    if (check_weight_dims(func, weight, wt, &d_out, &d_in)) goto fail;
     if (check_rows_like(func, "x", x, x, d_in, "(..., d_in)")) goto fail;
     npy_intp n = leading_rows(x);
     if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
@@ -624,10 +640,10 @@ static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
         dense_forward_f32(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, n,
-                          d_in, d_out);
+                          d_in, d_out, wt);
     else
         dense_forward_f64(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, n,
-                          d_in, d_out);
+                          d_in, d_out, wt);
     Py_END_ALLOW_THREADS;
     Py_DECREF(x);
     Py_DECREF(weight);
@@ -642,32 +658,32 @@ fail:
 }
 
 PyDoc_STRVAR(dense_backward_doc,
-"dense_backward(dy, x, weight, *, need_dx=True, need_dweight=True)\n--\n\n"
+"dense_backward(dy, x, weight, *, need_dx=True, need_dweight=True, fan_in_fan_out=False)\n"
+"--\n\n"
 "Backward of dense_forward: ``dx = dy @ weight``, ``dweight = dy.T @ x`` (rows of the\n"
-"leading dims flattened). The bias gradient is ``dy`` summed over rows, left to the caller.\n\n"
+"leading dims flattened; with fan_in_fan_out ``dx = dy @ weight.T``, ``dweight = x.T @ dy``).\n"
+"The bias gradient is ``dy`` summed over rows, left to the caller.\n\n"
 "Returns\n-------\n"
 "dx : ndarray, shape (..., d_in), or None when need_dx is False\n"
-"dweight : ndarray, shape (d_out, d_in), or None when need_dweight is False");
+"dweight : ndarray, weight's shape, or None when need_dweight is False");
 
 static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "dense_backward";
-    static char *kwlist[] = {"dy", "x", "weight", "need_dx", "need_dweight", NULL};
+    static char *kwlist[] = {"dy", "x", "weight", "need_dx", "need_dweight", "fan_in_fan_out", NULL};
     PyObject *dy_o, *x_o, *w_o;
-    int need_dx = 1, need_dw = 1;
+    int need_dx = 1, need_dw = 1, wt = 0;
     PyArrayObject *dy = NULL, *x = NULL, *weight = NULL, *dx = NULL, *dW = NULL;
     int type = -1;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$pp:dense_backward", kwlist, &dy_o, &x_o,
-                                     &w_o, &need_dx, &need_dw))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$ppp:dense_backward", kwlist, &dy_o, &x_o,
+                                     &w_o, &need_dx, &need_dw, &wt))
         return NULL;
     if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
     if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
     if (!(weight = get_array(func, "weight", w_o, &type, "dy", 0))) goto fail;
     if (check_ndim(func, "weight", weight, 2, 0) || check_ndim(func, "x", x, 1, 1)) goto fail;
-    npy_intp d_out = PyArray_DIM(weight, 0), d_in = PyArray_DIM(weight, 1);
-    if (check_blas_size(func, "weight", "d_out (weight.shape[0])", d_out, 1) ||
-        check_blas_size(func, "weight", "d_in (weight.shape[1])", d_in, 1))
-        goto fail;
+    npy_intp d_out, d_in;
+    if (check_weight_dims(func, weight, wt, &d_out, &d_in)) goto fail;
     if (check_rows_like(func, "x", x, x, d_in, "(..., d_in)")) goto fail;
     if (check_rows_like(func, "dy", dy, x, d_out, "(..., d_out) with the leading dims of x"))
         goto fail;
@@ -675,17 +691,17 @@ static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
     if (as_carray(&dy) || as_carray(&x) || as_carray(&weight)) goto fail;
     if (need_dx && !(dx = new_like_rows(x, d_in, type))) goto fail;
-    npy_intp w_dims[2] = {d_out, d_in};
+    npy_intp w_dims[2] = {wt ? d_in : d_out, wt ? d_out : d_in}; /* weight's own layout */
     if (need_dw && !(dW = (PyArrayObject *)PyArray_SimpleNew(2, w_dims, type))) goto fail;
 
     void *dx_p = dx ? PyArray_DATA(dx) : NULL, *dw_p = dW ? PyArray_DATA(dW) : NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
         dense_backward_f32(dx_p, dw_p, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(weight), n,
-                           d_in, d_out);
+                           d_in, d_out, wt);
     else
         dense_backward_f64(dx_p, dw_p, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(weight), n,
-                           d_in, d_out);
+                           d_in, d_out, wt);
     Py_END_ALLOW_THREADS;
     Py_DECREF(dy);
     Py_DECREF(x);

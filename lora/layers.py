@@ -123,26 +123,28 @@ class LoRALinear(_LoRABase):
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.disabled and self.merged:
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
-        W = self._weight_out_in()
+        W, fifo = self.weight.data, self.fan_in_fan_out  # read in place in either layout
         bias = None if self.bias is None else self.bias.data
         if self.disabled or self.merged:
             self._save("dense", x)
-            return F.dense_forward(x, W, bias)
+            return F.dense_forward(x, W, bias, fan_in_fan_out=fifo)
         p = self.lora_dropout if self.training else 0.0
         seed = int(self.rng.integers(0, 2**63)) if p > 0 else None
         y, xa = F.linear_forward(
-            x, W, self.lora_A.data, self.lora_B.data, self.scaling, bias, dropout=p, seed=seed
+            x, W, self.lora_A.data, self.lora_B.data, self.scaling, bias, dropout=p, seed=seed,
+            fan_in_fan_out=fifo,
         )
         self._save("lora", x, xa, p, seed)
         return y
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         kind, x, *rest = self._saved()
-        W = self._weight_out_in()
+        W, fifo = self.weight.data, self.fan_in_fan_out
         if kind == "dense":
             if self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 raise RuntimeError("LoRALinear.backward: the layer is merged; unmerge() to train")
-            dx, _ = F.dense_backward(dout, x, W, need_dx=self.need_input_grad, need_dweight=False)
+            dx, _ = F.dense_backward(dout, x, W, need_dx=self.need_input_grad, need_dweight=False,
+                                     fan_in_fan_out=fifo)
         else:
             xa, p, seed = rest
             dx, dA, dB = F.linear_backward(
@@ -156,14 +158,15 @@ class LoRALinear(_LoRABase):
                 need_dx=self.need_input_grad,
                 dropout=p,
                 seed=seed,
+                fan_in_fan_out=fifo,
             )
             if self.lora_A.requires_grad:
                 self.lora_A.accumulate(dA)
             if self.lora_B.requires_grad:
                 self.lora_B.accumulate(dB)
         if self.weight.requires_grad:
-            _, dW = F.dense_backward(dout, x, W, need_dx=False)
-            self.weight.accumulate(dW.T if self.fan_in_fan_out else dW)
+            _, dW = F.dense_backward(dout, x, W, need_dx=False, fan_in_fan_out=fifo)
+            self.weight.accumulate(dW)
         if self.bias is not None and self.bias.requires_grad:
             self.bias.accumulate(_rows(dout).sum(axis=0))
         return dx

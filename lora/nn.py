@@ -344,13 +344,14 @@ class Conv1D(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._save(x)
-        return F.dense_forward(x, np.ascontiguousarray(self.weight.data.T), self.bias.data)
+        return F.dense_forward(x, self.weight.data, self.bias.data, fan_in_fan_out=True)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         (x,) = self._saved()
-        dx = dout @ self.weight.data.T
-        if self.weight.requires_grad:
-            self.weight.accumulate(_rows(x).T @ _rows(dout))
+        dx, dw = F.dense_backward(dout, x, self.weight.data, need_dx=self.need_input_grad,
+                                  need_dweight=self.weight.requires_grad, fan_in_fan_out=True)
+        if dw is not None:
+            self.weight.accumulate(dw)
         if self.bias.requires_grad:
             self.bias.accumulate(_rows(dout).sum(axis=0))
         return dx

@@ -369,3 +369,38 @@ def test_layer_norm_bad_input():
     y, mean, rstd = F.layer_norm_forward(x, w)
     with pytest.raises(ValueError, match="layer_norm_backward: argument 'rstd' must have shape"):
         F.layer_norm_backward(y, x, mean, rstd[:2], w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 5, 1030])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fan_in_fan_out_reads_the_transposed_weight_in_place(dtype, n, dropout):
+    """weight stored (d_in, d_out), GPT-2's Conv1D: the same results as the (d_out, d_in) call,
+    through gemv (n = 1), GEMMs, and the backward's row pass (n >= 1024)."""
+    rng = np.random.default_rng(11)
+    t = layer(rng, (n,), 24, 40, 4, dtype)
+    wt = np.ascontiguousarray(t["weight"].T)
+    seed = 5 if dropout else None
+    kw = dict(dropout=dropout, seed=seed)
+    y, xa = F.linear_forward(t["x"], t["weight"], t["A"], t["B"], 0.7, t["bias"], **kw)
+    y2, xa2 = F.linear_forward(t["x"], wt, t["A"], t["B"], 0.7, t["bias"], fan_in_fan_out=True,
+                               **kw)
+    close(y2, y, dtype)
+    np.testing.assert_array_equal(xa2, xa)
+    dy = rand(rng, y.shape, dtype)
+    ref_grads = F.linear_backward(dy, t["x"], xa, t["weight"], t["A"], t["B"], 0.7, **kw)
+    grads = F.linear_backward(dy, t["x"], xa, wt, t["A"], t["B"], 0.7, fan_in_fan_out=True, **kw)
+    for g, g_ref in zip(grads, ref_grads, strict=True):
+        close(g, g_ref, dtype)
+    close(F.dense_forward(t["x"], wt, t["bias"], fan_in_fan_out=True),
+          F.dense_forward(t["x"], t["weight"], t["bias"]), dtype)
+    dx, dw = F.dense_backward(dy, t["x"], wt, fan_in_fan_out=True)
+    dx_ref, dw_ref = F.dense_backward(dy, t["x"], t["weight"])
+    assert dw.shape == wt.shape
+    close(dx, dx_ref, dtype)
+    close(dw, dw_ref.T, dtype)
+    # an untransposed weight: d_in is then read as 40, which A's shape contradicts
+    with pytest.raises(ValueError, match=r"linear_forward: argument 'A' .* = \(4, 40\)"):
+        F.linear_forward(t["x"], t["weight"], t["A"], t["B"], 0.7, fan_in_fan_out=True)
+    with pytest.raises(ValueError, match=r"dense_forward: argument 'x'"):
+        F.dense_forward(t["x"], t["weight"], fan_in_fan_out=True)
