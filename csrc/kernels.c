@@ -69,11 +69,19 @@ static void *run_chunk(void *arg) {
 
 #define LORA_MAX_THREADS 64
 
+/* How many threads lora uses for `work` units that each deserve a thread of their own: as
+ * many as the linked OpenBLAS is set to (lora.set_num_threads), at most `work`, at most
+ * LORA_MAX_THREADS, at least one. */
+static size_t lora_threads(size_t work) {
+    size_t threads = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
+    if (threads > work) threads = work;
+    if (threads > LORA_MAX_THREADS) threads = LORA_MAX_THREADS;
+    return threads ? threads : 1;
+}
+
 void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, size_t, size_t),
                        void *ctx) {
-    size_t threads = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
-    if (threads > n / grain) threads = n / grain;
-    if (threads > LORA_MAX_THREADS) threads = LORA_MAX_THREADS;
+    const size_t threads = lora_threads(n / grain);
     if (threads <= 1) {
         fn(ctx, 0, n);
         return;
@@ -109,10 +117,7 @@ size_t lora_backward_parts(size_t n, size_t d_in, size_t d_out) {
     /* a part is worth a thread from ~64k elements of dy and x, and two tiles of rows */
     size_t min_rows = (1 << 16) / (d_in + d_out);
     if (min_rows < 2 * LORA_BWD_TILE) min_rows = 2 * LORA_BWD_TILE;
-    size_t parts = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
-    if (parts > n / min_rows) parts = n / min_rows;
-    if (parts > LORA_MAX_THREADS) parts = LORA_MAX_THREADS;
-    return parts ? parts : 1;
+    return lora_threads(n / min_rows);
 }
 
 size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has_dropout,
@@ -183,12 +188,7 @@ static size_t attention_part_bytes(const LoraAttnDims *d, size_t elem) {
            round64(inner_max * 128);
 }
 
-size_t lora_attention_parts(const LoraAttnDims *d) {
-    size_t parts = (size_t)CBLAS_FUNC(openblas_get_num_threads)(), pairs = d->batch * d->heads;
-    if (parts > pairs) parts = pairs;
-    if (parts > LORA_MAX_THREADS) parts = LORA_MAX_THREADS;
-    return parts ? parts : 1;
-}
+size_t lora_attention_parts(const LoraAttnDims *d) { return lora_threads(d->batch * d->heads); }
 
 size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t parts) {
     return attention_items_bytes(d) + parts * attention_part_bytes(d, elem);

@@ -1288,34 +1288,29 @@ static PyObject *blas_info(PyObject *self, PyObject *unused) {
 
 /* ------------------------------------------------------------------ module */
 
+/* A function taking keyword arguments, with its docstring NAME_doc. */
+#define KW_METHOD(name)                                                                      \
+    {#name, (PyCFunction)(void (*)(void))name, METH_VARARGS | METH_KEYWORDS, name##_doc}
+
 static PyMethodDef methods[] = {
-    {"linear_forward", (PyCFunction)(void (*)(void))linear_forward, METH_VARARGS | METH_KEYWORDS,
-     linear_forward_doc},
-    {"linear_backward", (PyCFunction)(void (*)(void))linear_backward,
-     METH_VARARGS | METH_KEYWORDS, linear_backward_doc},
-    {"merge", (PyCFunction)(void (*)(void))merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
-    {"unmerge", (PyCFunction)(void (*)(void))unmerge, METH_VARARGS | METH_KEYWORDS, unmerge_doc},
-    {"dense_forward", (PyCFunction)(void (*)(void))dense_forward, METH_VARARGS | METH_KEYWORDS,
-     dense_forward_doc},
-    {"dense_backward", (PyCFunction)(void (*)(void))dense_backward, METH_VARARGS | METH_KEYWORDS,
-     dense_backward_doc},
-    {"adam_step", (PyCFunction)(void (*)(void))adam_step, METH_VARARGS | METH_KEYWORDS,
-     adam_step_doc},
-    {"layer_norm_forward", (PyCFunction)(void (*)(void))layer_norm_forward,
-     METH_VARARGS | METH_KEYWORDS, layer_norm_forward_doc},
-    {"layer_norm_backward", (PyCFunction)(void (*)(void))layer_norm_backward,
-     METH_VARARGS | METH_KEYWORDS, layer_norm_backward_doc},
-    {"gelu_forward", (PyCFunction)(void (*)(void))gelu_forward, METH_VARARGS | METH_KEYWORDS,
-     gelu_forward_doc},
-    {"gelu_backward", (PyCFunction)(void (*)(void))gelu_backward, METH_VARARGS | METH_KEYWORDS,
-     gelu_backward_doc},
-    {"attention_forward", (PyCFunction)(void (*)(void))attention_forward,
-     METH_VARARGS | METH_KEYWORDS, attention_forward_doc},
-    {"attention_backward", (PyCFunction)(void (*)(void))attention_backward,
-     METH_VARARGS | METH_KEYWORDS, attention_backward_doc},
+    KW_METHOD(linear_forward),
+    KW_METHOD(linear_backward),
+    KW_METHOD(merge),
+    KW_METHOD(unmerge),
+    KW_METHOD(dense_forward),
+    KW_METHOD(dense_backward),
+    KW_METHOD(adam_step),
+    KW_METHOD(layer_norm_forward),
+    KW_METHOD(layer_norm_backward),
+    KW_METHOD(gelu_forward),
+    KW_METHOD(gelu_backward),
+    KW_METHOD(attention_forward),
+    KW_METHOD(attention_backward),
     {"set_num_threads", set_num_threads, METH_O, set_num_threads_doc},
     {"blas_info", blas_info, METH_NOARGS, blas_info_doc},
     {NULL, NULL, 0, NULL}};
+
+#undef KW_METHOD
 
 static int exec_module(PyObject *module) {
     (void)module;
