@@ -33,6 +33,9 @@ ITEMSIZE = {
 # How each floating dtype is stored in NumPy: bf16 as its uint16 bit pattern.
 STORAGE = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"),
            "F64": np.dtype("<f8")}  # fmt: skip
+# Integer and bool dtypes, which read_array also reads (transformers' position_ids buffers).
+INTEGER = {"I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
+           "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?")}  # fmt: skip
 MAX_HEADER = 100_000_000  # the limit the safetensors package enforces
 # A Hugging Face checkpoint directory holds one of these.
 SINGLE_FILE = "model.safetensors"
@@ -162,9 +165,10 @@ def checkpoint_shards(directory: str | os.PathLike) -> tuple[list[str], dict | N
 
 def read_array(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
     """One tensor as a fresh, writeable, C-contiguous array in its storage dtype (bf16 as
-    uint16). The file is memory-mapped for this tensor only and unmapped before returning,
-    so resident memory is this one copy."""
-    dtype = STORAGE.get(info.dtype)
+    uint16; the floating dtypes of STORAGE and the integer ones of INTEGER). The file is
+    memory-mapped for this tensor only and unmapped before returning, so resident memory is
+    this one copy."""
+    dtype = STORAGE.get(info.dtype, INTEGER.get(info.dtype))
     if dtype is None:
         raise SafetensorsError(f"{path}: tensor {info.name!r}: dtype {info.dtype} not readable")
     count = info.nbytes // dtype.itemsize

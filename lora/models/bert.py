@@ -25,6 +25,7 @@ import numpy as np
 from .. import functional as F
 from .._safetensors import (
     INDEX_FILE,
+    INTEGER,
     STORAGE,
     SafetensorsError,
     checkpoint_shards,
@@ -98,23 +99,12 @@ def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
             if info.dtype in STORAGE:
                 t = to_compute(read_array(path, info), info.dtype)
                 out[name] = t if t.dtype == np.float32 else t.astype(np.float32)
-            elif info.dtype in _INTEGER:
-                out[name] = _read_integer(path, info)
+            elif info.dtype in INTEGER:
+                out[name] = read_array(path, info)
             else:
                 raise SafetensorsError(f"{path}: tensor {name!r} has dtype {info.dtype}; "
                                        "expected a float or integer type")
     return out
-
-
-_INTEGER = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
-def _read_integer(path: str, info) -> np.ndarray:
-    """An integer tensor (transformers' position_ids buffers): small, read whole."""
-    with open(path, "rb") as f:
-        f.seek(info.begin)
-        data = f.read(info.end - info.begin)
-    return np.frombuffer(data, _INTEGER[info.dtype]).reshape(info.shape).copy()
 
 
 def _hf_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
