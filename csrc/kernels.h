@@ -71,20 +71,21 @@ size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t p
 
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
-                            const T *A, const T *B, T scale, double p, uint64_t seed,         \
-                            size_t n, size_t d_in, size_t d_out, size_t r, int wt);           \
+                            const T *res, const T *A, const T *B, T scale, double p,          \
+                            uint64_t seed, size_t n, size_t d_in, size_t d_out, size_t r,     \
+                            int wt);                                                          \
     void lora_backward_##SUF(T *dx, T *dA, T *dB, T *scratch, const T *dy, const T *x,        \
                              const T *xa, const T *W, const T *A, const T *B, T scale,        \
                              double p, uint64_t seed, size_t n, size_t d_in, size_t d_out,    \
-                             size_t r, size_t parts, int wt);                                 \
+                             size_t r, size_t parts, int wt, int acc);                        \
     void lora_merge_##SUF(T *W, T *scratch, const T *A, const T *B, T scale,                 \
                           int fan_in_fan_out, size_t d_out, size_t d_in, size_t r);           \
     void lora_merge_naive_##SUF(T *W, const T *A, const T *B, T scale, size_t d_out,          \
                                 size_t d_in, size_t r);                                       \
-    void dense_forward_##SUF(T *y, const T *x, const T *W, const T *bias, size_t n,           \
-                             size_t d_in, size_t d_out, int wt);                              \
+    void dense_forward_##SUF(T *y, const T *x, const T *W, const T *bias, const T *res,       \
+                             size_t n, size_t d_in, size_t d_out, int wt);                    \
     void dense_backward_##SUF(T *dx, T *dW, const T *dy, const T *x, const T *W, size_t n,    \
-                              size_t d_in, size_t d_out, int wt);                             \
+                              size_t d_in, size_t d_out, int wt, int acc);                    \
     void adam_step_##SUF(T *param, T *m, T *v, const T *grad, size_t numel, long long step,   \
                          double lr, double beta1, double beta2, double eps,                   \
                          double weight_decay, int decoupled);                                \

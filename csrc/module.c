@@ -310,13 +310,46 @@ static int check_lora_weights(const char *func, PyArrayObject *weight, PyArrayOb
     return 0;
 }
 
+/* The optional `residual` of the forwards: y's shape ((..., d_out), the leading dims of x),
+ * read only. NULL with no error when obj is None. */
+static PyArrayObject *get_residual(const char *func, PyObject *obj, int *type, PyArrayObject *x,
+                                   npy_intp d_out) {
+    if (obj == Py_None) return NULL;
+    PyArrayObject *res = get_array(func, "residual", obj, type, "x", 0);
+    if (res && check_rows_like(func, "residual", res, x, d_out,
+                               "(..., d_out), the shape of y")) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* The optional `add_dx_to` of the backwards: dx's shape, updated in place (dx is added to
+ * it), so writeable and C-contiguous, and sharing no memory with any input. NULL with no
+ * error when obj is None. */
+static PyArrayObject *get_add_dx_to(const char *func, PyObject *obj, int *type,
+                                    PyArrayObject *x, npy_intp d_in, PyArrayObject **inputs,
+                                    const char **names, int n_inputs) {
+    if (obj == Py_None) return NULL;
+    PyArrayObject *acc = get_array(func, "add_dx_to", obj, type, "dy", 1);
+    if (!acc) return NULL;
+    if (check_rows_like(func, "add_dx_to", acc, x, d_in, "(..., d_in), the shape of dx"))
+        goto fail;
+    for (int i = 0; i < n_inputs; i++)
+        if (check_no_overlap(func, "add_dx_to", acc, names[i], inputs[i])) goto fail;
+    return acc;
+fail:
+    Py_DECREF(acc);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ linear_forward */
 
 PyDoc_STRVAR(linear_forward_doc,
 "linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None,\n"
-"               fan_in_fan_out=False)\n--\n\n"
+"               fan_in_fan_out=False, residual=None)\n--\n\n"
 "Forward pass of a LoRA linear layer.\n\n"
-"Computes ``y = x @ weight.T + bias + scale * (drop(x) @ A.T) @ B.T``.\n\n"
+"Computes ``y = x @ weight.T + bias + scale * (drop(x) @ A.T) @ B.T (+ residual)``.\n\n"
 "Parameters\n----------\n"
 "x : ndarray, shape (..., d_in)\n"
 "weight : ndarray, shape (d_out, d_in)\n"
@@ -329,7 +362,10 @@ PyDoc_STRVAR(linear_forward_doc,
 "    Key of the dropout mask; pass the same seed to linear_backward.\n"
 "fan_in_fan_out : bool\n"
 "    weight is stored (d_in, d_out), as GPT-2's Conv1D: ``y = x @ weight + ...``; it is\n"
-"    read in place, never transposed into a copy.\n\n"
+"    read in place, never transposed into a copy.\n"
+"residual : ndarray, shape (..., d_out), optional\n"
+"    Added to y in the pass that writes the bias: a transformer's skip connection\n"
+"    at no extra pass over memory.\n\n"
 "Returns\n-------\n"
 "y : ndarray, shape (..., d_out)\n"
 "xa : ndarray, shape (..., r)\n    drop(x) @ A.T, kept for linear_backward.\n\n"
@@ -338,10 +374,11 @@ PyDoc_STRVAR(linear_forward_doc,
 static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "linear_forward";
     static char *kwlist[] = {"x",    "weight",  "A",    "B",           "scale",
-                             "bias", "dropout", "seed", "fan_in_fan_out", NULL};
+                             "bias", "dropout", "seed", "fan_in_fan_out", "residual", NULL};
     PyObject *x_o, *w_o, *a_o, *b_o, *scale_o, *bias_o = Py_None, *drop_o = NULL, *seed_o = NULL;
+    PyObject *res_o = Py_None;
     int wt = 0;
-    PyArrayObject *x = NULL, *weight = NULL, *A = NULL, *B = NULL, *bias = NULL;
+    PyArrayObject *x = NULL, *weight = NULL, *A = NULL, *B = NULL, *bias = NULL, *res = NULL;
     PyArrayObject *y = NULL, *xa = NULL;
     void *scratch = NULL;
     int type = -1;
@@ -349,8 +386,9 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     uint64_t seed;
     LoraDims dm;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|O$OOp:linear_forward", kwlist, &x_o, &w_o,
-                                     &a_o, &b_o, &scale_o, &bias_o, &drop_o, &seed_o, &wt))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|O$OOpO:linear_forward", kwlist, &x_o,
+                                     &w_o, &a_o, &b_o, &scale_o, &bias_o, &drop_o, &seed_o, &wt,
+                                     &res_o))
         return NULL;
     if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
     if (!(weight = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
@@ -363,10 +401,12 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     npy_intp n = leading_rows(x);
     if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
     if (bias && check_shape(func, "bias", bias, 1, &dm.d_out, "(d_out,)")) goto fail;
+    if (!(res = get_residual(func, res_o, &type, x, dm.d_out)) && PyErr_Occurred()) goto fail;
     if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
     if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
     if (get_seed(func, seed_o, p, &seed)) goto fail;
-    if (as_carray(&x) || as_carray(&weight) || as_carray(&A) || as_carray(&B) || as_carray(&bias))
+    if (as_carray(&x) || as_carray(&weight) || as_carray(&A) || as_carray(&B) ||
+        as_carray(&bias) || as_carray(&res))
         goto fail;
 
     if (!(y = new_like_rows(x, dm.d_out, type))) goto fail;
@@ -374,16 +414,16 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0, 1), type)))
         goto fail;
 
-    const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
+    const void *bias_p = bias ? PyArray_DATA(bias) : NULL, *res_p = res ? PyArray_DATA(res) : NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
         lora_forward_f32(PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
-                         PyArray_DATA(weight), bias_p, PyArray_DATA(A), PyArray_DATA(B),
+                         PyArray_DATA(weight), bias_p, res_p, PyArray_DATA(A), PyArray_DATA(B),
                          (float)scale, p, seed, n, dm.d_in, dm.d_out, dm.r, wt);
     else
         lora_forward_f64(PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
-                         PyArray_DATA(weight), bias_p, PyArray_DATA(A), PyArray_DATA(B), scale, p,
-                         seed, n, dm.d_in, dm.d_out, dm.r, wt);
+                         PyArray_DATA(weight), bias_p, res_p, PyArray_DATA(A), PyArray_DATA(B),
+                         scale, p, seed, n, dm.d_in, dm.d_out, dm.r, wt);
     Py_END_ALLOW_THREADS;
 
     free(scratch);
@@ -392,6 +432,7 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     Py_DECREF(A);
     Py_DECREF(B);
     Py_XDECREF(bias);
+    Py_XDECREF(res);
     return Py_BuildValue("(NN)", y, xa);
 fail:
     free(scratch);
@@ -400,6 +441,7 @@ fail:
     Py_XDECREF(A);
     Py_XDECREF(B);
     Py_XDECREF(bias);
+    Py_XDECREF(res);
     Py_XDECREF(y);
     Py_XDECREF(xa);
     return NULL;
@@ -409,7 +451,7 @@ fail:
 
 PyDoc_STRVAR(linear_backward_doc,
 "linear_backward(dy, x, xa, weight, A, B, scale, *, need_dx=True, dropout=0.0, seed=None,\n"
-"                fan_in_fan_out=False)\n--\n\n"
+"                fan_in_fan_out=False, add_dx_to=None)\n--\n\n"
 "Backward pass of linear_forward. The frozen weight gets no gradient.\n\n"
 "Parameters\n----------\n"
 "dy : ndarray, shape (..., d_out)\n    Gradient of the loss with respect to y.\n"
@@ -417,7 +459,11 @@ PyDoc_STRVAR(linear_backward_doc,
 "xa : ndarray, shape (..., r)\n    As returned by linear_forward.\n"
 "weight, A, B, scale, fan_in_fan_out : as for linear_forward\n"
 "need_dx : bool\n    Whether to compute the input gradient.\n"
-"dropout, seed : the values given to linear_forward\n\n"
+"dropout, seed : the values given to linear_forward\n"
+"add_dx_to : ndarray, shape (..., d_in), optional\n"
+"    dx is added to this array in place (writeable, C-contiguous, sharing no memory\n"
+"    with the inputs), which is then returned as dx: the sum of the gradients of\n"
+"    several layers reading one input, with no temporary. Needs need_dx.\n\n"
 "Returns\n-------\n"
 "dx : ndarray, shape (..., d_in), or None when need_dx is False\n"
 "dA : ndarray, shape (r, d_in)\n"
@@ -425,9 +471,11 @@ PyDoc_STRVAR(linear_backward_doc,
 
 static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "linear_backward";
-    static char *kwlist[] = {"dy",      "x",       "xa",   "weight",         "A", "B",
-                             "scale",   "need_dx", "dropout", "seed", "fan_in_fan_out", NULL};
+    static char *kwlist[] = {"dy",      "x",       "xa",      "weight", "A",
+                             "B",       "scale",   "need_dx", "dropout", "seed",
+                             "fan_in_fan_out", "add_dx_to", NULL};
     PyObject *dy_o, *x_o, *xa_o, *w_o, *a_o, *b_o, *scale_o, *drop_o = NULL, *seed_o = NULL;
+    PyObject *acc_o = Py_None;
     int need_dx = 1, wt = 0;
     PyArrayObject *dy = NULL, *x = NULL, *xa = NULL, *weight = NULL, *A = NULL, *B = NULL;
     PyArrayObject *dx = NULL, *dA = NULL, *dB = NULL;
@@ -437,9 +485,9 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     uint64_t seed;
     LoraDims dm;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$pOOp:linear_backward", kwlist, &dy_o,
-                                     &x_o, &xa_o, &w_o, &a_o, &b_o, &scale_o, &need_dx, &drop_o,
-                                     &seed_o, &wt))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$pOOpO:linear_backward", kwlist,
+                                     &dy_o, &x_o, &xa_o, &w_o, &a_o, &b_o, &scale_o, &need_dx,
+                                     &drop_o, &seed_o, &wt, &acc_o))
         return NULL;
     if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
     if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
@@ -459,11 +507,23 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
     if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
     if (get_seed(func, seed_o, p, &seed)) goto fail;
+    if (acc_o != Py_None && !need_dx) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument 'add_dx_to' needs need_dx=True, got need_dx=False",
+                     func);
+        goto fail;
+    }
+    PyArrayObject *inputs[] = {dy, x, xa, weight, A, B};
+    const char *names[] = {"dy", "x", "xa", "weight", "A", "B"};
+    if (!(dx = get_add_dx_to(func, acc_o, &type, x, dm.d_in, inputs, names, 6)) &&
+        PyErr_Occurred())
+        goto fail;
+    const int acc = dx != NULL;
     if (as_carray(&dy) || as_carray(&x) || as_carray(&xa) || as_carray(&weight) || as_carray(&A) ||
         as_carray(&B))
         goto fail;
 
-    if (need_dx && !(dx = new_like_rows(x, dm.d_in, type))) goto fail;
+    if (need_dx && !dx && !(dx = new_like_rows(x, dm.d_in, type))) goto fail;
     npy_intp a_dims[2] = {dm.r, dm.d_in}, b_dims[2] = {dm.d_out, dm.r};
     if (!(dA = (PyArrayObject *)PyArray_SimpleNew(2, a_dims, type))) goto fail;
     if (!(dB = (PyArrayObject *)PyArray_SimpleNew(2, b_dims, type))) goto fail;
@@ -478,12 +538,12 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
         lora_backward_f32(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
                           PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
                           PyArray_DATA(A), PyArray_DATA(B), (float)scale, p, seed, n, dm.d_in,
-                          dm.d_out, dm.r, parts, wt);
+                          dm.d_out, dm.r, parts, wt, acc);
     else
         lora_backward_f64(dx_p, PyArray_DATA(dA), PyArray_DATA(dB), scratch, PyArray_DATA(dy),
                           PyArray_DATA(x), PyArray_DATA(xa), PyArray_DATA(weight),
                           PyArray_DATA(A), PyArray_DATA(B), scale, p, seed, n, dm.d_in, dm.d_out,
-                          dm.r, parts, wt);
+                          dm.r, parts, wt, acc);
     Py_END_ALLOW_THREADS;
 
     free(scratch);
@@ -605,23 +665,25 @@ static PyObject *unmerge(PyObject *self, PyObject *args, PyObject *kwds) {
 /* ------------------------------------------------------------------ dense forward/backward */
 
 PyDoc_STRVAR(dense_forward_doc,
-"dense_forward(x, weight, bias=None, *, fan_in_fan_out=False)\n--\n\n"
-"A plain linear layer: ``y = x @ weight.T + bias`` (``x @ weight + bias`` when\n"
-"fan_in_fan_out: weight stored (d_in, d_out), as GPT-2's Conv1D, read in place).\n\n"
+"dense_forward(x, weight, bias=None, *, fan_in_fan_out=False, residual=None)\n--\n\n"
+"A plain linear layer: ``y = x @ weight.T + bias (+ residual)`` (``x @ weight + ...``\n"
+"when fan_in_fan_out: weight stored (d_in, d_out), as GPT-2's Conv1D, read in place).\n\n"
 "Parameters\n----------\n"
 "x : ndarray, shape (..., d_in)\nweight : ndarray, shape (d_out, d_in) or (d_in, d_out)\n"
-"bias : ndarray, shape (d_out,), optional\nfan_in_fan_out : bool\n\n"
+"bias : ndarray, shape (d_out,), optional\nfan_in_fan_out : bool\n"
+"residual : ndarray, shape (..., d_out), optional\n"
+"    Added to y in the pass that writes the bias (no extra pass over memory).\n\n"
 "Returns\n-------\ny : ndarray, shape (..., d_out)");
 
 static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "dense_forward";
-    static char *kwlist[] = {"x", "weight", "bias", "fan_in_fan_out", NULL};
-    PyObject *x_o, *w_o, *bias_o = Py_None;
-    PyArrayObject *x = NULL, *weight = NULL, *bias = NULL, *y = NULL;
+    static char *kwlist[] = {"x", "weight", "bias", "fan_in_fan_out", "residual", NULL};
+    PyObject *x_o, *w_o, *bias_o = Py_None, *res_o = Py_None;
+    PyArrayObject *x = NULL, *weight = NULL, *bias = NULL, *res = NULL, *y = NULL;
     int type = -1, wt = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O$p:dense_forward", kwlist, &x_o, &w_o,
-                                     &bias_o, &wt))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O$pO:dense_forward", kwlist, &x_o, &w_o,
+                                     &bias_o, &wt, &res_o))
         return NULL;
     if (!(x = get_array(func, "x", x_o, &type, "x", 0))) goto fail;
     if (!(weight = get_array(func, "weight", w_o, &type, "x", 0))) goto fail;
@@ -633,50 +695,56 @@ static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     npy_intp n = leading_rows(x);
     if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
     if (bias && check_shape(func, "bias", bias, 1, &d_out, "(d_out,)")) goto fail;
-    if (as_carray(&x) || as_carray(&weight) || as_carray(&bias)) goto fail;
+    if (!(res = get_residual(func, res_o, &type, x, d_out)) && PyErr_Occurred()) goto fail;
+    if (as_carray(&x) || as_carray(&weight) || as_carray(&bias) || as_carray(&res)) goto fail;
     if (!(y = new_like_rows(x, d_out, type))) goto fail;
 
-    const void *bias_p = bias ? PyArray_DATA(bias) : NULL;
+    const void *bias_p = bias ? PyArray_DATA(bias) : NULL, *res_p = res ? PyArray_DATA(res) : NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
-        dense_forward_f32(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, n,
-                          d_in, d_out, wt);
+        dense_forward_f32(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, res_p,
+                          n, d_in, d_out, wt);
     else
-        dense_forward_f64(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, n,
-                          d_in, d_out, wt);
+        dense_forward_f64(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(weight), bias_p, res_p,
+                          n, d_in, d_out, wt);
     Py_END_ALLOW_THREADS;
     Py_DECREF(x);
     Py_DECREF(weight);
     Py_XDECREF(bias);
+    Py_XDECREF(res);
     return (PyObject *)y;
 fail:
     Py_XDECREF(x);
     Py_XDECREF(weight);
     Py_XDECREF(bias);
+    Py_XDECREF(res);
     Py_XDECREF(y);
     return NULL;
 }
 
 PyDoc_STRVAR(dense_backward_doc,
-"dense_backward(dy, x, weight, *, need_dx=True, need_dweight=True, fan_in_fan_out=False)\n"
-"--\n\n"
+"dense_backward(dy, x, weight, *, need_dx=True, need_dweight=True, fan_in_fan_out=False,\n"
+"               add_dx_to=None)\n--\n\n"
 "Backward of dense_forward: ``dx = dy @ weight``, ``dweight = dy.T @ x`` (rows of the\n"
 "leading dims flattened; with fan_in_fan_out ``dx = dy @ weight.T``, ``dweight = x.T @ dy``).\n"
-"The bias gradient is ``dy`` summed over rows, left to the caller.\n\n"
+"The bias gradient is ``dy`` summed over rows, left to the caller. With ``add_dx_to``\n"
+"(shape (..., d_in), writeable, C-contiguous, sharing no memory with the inputs) dx is\n"
+"added to that array in place, which is returned as dx.\n\n"
 "Returns\n-------\n"
 "dx : ndarray, shape (..., d_in), or None when need_dx is False\n"
 "dweight : ndarray, weight's shape, or None when need_dweight is False");
 
 static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) {
     static const char *func = "dense_backward";
-    static char *kwlist[] = {"dy", "x", "weight", "need_dx", "need_dweight", "fan_in_fan_out", NULL};
-    PyObject *dy_o, *x_o, *w_o;
+    static char *kwlist[] = {"dy",           "x",              "weight",    "need_dx",
+                             "need_dweight", "fan_in_fan_out", "add_dx_to", NULL};
+    PyObject *dy_o, *x_o, *w_o, *acc_o = Py_None;
     int need_dx = 1, need_dw = 1, wt = 0;
     PyArrayObject *dy = NULL, *x = NULL, *weight = NULL, *dx = NULL, *dW = NULL;
     int type = -1;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$ppp:dense_backward", kwlist, &dy_o, &x_o,
-                                     &w_o, &need_dx, &need_dw, &wt))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$pppO:dense_backward", kwlist, &dy_o, &x_o,
+                                     &w_o, &need_dx, &need_dw, &wt, &acc_o))
         return NULL;
     if (!(dy = get_array(func, "dy", dy_o, &type, "dy", 0))) goto fail;
     if (!(x = get_array(func, "x", x_o, &type, "dy", 0))) goto fail;
@@ -689,8 +757,19 @@ static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) 
         goto fail;
     npy_intp n = leading_rows(x);
     if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
+    if (acc_o != Py_None && !need_dx) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument 'add_dx_to' needs need_dx=True, got need_dx=False",
+                     func);
+        goto fail;
+    }
+    PyArrayObject *inputs[] = {dy, x, weight};
+    const char *names[] = {"dy", "x", "weight"};
+    if (!(dx = get_add_dx_to(func, acc_o, &type, x, d_in, inputs, names, 3)) && PyErr_Occurred())
+        goto fail;
+    const int acc = dx != NULL;
     if (as_carray(&dy) || as_carray(&x) || as_carray(&weight)) goto fail;
-    if (need_dx && !(dx = new_like_rows(x, d_in, type))) goto fail;
+    if (need_dx && !dx && !(dx = new_like_rows(x, d_in, type))) goto fail;
     npy_intp w_dims[2] = {wt ? d_in : d_out, wt ? d_out : d_in}; /* weight's own layout */
     if (need_dw && !(dW = (PyArrayObject *)PyArray_SimpleNew(2, w_dims, type))) goto fail;
 
@@ -698,10 +777,10 @@ static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) 
     Py_BEGIN_ALLOW_THREADS;
     if (type == NPY_FLOAT32)
         dense_backward_f32(dx_p, dw_p, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(weight), n,
-                           d_in, d_out, wt);
+                           d_in, d_out, wt, acc);
     else
         dense_backward_f64(dx_p, dw_p, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(weight), n,
-                           d_in, d_out, wt);
+                           d_in, d_out, wt, acc);
     Py_END_ALLOW_THREADS;
     Py_DECREF(dy);
     Py_DECREF(x);

@@ -120,31 +120,36 @@ class LoRALinear(_LoRABase):
         w = self.weight.data
         return np.ascontiguousarray(w.T) if self.fan_in_fan_out else w
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """The base layer plus the LoRA branch, plus `residual` (a skip connection, added in
+        the same pass) if given."""
         if self.disabled and self.merged:
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
         W, fifo = self.weight.data, self.fan_in_fan_out  # read in place in either layout
         bias = None if self.bias is None else self.bias.data
         if self.disabled or self.merged:
             self._save("dense", x)
-            return F.dense_forward(x, W, bias, fan_in_fan_out=fifo)
+            return F.dense_forward(x, W, bias, fan_in_fan_out=fifo, residual=residual)
         p = self.lora_dropout if self.training else 0.0
         seed = int(self.rng.integers(0, 2**63)) if p > 0 else None
         y, xa = F.linear_forward(
             x, W, self.lora_A.data, self.lora_B.data, self.scaling, bias, dropout=p, seed=seed,
-            fan_in_fan_out=fifo,
+            fan_in_fan_out=fifo, residual=residual,
         )
         self._save("lora", x, xa, p, seed)
         return y
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
+    def backward(self, dout: np.ndarray, add_dx_to: np.ndarray | None = None) -> np.ndarray:
+        """dx (None without need_input_grad); with `add_dx_to`, dx is added to that array in
+        place and it is returned."""
         kind, x, *rest = self._saved()
         W, fifo = self.weight.data, self.fan_in_fan_out
+        add_dx_to = add_dx_to if self.need_input_grad else None
         if kind == "dense":
             if self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 raise RuntimeError("LoRALinear.backward: the layer is merged; unmerge() to train")
             dx, _ = F.dense_backward(dout, x, W, need_dx=self.need_input_grad, need_dweight=False,
-                                     fan_in_fan_out=fifo)
+                                     fan_in_fan_out=fifo, add_dx_to=add_dx_to)
         else:
             xa, p, seed = rest
             dx, dA, dB = F.linear_backward(
@@ -159,6 +164,7 @@ class LoRALinear(_LoRABase):
                 dropout=p,
                 seed=seed,
                 fan_in_fan_out=fifo,
+                add_dx_to=add_dx_to,
             )
             if self.lora_A.requires_grad:
                 self.lora_A.accumulate(dA)

@@ -309,14 +309,19 @@ class Linear(Module):
         layer.bias = None if bias is None else Parameter(bias)
         return layer
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """x W^T + b, plus `residual` (a skip connection, added in the same pass) if given."""
         self._save(x)
-        return F.dense_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+        return F.dense_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+                               residual=residual)
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
+    def backward(self, dout: np.ndarray, add_dx_to: np.ndarray | None = None) -> np.ndarray:
+        """dx (None without need_input_grad); with `add_dx_to`, dx is added to that array in
+        place and it is returned (the gradients of layers sharing an input, summed)."""
         (x,) = self._saved()
         dx, dw = F.dense_backward(dout, x, self.weight.data, need_dx=self.need_input_grad,
-                                  need_dweight=self.weight.requires_grad)
+                                  need_dweight=self.weight.requires_grad,
+                                  add_dx_to=add_dx_to if self.need_input_grad else None)
         if dw is not None:
             self.weight.accumulate(dw)
         if self.bias is not None and self.bias.requires_grad:
@@ -342,14 +347,16 @@ class Conv1D(Module):
         self.weight = Parameter((0.02 * rng.standard_normal((nx, nf))).astype(dtype))
         self.bias = Parameter(np.zeros(nf, dtype=dtype))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         self._save(x)
-        return F.dense_forward(x, self.weight.data, self.bias.data, fan_in_fan_out=True)
+        return F.dense_forward(x, self.weight.data, self.bias.data, fan_in_fan_out=True,
+                               residual=residual)
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
+    def backward(self, dout: np.ndarray, add_dx_to: np.ndarray | None = None) -> np.ndarray:
         (x,) = self._saved()
         dx, dw = F.dense_backward(dout, x, self.weight.data, need_dx=self.need_input_grad,
-                                  need_dweight=self.weight.requires_grad, fan_in_fan_out=True)
+                                  need_dweight=self.weight.requires_grad, fan_in_fan_out=True,
+                                  add_dx_to=add_dx_to if self.need_input_grad else None)
         if dw is not None:
             self.weight.accumulate(dw)
         if self.bias.requires_grad:
@@ -509,8 +516,13 @@ class Dropout(Module):
         self.p = p
         self.rng = rng if rng is not None else np.random.default_rng()
 
+    @property
+    def active(self) -> bool:
+        """Whether forward changes anything (training mode and p > 0)."""
+        return self.training and self.p > 0.0
+
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if not self.training or self.p == 0.0:
+        if not self.active:
             self._save(None)
             return x
         scale = np.asarray(1.0 / (1.0 - self.p), dtype=x.dtype)

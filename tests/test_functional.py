@@ -169,6 +169,52 @@ def test_dense_matches_twin(dtype, lead, d_in, d_out):
     assert F.dense_backward(dy, x, W, need_dweight=False)[1] is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,d_in,d_out,r", SHAPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_residual_and_add_dx_to_match_twin(dtype, lead, d_in, d_out, r, dropout, fan_in_fan_out):
+    """residual= adds a skip connection to y; add_dx_to= adds dx into a given array in place
+    and returns that array. Every path of the kernels: one row (gemv), the tiled rank-r
+    kernels, the GEMM path (r = 33), the threaded row pass (n >= 1024), dropout."""
+    rng = np.random.default_rng(12)
+    t = layer(rng, lead, d_in, d_out, r, dtype)
+    W = np.ascontiguousarray(t["weight"].T) if fan_in_fan_out else t["weight"]
+    seed = 99 if dropout else None
+    t64 = as64(t)
+    res = rand(rng, (*lead, d_out), dtype)
+    y, xa = F.linear_forward(t["x"], W, t["A"], t["B"], 0.7, t["bias"], dropout=dropout, seed=seed,
+                             fan_in_fan_out=fan_in_fan_out, residual=res)
+    y_ref, xa_ref = ref.linear_forward(t64["x"], t64["weight"], t64["A"], t64["B"], 0.7,
+                                       t64["bias"], dropout=dropout, seed=seed)
+    close(y, y_ref + res, dtype)
+    y0, _ = F.linear_forward(t["x"], W, t["A"], t["B"], 0.7, None, dropout=dropout, seed=seed,
+                             fan_in_fan_out=fan_in_fan_out, residual=res)
+    close(y0, y_ref - t64["bias"] + res, dtype)
+    close(F.dense_forward(t["x"], W, t["bias"], fan_in_fan_out=fan_in_fan_out, residual=res),
+          ref.dense_forward(t64["x"], t64["weight"], t64["bias"]) + res, dtype)
+
+    dy = rand(rng, y.shape, dtype)
+    acc = rand(rng, t["x"].shape, dtype)
+    acc0 = acc.astype(np.float64)
+    dx, dA, dB = F.linear_backward(dy, t["x"], xa, W, t["A"], t["B"], 0.7, dropout=dropout,
+                                   seed=seed, fan_in_fan_out=fan_in_fan_out, add_dx_to=acc)
+    dx_ref, dA_ref, dB_ref = ref.linear_backward(dy.astype(np.float64), t64["x"], xa_ref,
+                                                 t64["weight"], t64["A"], t64["B"], 0.7,
+                                                 dropout=dropout, seed=seed)
+    assert dx is acc
+    close(acc, dx_ref + acc0, dtype)
+    close(dA, dA_ref, dtype)
+    close(dB, dB_ref, dtype)
+    acc = rand(rng, t["x"].shape, dtype)
+    acc0 = acc.astype(np.float64)
+    dx, dW = F.dense_backward(dy, t["x"], W, fan_in_fan_out=fan_in_fan_out, add_dx_to=acc)
+    dx_dense, dW_ref = ref.dense_backward(dy.astype(np.float64), t64["x"], t64["weight"])
+    assert dx is acc
+    close(acc, dx_dense + acc0, dtype)
+    close(dW.T if fan_in_fan_out else dW, dW_ref, dtype)
+
+
 def adam_trajectory(step_fn, dtype, decoupled, weight_decay, steps=100, shape=(37, 5)):
     rng = np.random.default_rng(5)
     p = rng.standard_normal(shape).astype(dtype)

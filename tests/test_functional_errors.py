@@ -277,11 +277,65 @@ def test_scale_must_be_finite():
            lambda: F.merge(a["weight"], a["A"], a["B"], None), a)
 
 
+# ---------------------------------------------------------------- residual and add_dx_to
+
+def with_residual(fn, a):
+    if fn == "linear_forward":
+        return lambda res: F.linear_forward(a["x"], a["weight"], a["A"], a["B"], 0.5, residual=res)
+    return lambda res: F.dense_forward(a["x"], a["weight"], residual=res)
+
+
+@pytest.mark.parametrize("fn", ["linear_forward", "dense_forward"])
+def test_residual_bad_input(fn):
+    a = lora_args()
+    call = with_residual(fn, a)
+    msg = expect(ValueError, fn, "residual", lambda: call(np.zeros((4, 6), np.float32)), a)
+    assert "(..., d_out)" in msg and "(4, 5)" in msg
+    expect(TypeError, fn, "residual", lambda: call(np.zeros((4, 5))), a)
+    expect(TypeError, fn, "residual", lambda: call([[0.0] * 5] * 4), a)
+
+
+def with_add_dx_to(fn, a):
+    if fn == "linear_backward":
+        return lambda acc, **kw: F.linear_backward(a["dy"], a["x"], a["xa"], a["weight"], a["A"],
+                                                   a["B"], 0.5, add_dx_to=acc, **kw)
+    return lambda acc, **kw: F.dense_backward(a["dy"], a["x"], a["weight"], add_dx_to=acc, **kw)
+
+
+@pytest.mark.parametrize("fn", ["linear_backward", "dense_backward"])
+def test_add_dx_to_bad_input(fn):
+    a = lora_args()
+    a["dy"], a["xa"] = F.linear_forward(a["x"], a["weight"], a["A"], a["B"], 0.5)
+    a["acc"] = np.ones((4, 6), np.float32)
+    call = with_add_dx_to(fn, a)
+    msg = expect(ValueError, fn, "add_dx_to", lambda: call(np.ones((4, 5), np.float32)), a)
+    assert "(..., d_in)" in msg
+    expect(TypeError, fn, "add_dx_to", lambda: call(np.ones((4, 6))), a)
+    msg = expect(ValueError, fn, "add_dx_to", lambda: call(np.ones((6, 4), np.float32).T), a)
+    assert "C-contiguous" in msg
+    ro = np.ones((4, 6), np.float32)
+    ro.flags.writeable = False
+    assert "writeable" in expect(ValueError, fn, "add_dx_to", lambda: call(ro), a)
+    msg = expect(ValueError, fn, "add_dx_to", lambda: call(a["acc"], need_dx=False), a)
+    assert "need_dx" in msg
+    msg = expect(ValueError, fn, "add_dx_to", lambda: call(a["x"]), a)
+    assert "shares memory with argument 'x'" in msg
+    buf = np.zeros(44, np.float32)
+    a["dy"] = buf[:20].reshape(4, 5)
+    call(buf[20:].reshape(4, 6))  # separate halves of one buffer: fine
+    msg = expect(ValueError, fn, "add_dx_to", lambda: call(buf[10:34].reshape(4, 6)), a)
+    assert "shares memory with argument 'dy'" in msg
+
+
 # ---------------------------------------------------------------- references and memory
 
 def run_all_ok(a, y_shape):
     y, xa = F.linear_forward(a["x"], a["weight"], a["A"], a["B"], 0.5, dropout=0.1, seed=3)
     F.linear_backward(y, a["x"], xa, a["weight"], a["A"], a["B"], 0.5, dropout=0.1, seed=3)
+    F.linear_forward(a["x"], a["weight"], a["A"], a["B"], 0.5, residual=y)
+    F.linear_backward(y, a["x"], xa, a["weight"], a["A"], a["B"], 0.5, add_dx_to=a["acc"])
+    F.dense_forward(a["x"], a["weight"], residual=y)
+    F.dense_backward(y, a["x"], a["weight"], add_dx_to=a["acc"])
     F.merge(a["W2"], a["A"], a["B"], 0.5)
     F.unmerge(a["W2"], a["A"], a["B"], 0.5)
     F.dense_backward(y, a["x"], a["weight"])
@@ -295,6 +349,8 @@ def run_all_bad(a):
         lambda: F.merge(a["ro"], a["A"], a["B"], 0.5),
         lambda: F.adam_step(a["A2"], a["A"], a["m"], a["v"], step=0, lr=1e-3),
         lambda: F.linear_forward(a["x"], a["weight"], a["A"], a["B"], 0.5, dropout=0.5),
+        lambda: F.dense_forward(a["x"], a["weight"], residual=a["x"]),
+        lambda: F.dense_backward(a["x"][:, :5], a["x"], a["weight"], add_dx_to=a["x"]),
     ):
         try:
             call()
@@ -308,7 +364,7 @@ def test_refcounts_and_memory_flat_over_10000_calls():
     a = lora_args()
     x_strided = np.repeat(a["x"], 2, axis=1)[:, ::2]  # forces the copy path
     a.update(W2=a["weight"].copy(), A2=a["A"].copy(), m=np.zeros_like(a["A"]),
-             v=np.zeros_like(a["A"]), ro=a["weight"].copy())
+             v=np.zeros_like(a["A"]), ro=a["weight"].copy(), acc=np.zeros_like(a["x"]))
     a["ro"].flags.writeable = False
     a["xs"] = x_strided
     for fn in (run_all_ok, run_all_bad):  # warm up caches and interned objects

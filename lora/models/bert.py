@@ -283,7 +283,10 @@ class BertSelfAttention(Module):
         self._save(q, k, v, probs, mask, p_drop, seed)
         return ctx
 
-    def backward(self, dctx: np.ndarray) -> np.ndarray | None:
+    def backward(self, dctx: np.ndarray, add_dx_to: np.ndarray | None = None) -> np.ndarray | None:
+        """dx (None without need_input_grad), the three projections' input gradients summed
+        by their GEMMs (beta = 1) into `add_dx_to` when given (BertAttention passes the
+        residual's gradient), else into a new array."""
         q, k, v, probs, mask, p_drop, seed = self._saved()
         dq, dk, dv = F.attention_backward(dctx, q, k, v, probs, self.num_attention_heads,
                                           key_mask=mask, dropout=p_drop, seed=seed)
@@ -291,14 +294,10 @@ class BertSelfAttention(Module):
         key_grad = self.need_input_grad or any(p.requires_grad for p in self.key.parameters())
         for proj in (self.query, self.key, self.value):
             proj.need_input_grad = self.need_input_grad
-        dx = self.query.backward(dq)
-        dxv = self.value.backward(dv)
-        if dx is not None and dxv is not None:
-            dx += dxv
+        dx = self.query.backward(dq, add_dx_to=add_dx_to if self.need_input_grad else None)
+        dx = self.value.backward(dv, add_dx_to=dx)
         if key_grad:
-            dxk = self.key.backward(dk)
-            if dx is not None and dxk is not None:
-                dx += dxk
+            dx = self.key.backward(dk, add_dx_to=dx)
         return dx if self.need_input_grad else None
 
 
@@ -313,14 +312,21 @@ class BertSelfOutput(Module):
         self.dropout = init.dropout(cfg.hidden_dropout_prob)
 
     def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        # Without dropout the residual is added by the projection, in the pass that writes
+        # its bias, instead of by a pass of its own.
+        fused = not self.dropout.active
+        self._save(fused)
+        if fused:
+            return self.LayerNorm(self.dense(h, residual=residual))
         y = self.dropout(self.dense(h))
         y += residual
         return self.LayerNorm(y)
 
     def backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Returns (d h, d residual)."""
+        (fused,) = self._saved()
         d = self.LayerNorm.backward(dout)
-        return self.dense.backward(self.dropout.backward(d)), d
+        return self.dense.backward(d if fused else self.dropout.backward(d)), d
 
 
 BertOutput = BertSelfOutput
@@ -337,11 +343,7 @@ class BertAttention(Module):
 
     def backward(self, dout):
         dctx, dres = self.output.backward(dout)
-        dx = self.self.backward(dctx)
-        if dx is None:
-            return None
-        dx += dres
-        return dx
+        return self.self.backward(dctx, add_dx_to=dres)
 
 
 class BertIntermediate(Module):
@@ -355,8 +357,8 @@ class BertIntermediate(Module):
     def forward(self, x):
         return self.intermediate_act_fn(self.dense(x))
 
-    def backward(self, dout):
-        return self.dense.backward(self.intermediate_act_fn.backward(dout))
+    def backward(self, dout, add_dx_to=None):
+        return self.dense.backward(self.intermediate_act_fn.backward(dout), add_dx_to=add_dx_to)
 
 
 class BertLayer(Module):
@@ -372,9 +374,8 @@ class BertLayer(Module):
 
     def backward(self, dout):
         dh, dres = self.output.backward(dout)
-        da = self.intermediate.backward(dh)
-        da += dres
-        return self.attention.backward(da)
+        # the residual's gradient and the FFN's input gradient summed by the GEMM (beta = 1)
+        return self.attention.backward(self.intermediate.backward(dh, add_dx_to=dres))
 
 
 class BertEncoder(Module):
