@@ -325,12 +325,18 @@ static PyArrayObject *get_residual(const char *func, PyObject *obj, int *type, P
 }
 
 /* The optional `add_dx_to` of the backwards: dx's shape, updated in place (dx is added to
- * it), so writeable and C-contiguous, and sharing no memory with any input. NULL with no
- * error when obj is None. */
-static PyArrayObject *get_add_dx_to(const char *func, PyObject *obj, int *type,
+ * it), so writeable and C-contiguous, sharing no memory with any input, and only with
+ * need_dx. NULL with no error when obj is None. */
+static PyArrayObject *get_add_dx_to(const char *func, PyObject *obj, int need_dx, int *type,
                                     PyArrayObject *x, npy_intp d_in, PyArrayObject **inputs,
                                     const char **names, int n_inputs) {
     if (obj == Py_None) return NULL;
+    if (!need_dx) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument 'add_dx_to' needs need_dx=True, got need_dx=False",
+                     func);
+        return NULL;
+    }
     PyArrayObject *acc = get_array(func, "add_dx_to", obj, type, "dy", 1);
     if (!acc) return NULL;
     if (check_rows_like(func, "add_dx_to", acc, x, d_in, "(..., d_in), the shape of dx"))
@@ -507,15 +513,9 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (get_real(func, "scale", scale_o, REAL_ANY, &scale)) goto fail;
     if (drop_o && get_real(func, "dropout", drop_o, REAL_UNIT, &p)) goto fail;
     if (get_seed(func, seed_o, p, &seed)) goto fail;
-    if (acc_o != Py_None && !need_dx) {
-        PyErr_Format(PyExc_ValueError,
-                     PREFIX "%s: argument 'add_dx_to' needs need_dx=True, got need_dx=False",
-                     func);
-        goto fail;
-    }
     PyArrayObject *inputs[] = {dy, x, xa, weight, A, B};
     const char *names[] = {"dy", "x", "xa", "weight", "A", "B"};
-    if (!(dx = get_add_dx_to(func, acc_o, &type, x, dm.d_in, inputs, names, 6)) &&
+    if (!(dx = get_add_dx_to(func, acc_o, need_dx, &type, x, dm.d_in, inputs, names, 6)) &&
         PyErr_Occurred())
         goto fail;
     const int acc = dx != NULL;
@@ -757,15 +757,10 @@ static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) 
         goto fail;
     npy_intp n = leading_rows(x);
     if (check_blas_size(func, "x", "the number of rows of x", n, 0)) goto fail;
-    if (acc_o != Py_None && !need_dx) {
-        PyErr_Format(PyExc_ValueError,
-                     PREFIX "%s: argument 'add_dx_to' needs need_dx=True, got need_dx=False",
-                     func);
-        goto fail;
-    }
     PyArrayObject *inputs[] = {dy, x, weight};
     const char *names[] = {"dy", "x", "weight"};
-    if (!(dx = get_add_dx_to(func, acc_o, &type, x, d_in, inputs, names, 3)) && PyErr_Occurred())
+    if (!(dx = get_add_dx_to(func, acc_o, need_dx, &type, x, d_in, inputs, names, 3)) &&
+        PyErr_Occurred())
         goto fail;
     const int acc = dx != NULL;
     if (as_carray(&dy) || as_carray(&x) || as_carray(&weight)) goto fail;

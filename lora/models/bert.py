@@ -294,7 +294,7 @@ class BertSelfAttention(Module):
         key_grad = self.need_input_grad or any(p.requires_grad for p in self.key.parameters())
         for proj in (self.query, self.key, self.value):
             proj.need_input_grad = self.need_input_grad
-        dx = self.query.backward(dq, add_dx_to=add_dx_to if self.need_input_grad else None)
+        dx = self.query.backward(dq, add_dx_to=add_dx_to)
         dx = self.value.backward(dv, add_dx_to=dx)
         if key_grad:
             dx = self.key.backward(dk, add_dx_to=dx)
