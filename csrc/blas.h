@@ -26,5 +26,11 @@ void CBLAS_FUNC(openblas_set_num_threads)(int num_threads);
 int CBLAS_FUNC(openblas_get_num_threads)(void);
 char *CBLAS_FUNC(openblas_get_corename)(void);
 char *CBLAS_FUNC(openblas_get_config)(void);
+#ifndef LORA_SYSTEM_BLAS
+/* Caller-managed threading (OpenBLAS >= 0.3.27, declared with its types in the package's
+ * cblas.h): OpenBLAS hands its parallel jobs to this callback instead of its own threads.
+ * A build against a system OpenBLAS, which may be older, leaves OpenBLAS its own threads. */
+void CBLAS_FUNC(openblas_set_threads_callback_function)(openblas_threads_callback callback);
+#endif
 
 #endif /* LORA_BLAS_H */

@@ -47,6 +47,9 @@ size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has
 uint64_t lora_dropout_key(uint64_t seed);
 uint32_t lora_dropout_threshold(double p);
 
+/* Has OpenBLAS run its parallel jobs on lora's thread pool (call once, before any GEMM). */
+void lora_use_pool_for_blas(void);
+
 /* fn(ctx, begin, end) over [0, n) in chunks of multiples of `align`, on up to
  * openblas_get_num_threads() threads, at least `grain` items each. */
 void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, size_t, size_t),

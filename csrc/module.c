@@ -1389,6 +1389,7 @@ static PyMethodDef methods[] = {
 static int exec_module(PyObject *module) {
     (void)module;
     import_array1(-1);
+    lora_use_pool_for_blas();
     return 0;
 }
 

@@ -1,6 +1,8 @@
 """The C kernels (lora.functional) against their NumPy twins (lora._reference), finite
 differences and, when installed, torch.optim. Bad input lives in test_functional_errors.py."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -303,6 +305,81 @@ def test_gil_is_released_during_kernels():
     # With the GIL held for the whole of each call, the spinning thread could only run
     # between calls; released, it records samples throughout.
     assert len(inside) > 1000, (len(inside), t1 - t0)
+
+
+def _threaded_work(rng_seed=0):
+    """Calls that split over lora's threads and OpenBLAS's: a GEMM, GELU, a LoRA forward and
+    backward with the threaded row pass (n >= 1024)."""
+    rng = np.random.default_rng(rng_seed)
+    x = rng.standard_normal((1100, 256)).astype(np.float32)
+    W = rng.standard_normal((384, 256)).astype(np.float32)
+    A = rng.standard_normal((8, 256)).astype(np.float32)
+    B = rng.standard_normal((384, 8)).astype(np.float32)
+    big = rng.standard_normal(1 << 19).astype(np.float32)
+
+    def run():
+        y, xa = F.linear_forward(x, W, A, B, 0.5)
+        dx, dA, dB = F.linear_backward(y, x, xa, W, A, B, 0.5)
+        return [F.dense_forward(x, W), F.gelu_forward(big), y, dx, dA, dB]
+
+    return run
+
+
+def test_kernels_called_from_many_threads_at_once_agree():
+    """Four Python threads calling threaded kernels at once: one dispatch holds lora's thread
+    pool (which also runs OpenBLAS's jobs), the others start threads of their own; every
+    result is the one a lone call gives, to the bit."""
+    import threading
+
+    run = _threaded_work()
+    want = run()
+    got, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(5):
+                got.append(run())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(got) == 20
+    for res in got:
+        for a, b in zip(res, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threaded_kernels_work_in_a_forked_child():
+    """A child forked after the thread pool ran starts a pool of its own: its threaded calls
+    finish and agree with the parent's (a pool inherited as it was would hang the child)."""
+    import select
+
+    run = _threaded_work(1)
+    want = run()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's teardown
+        ok = False
+        try:
+            ok = all(np.array_equal(a, b) for a, b in zip(run(), want, strict=True))
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 120)
+        if not ready:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung in a threaded kernel")
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
 
 
 def test_blas_info_and_threads():
