@@ -153,7 +153,7 @@ static void *run_spawned(void *arg) {
 
 /* The fallback: a thread per job, started and joined here; a job whose thread cannot be
  * started runs on the caller (OpenBLAS's jobs wait on each other, so they need their threads:
- * only a system out of threads denies them). */
+ * only a system out of threads or memory denies them). */
 static void run_spawning(lora_job job, void *ctx, int njobs) {
     Spawned *s = malloc((size_t)njobs * sizeof *s);
     pthread_t *ids = malloc((size_t)njobs * sizeof *ids);
@@ -237,7 +237,7 @@ static void run_blas_job(void *ctx, int i) {
 
 static void blas_threads(int sync, openblas_dojob_callback dojob, int numjobs, size_t elsize,
                          void *jobdata, int dojob_data) {
-    (void)sync; /* always run to completion here, which is what sync asks and allowed without */
+    (void)sync; /* run to completion either way: what sync = 1 asks, and allowed for 0 */
     BlasJobs b = {dojob, jobdata, elsize, dojob_data};
     run_jobs(run_blas_job, &b, numjobs);
 }
