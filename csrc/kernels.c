@@ -538,9 +538,16 @@ static LORA_AVX512 void gelu_backward_512(float *dx, const float *dy, const floa
     }
 }
 
+/* Whether to take the intrinsics path: the CPU has AVX-512F and FMA, and LORA_PORTABLE_GELU
+ * is not set in the environment (set, it forces the portable loop that other CPUs run, so
+ * that the tests check that loop on an AVX-512 machine too). Read once. */
 static int have_avx512(void) {
     static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    if (cached < 0) {
+        const char *portable = getenv("LORA_PORTABLE_GELU");
+        cached = !(portable && *portable && *portable != '0') &&
+                 __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    }
     return cached;
 }
 #endif

@@ -435,6 +435,36 @@ def test_gelu_matches_twin_and_torch(dtype):
     np.testing.assert_allclose(dx, t.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_portable_gelu_loop_matches_twin(tmp_path):
+    """The portable float32 GELU loop, which CPUs without AVX-512 run: forced on this machine
+    by LORA_PORTABLE_GELU=1 in a child process, held to the twin like the default path."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(10)
+    x = np.concatenate([rng.standard_normal(5000) * 3, np.linspace(-12, 12, 2001),
+                        [0.0, -0.0, 1e-30, 40.0, -40.0, 7.0, -7.0]]).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "dy.npy", dy)
+    code = (
+        "import sys, numpy as np\n"
+        "from lora import functional as F\n"
+        "d = sys.argv[1]\n"
+        "x, dy = np.load(d + '/x.npy'), np.load(d + '/dy.npy')\n"
+        "np.save(d + '/y.npy', F.gelu_forward(x))\n"
+        "np.save(d + '/dx.npy', F.gelu_backward(dy, x))\n"
+    )
+    env = {**os.environ, "LORA_PORTABLE_GELU": "1"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True, timeout=120)
+    y, dx = np.load(tmp_path / "y.npy"), np.load(tmp_path / "dx.npy")
+    tol = 2e-7
+    np.testing.assert_allclose(y, ref.gelu_forward(x.astype(np.float64)), rtol=tol * 4,
+                               atol=tol * (1 + np.abs(x)).max() / 8)
+    np.testing.assert_allclose(dx, ref.gelu_backward(dy.astype(np.float64), x.astype(np.float64)),
+                               rtol=tol * 4, atol=tol * 10)
+
+
 def test_gelu_bad_input():
     x = np.zeros((3, 4), np.float32)
     with pytest.raises(TypeError, match="gelu_forward: argument 'x'"):
