@@ -288,6 +288,26 @@ void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, 
     run_jobs(run_chunk, &c, (int)threads);
 }
 
+/* Packed weights: a thread per 8 panels (256 float32 columns) at least. */
+size_t lora_panel_parts(size_t panels) { return lora_threads(panels / 8); }
+
+/* Each part's copy of a block of rows, plus the last tile's padding (at most 3 rows). */
+size_t lora_panel_scratch_elems(size_t parts) {
+    return parts * (LORA_PANEL_MC + 4) * LORA_PANEL_KC;
+}
+
+/* Rows per micro-tile of the packed GEMM: 12 rows x 2 vectors of accumulators take 24 of
+ * AVX-512's 32 registers; with 16 registers (AVX2) or 128-bit vectors, 2 rows. */
+static int lora_panel_mr(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static int cached = 0;
+    if (!cached) cached = __builtin_cpu_supports("avx512f") ? 12 : 2;
+    return cached;
+#else
+    return 2;
+#endif
+}
+
 /* One part of the backward's row pass: its (r, d_out) and (r, d_in) partial sums and, under
  * dropout, a tile of rows; a multiple of 16 elements so each part starts 64-byte aligned. */
 size_t lora_part_elems(size_t d_in, size_t d_out, size_t r, int has_dropout) {

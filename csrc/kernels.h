@@ -33,6 +33,25 @@
  * fine-tuning; at n = 64 the two are even. */
 #define LORA_BWD_ROW_PASS_MIN 256
 
+/* Packed weights (csrc/kernels_impl.inc, "packed weights"): a panel is LORA_PANEL_BYTES wide
+ * (32 float32 or 16 float64 columns); the GEMM that reads panels copies blocks of
+ * LORA_PANEL_MC rows by LORA_PANEL_KC steps of its left operand at a time. */
+#define LORA_PANEL_BYTES 128
+#define LORA_PANEL_MC 240
+#define LORA_PANEL_KC 256
+
+/* A weight packed into panels for one product (pack_panels: W^T's for a forward, W's for a
+ * backward), with the scratch its GEMM uses: parts = lora_panel_parts(panels), threads that
+ * each take a range of the panels, and xp of lora_panel_scratch_elems(parts) elements. */
+typedef struct {
+    const void *panels;
+    void *xp;
+    size_t parts;
+} LoraPacked;
+
+size_t lora_panel_parts(size_t panels);
+size_t lora_panel_scratch_elems(size_t parts);
+
 /* How many row ranges (one per thread) lora_backward splits n rows into; read once by the
  * caller and passed to both calls below, so the scratch and the kernel agree. */
 size_t lora_backward_parts(size_t n, size_t d_in, size_t d_out);
@@ -79,19 +98,24 @@ size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t p
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *res, const T *A, const T *B, T scale, double p,          \
                             uint64_t seed, size_t n, size_t d_in, size_t d_out, size_t r,     \
-                            int wt);                                                          \
+                            int wt, const LoraPacked *pk);                                    \
     void lora_backward_##SUF(T *dx, T *dA, T *dB, T *scratch, const T *dy, const T *x,        \
                              const T *xa, const T *W, const T *A, const T *B, T scale,        \
                              double p, uint64_t seed, size_t n, size_t d_in, size_t d_out,    \
-                             size_t r, size_t parts, int wt, int acc);                        \
+                             size_t r, size_t parts, int wt, int acc, const LoraPacked *pk);  \
     void lora_merge_##SUF(T *W, T *scratch, const T *A, const T *B, T scale,                 \
                           int fan_in_fan_out, size_t d_out, size_t d_in, size_t r);           \
     void lora_merge_naive_##SUF(T *W, const T *A, const T *B, T scale, size_t d_out,          \
                                 size_t d_in, size_t r);                                       \
     void dense_forward_##SUF(T *y, const T *x, const T *W, const T *bias, const T *res,       \
-                             size_t n, size_t d_in, size_t d_out, int wt);                    \
+                             size_t n, size_t d_in, size_t d_out, int wt,                     \
+                             const LoraPacked *pk);                                           \
     void dense_backward_##SUF(T *dx, T *dW, const T *dy, const T *x, const T *W, size_t n,    \
-                              size_t d_in, size_t d_out, int wt, int acc);                    \
+                              size_t d_in, size_t d_out, int wt, int acc,                     \
+                              const LoraPacked *pk);                                          \
+    /* P = panels of M (K, N), or of M^T when trans (M stored (N, K)): ceil(N / panel width)  \
+     * panels of K x width elements, zero past N. */                                         \
+    void pack_panels_##SUF(T *P, const T *M, size_t K, size_t N, int trans);                 \
     void adam_step_##SUF(T *param, T *m, T *v, const T *grad, size_t numel, long long step,   \
                          double lr, double beta1, double beta2, double eps,                   \
                          double weight_decay, int decoupled);                                \

@@ -50,9 +50,10 @@ static void check_layer(size_t n, size_t d_in, size_t d_out, size_t r) {
     double *want_dB = calloc(d_out * r, sizeof(double)), *g = calloc(n * r, sizeof(double));
     const float s = 0.5f;
 
-    lora_forward_f32(y, xa, scratch, x, W, NULL, NULL, A, B, s, 0.0, 0, n, d_in, d_out, r, 0);
+    lora_forward_f32(y, xa, scratch, x, W, NULL, NULL, A, B, s, 0.0, 0, n, d_in, d_out, r, 0,
+                     NULL);
     lora_backward_f32(dx, dA, dB, scratch, dy, x, xa, W, A, B, s, 0.0, 0, n, d_in, d_out, r,
-                      parts, 0, 0);
+                      parts, 0, 0, NULL);
 
     for (size_t i = 0; i < n; i++) {
         for (size_t k = 0; k < r; k++)

@@ -12,6 +12,7 @@ parallel.
 
 from . import _blas  # noqa: F401  (loads OpenBLAS before the extension)
 from ._C import (
+    PackedWeight,
     adam_step,
     attention_backward,
     attention_forward,
@@ -30,6 +31,7 @@ from ._C import (
 )
 
 __all__ = [
+    "PackedWeight",
     "linear_forward",
     "linear_backward",
     "merge",
