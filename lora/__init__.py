@@ -12,6 +12,7 @@ from .adapter import AdapterFormatError, load_adapter, save_adapter
 from .checkpoint import merge_checkpoint
 from .config import LoraConfig
 from .layers import LoRAEmbedding, LoRALinear, init_lora_weights
+from .nn import pack_weights, unpack_weights
 from .tuner import (
     disable_adapters,
     merge_and_unload,
@@ -38,10 +39,12 @@ __all__ = [
     "merge_checkpoint",
     "nn",
     "optim",
+    "pack_weights",
     "print_trainable_parameters",
     "save_adapter",
     "set_num_threads",
     "trainable_parameters",
     "unload",
+    "unpack_weights",
     "wrap",
 ]

@@ -16,7 +16,17 @@ import math
 import numpy as np
 
 from . import functional as F
-from .nn import Conv1D, Embedding, Linear, Module, Parameter, _check_ids, _rows, _scatter_rows
+from .nn import (
+    Conv1D,
+    Embedding,
+    Linear,
+    Module,
+    Parameter,
+    _check_ids,
+    _Packable,
+    _rows,
+    _scatter_rows,
+)
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
 
@@ -49,6 +59,9 @@ class _LoRABase(Module):
     def _pair(self) -> tuple[Parameter, Parameter]:
         raise NotImplementedError
 
+    def _weight_changed(self) -> None:
+        """Called after merge and unmerge wrote the weight (a packed layer packs again)."""
+
     def merge(self, safe_merge: bool = False) -> None:
         """weight += scaling * (B @ A), in place, once (a second call does nothing). With
         safe_merge the result is computed in a copy and committed only if it is finite."""
@@ -64,6 +77,7 @@ class _LoRABase(Module):
         else:
             self._merge_into(self.weight.data, A.data, B.data, self.scaling)
         self.merged = True
+        self._weight_changed()
 
     def unmerge(self) -> None:
         """Undo merge() (weight -= scaling * (B @ A)); does nothing when not merged."""
@@ -72,9 +86,10 @@ class _LoRABase(Module):
         A, B = self._pair()
         self._merge_into(self.weight.data, A.data, B.data, -self.scaling)
         self.merged = False
+        self._weight_changed()
 
 
-class LoRALinear(_LoRABase):
+class LoRALinear(_Packable, _LoRABase):
     """A Linear (or Conv1D) layer with a LoRA update.
 
     Shapes: x (..., in), weight (out, in) ((in, out) when fan_in_fan_out), lora_A (r, in),
@@ -82,6 +97,7 @@ class LoRALinear(_LoRABase):
     requires_grad it had. Dropout (probability lora_dropout, training mode only) applies to
     the LoRA branch's input; each forward draws a fresh mask seed from `rng` and backward
     replays it. When merged (or with adapters disabled) the forward is the plain dense layer.
+    pack() keeps a packed copy of the frozen weight for small batches (lora.nn.pack_weights).
     """
 
     def __init__(
@@ -125,7 +141,7 @@ class LoRALinear(_LoRABase):
         the same pass) if given."""
         if self.disabled and self.merged:
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
-        W, fifo = self.weight.data, self.fan_in_fan_out  # read in place in either layout
+        W, fifo = self._weight_arg(x)  # read in place in either layout, or packed
         bias = None if self.bias is None else self.bias.data
         if self.disabled or self.merged:
             self._save("dense", x)
@@ -143,7 +159,7 @@ class LoRALinear(_LoRABase):
         """dx (None without need_input_grad); with `add_dx_to`, dx is added to that array in
         place and it is returned."""
         kind, x, *rest = self._saved()
-        W, fifo = self.weight.data, self.fan_in_fan_out
+        W, fifo = self._weight_arg(x, backward=self.need_input_grad)
         add_dx_to = add_dx_to if self.need_input_grad else None
         if kind == "dense":
             if self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad):
@@ -171,7 +187,8 @@ class LoRALinear(_LoRABase):
             if self.lora_B.requires_grad:
                 self.lora_B.accumulate(dB)
         if self.weight.requires_grad:
-            _, dW = F.dense_backward(dout, x, W, need_dx=False, fan_in_fan_out=fifo)
+            _, dW = F.dense_backward(dout, x, self.weight.data, need_dx=False,
+                                     fan_in_fan_out=self.fan_in_fan_out)
             self.weight.accumulate(dW)
         if self.bias is not None and self.bias.requires_grad:
             self.bias.accumulate(_rows(dout).sum(axis=0))
