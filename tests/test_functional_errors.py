@@ -340,6 +340,9 @@ def run_all_ok(a, y_shape):
     F.unmerge(a["W2"], a["A"], a["B"], 0.5)
     F.dense_backward(y, a["x"], a["weight"])
     F.adam_step(a["A2"], a["A"], a["m"], a["v"], step=1, lr=1e-3)
+    y, xa = F.linear_forward(a["x"], a["pw"], a["A"], a["B"], 0.5)
+    F.linear_backward(y, a["x"], xa, a["pw"], a["A"], a["B"], 0.5)
+    F.dense_backward(y, a["x"], a["pw"])
 
 
 def run_all_bad(a):
@@ -351,6 +354,8 @@ def run_all_bad(a):
         lambda: F.linear_forward(a["x"], a["weight"], a["A"], a["B"], 0.5, dropout=0.5),
         lambda: F.dense_forward(a["x"], a["weight"], residual=a["x"]),
         lambda: F.dense_backward(a["x"][:, :5], a["x"], a["weight"], add_dx_to=a["x"]),
+        lambda: F.linear_forward(a["x"], a["pw"], a["A"].T, a["B"], 0.5),
+        lambda: F.PackedWeight(a["x"][0]),
     ):
         try:
             call()
@@ -364,7 +369,8 @@ def test_refcounts_and_memory_flat_over_10000_calls():
     a = lora_args()
     x_strided = np.repeat(a["x"], 2, axis=1)[:, ::2]  # forces the copy path
     a.update(W2=a["weight"].copy(), A2=a["A"].copy(), m=np.zeros_like(a["A"]),
-             v=np.zeros_like(a["A"]), ro=a["weight"].copy(), acc=np.zeros_like(a["x"]))
+             v=np.zeros_like(a["A"]), ro=a["weight"].copy(), acc=np.zeros_like(a["x"]),
+             pw=F.PackedWeight(a["weight"]))
     a["ro"].flags.writeable = False
     a["xs"] = x_strided
     for fn in (run_all_ok, run_all_bad):  # warm up caches and interned objects
@@ -409,7 +415,7 @@ def lora_case(draw):
     case = dict(x=arr((*lead, d_in), strided), weight=arr((d_out, d_in), strided),
                 A=arr((r, d_in), False), B=arr((d_out, r), strided),
                 dropout=draw(st.sampled_from([0.0, 0.5])), seed=draw(st.integers(0, 2**64 - 1)),
-                dtype=dtype, fault=fault)
+                dtype=dtype, fault=fault, packed=draw(st.booleans()))
     if fault == "shape":
         case["B"] = arr((d_out, r + 1), False)
     elif fault == "dtype":
@@ -425,10 +431,12 @@ def lora_case(draw):
 @given(lora_case())
 def test_property_never_crashes_and_matches_twin(c):
     before = snapshot(c)
+    # the weight as an array, or packed (PackedWeight): the same results either way
+    w = F.PackedWeight(c["weight"]) if c["packed"] else c["weight"]
     try:
-        y, xa = F.linear_forward(c["x"], c["weight"], c["A"], c["B"], 0.5,
+        y, xa = F.linear_forward(c["x"], w, c["A"], c["B"], 0.5,
                                  dropout=c["dropout"], seed=c["seed"])
-        dx, dA, dB = F.linear_backward(np.ones_like(y), c["x"], xa, c["weight"], c["A"], c["B"],
+        dx, dA, dB = F.linear_backward(np.ones_like(y), c["x"], xa, w, c["A"], c["B"],
                                        0.5, dropout=c["dropout"], seed=c["seed"])
     except (TypeError, ValueError) as e:
         assert c["fault"] is not None, f"valid input raised: {e}"
