@@ -195,18 +195,49 @@ def bench_vs_torch(rows, torch, shapes, rng):
             y = base(tx) + lb(la(tx)) * 2.0
             y.backward(tdy)
 
-        def lora_step():
-            y, xa = F.linear_forward(x, W, A, B, 2.0, b)
-            F.linear_backward(dy, x, xa, W, A, B, 2.0)
+        def lora_step(w=W):
+            y, xa = F.linear_forward(x, w, A, B, 2.0, b)
+            F.linear_backward(dy, x, xa, w, A, B, 2.0)
 
-        t_lora, t_torch = median_times([lora_step, torch_step], 10, interleave=False)
-        rows.append(dict(n=n, d=d, r=r, lora_ms=t_lora * 1e3, torch_ms=t_torch * 1e3,
-                         ratio=t_lora / t_torch))
-        print(f"  fwd+bwd n={n} d={d} r={r}: lora {t_lora * 1e3:.2f} ms, torch "
-              f"{t_torch * 1e3:.2f} ms, lora/torch {t_lora / t_torch:.2f}x", flush=True)
+        packed = F.PackedWeight(W)  # once, as a frozen layer does (LoRALinear.pack)
+        t_lora, t_packed, t_torch = median_times(
+            [lora_step, lambda: lora_step(packed), torch_step], 10, interleave=False)
+        rows.append(dict(n=n, d=d, r=r, lora_ms=t_lora * 1e3, packed_ms=t_packed * 1e3,
+                         torch_ms=t_torch * 1e3, ratio=t_lora / t_torch,
+                         packed_ratio=t_packed / t_torch))
+        print(f"  fwd+bwd n={n} d={d} r={r}: lora {t_lora * 1e3:.2f} ms, packed "
+              f"{t_packed * 1e3:.2f} ms, torch {t_torch * 1e3:.2f} ms, lora/torch "
+              f"{t_lora / t_torch:.2f}x, packed/torch {t_packed / t_torch:.2f}x", flush=True)
 
 
-def markdown(info, layer, merges, adam, vs_torch):
+def bench_packed(rows, torch, ns, d, rng):
+    """GFLOP/s of x W^T (forward) and dy W (dx) at d x d: OpenBLAS on W, lora's packed GEMM
+    on a PackedWeight, and torch (if installed) on W."""
+    W = rand(rng, (d, d)) * 0.02
+    t0 = time.perf_counter()
+    packed = F.PackedWeight(W)
+    pack_ms = (time.perf_counter() - t0) * 1e3
+    tW = torch.from_numpy(W) if torch else None
+    for n in ns:
+        x = rand(rng, (n, d))
+        flop = 2.0 * n * d * d
+        fns = [lambda: F.dense_forward(x, W), lambda: F.dense_forward(x, packed),
+               lambda: F.dense_backward(x, x, W, need_dweight=False),
+               lambda: F.dense_backward(x, x, packed, need_dweight=False)]
+        times = median_times(fns, 10)
+        if torch:
+            tx = torch.from_numpy(x)
+            times += median_times([lambda: tx @ tW.T, lambda: tx @ tW], 10, interleave=False)
+        g = [flop / t / 1e9 for t in times] + [None] * (6 - len(times))
+        rows.append(dict(n=n, d=d, blas_fwd=g[0], packed_fwd=g[1], blas_bwd=g[2],
+                         packed_bwd=g[3], torch_fwd=g[4], torch_bwd=g[5], pack_ms=pack_ms))
+        print(f"  n={n} d={d}: x W^T GFLOP/s OpenBLAS {g[0]:.0f}, packed {g[1]:.0f}"
+              + (f", torch {g[4]:.0f}" if torch else "")
+              + f" | dy W OpenBLAS {g[2]:.0f}, packed {g[3]:.0f}"
+              + (f", torch {g[5]:.0f}" if torch else ""), flush=True)
+
+
+def markdown(info, layer, merges, adam, vs_torch, packed):
     out = ["## Kernels", "", f"Machine: {info['machine']}. OpenBLAS {info['config']}, "
            f"kernel **{info['corename']}**, {THREADS} threads. Measured bandwidth (in-place "
            f"pass, one core): {info['bw']:.1f} GB/s; base sgemm peak in this run: "
@@ -239,11 +270,28 @@ def markdown(info, layer, merges, adam, vs_torch):
                     f"(lora/torch {adam['ms'] / adam['torch_ms']:.2f}x).")
     if vs_torch:
         out += ["", "LoRA layer forward + backward (with dx), lora against a PEFT-style "
-                f"PyTorch {info['torch']} layer, {THREADS} threads each:", "",
-                "| n | d | r | lora ms | torch ms | lora / torch |", "|---|---|---|---|---|---|"]
+                f"PyTorch {info['torch']} layer, {THREADS} threads each; \"packed\" passes a "
+                "PackedWeight (packed once, as `LoRALinear.pack()` does) for the frozen "
+                "weight:", "",
+                "| n | d | r | lora ms | packed ms | torch ms | lora / torch | packed / torch |",
+                "|---|---|---|---|---|---|---|---|"]
         for t in vs_torch:
             out.append(f"| {t['n']} | {t['d']} | {t['r']} | {t['lora_ms']:.2f} | "
-                       f"{t['torch_ms']:.2f} | {t['ratio']:.2f} |")
+                       f"{t['packed_ms']:.2f} | {t['torch_ms']:.2f} | {t['ratio']:.2f} | "
+                       f"{t['packed_ratio']:.2f} |")
+    if packed:
+        has_torch = packed[0]["torch_fwd"] is not None
+        out += ["", f"Packed weights: GFLOP/s of the base products at d = {packed[0]['d']}, "
+                "OpenBLAS on the weight against lora's packed GEMM on a PackedWeight"
+                + (" and torch on the weight" if has_torch else "")
+                + f" (packing both directions took {packed[0]['pack_ms']:.0f} ms, once):", "",
+                "| n | x W^T OpenBLAS | x W^T packed |" + (" x W^T torch |" if has_torch else "")
+                + " dy W OpenBLAS | dy W packed |" + (" dy W torch |" if has_torch else ""),
+                "|---|---|---|---|---|" + ("---|---|" if has_torch else "")]
+        for p in packed:
+            cells = [p["blas_fwd"], p["packed_fwd"]] + ([p["torch_fwd"]] if has_torch else [])
+            cells += [p["blas_bwd"], p["packed_bwd"]] + ([p["torch_bwd"]] if has_torch else [])
+            out.append(f"| {p['n']} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -286,9 +334,15 @@ def main():
     vs_torch = []
     if torch is not None:
         print("against PyTorch:")
-        shapes = [(512, 1024, 16), (2048, 1024, 16), (512, 4096, 16), (64, 4096, 8)]
+        shapes = [(512, 1024, 16), (2048, 1024, 16), (512, 4096, 16), (64, 4096, 8),
+                  (8, 4096, 8)]
         bench_vs_torch(vs_torch, torch, shapes[:2] if args.quick else shapes, rng)
-    text = markdown(info, layer, merges, adam, vs_torch)
+    packed = []
+    print("packed weights:")
+    bench_packed(packed, torch, [1, 8, 64, 512] if args.quick else [1, 8, 16, 64, 128, 256, 512,
+                                                                    2048],
+                 1024 if args.quick else 4096, rng)
+    text = markdown(info, layer, merges, adam, vs_torch, packed)
     if args.markdown:
         replace_section(args.markdown, text)
         print(f"wrote the '## Kernels' section of {args.markdown}")
