@@ -291,8 +291,13 @@ void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, 
 /* Packed weights: a thread per 8 panels (256 float32 columns) at least. */
 size_t lora_panel_parts(size_t panels) { return lora_threads(panels / 8); }
 
-/* Each part's copy of a block of rows, plus the last tile's padding (at most 3 rows). */
-size_t lora_panel_scratch_elems(size_t parts) {
+/* X copied whole (tiles padded by at most 3 rows), or each part's block of rows (the same). */
+int lora_panel_whole(size_t n, size_t K, size_t elem) {
+    return (n + 3) * K * elem <= LORA_PANEL_WHOLE_BYTES;
+}
+
+size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem) {
+    if (lora_panel_whole(n, K, elem)) return (n + 3) * K;
     return parts * (LORA_PANEL_MC + 4) * LORA_PANEL_KC;
 }
 

@@ -34,15 +34,19 @@
 #define LORA_BWD_ROW_PASS_MIN 256
 
 /* Packed weights (csrc/kernels_impl.inc, "packed weights"): a panel is LORA_PANEL_BYTES wide
- * (32 float32 or 16 float64 columns); the GEMM that reads panels copies blocks of
- * LORA_PANEL_MC rows by LORA_PANEL_KC steps of its left operand at a time. */
+ * (32 float32 or 16 float64 columns). The GEMM that reads panels copies its left operand X
+ * (n, K) whole when that takes at most LORA_PANEL_WHOLE_BYTES (small batches: each thread then
+ * reads its panels front to back), else in blocks of LORA_PANEL_MC rows by LORA_PANEL_KC
+ * steps, one per thread. */
 #define LORA_PANEL_BYTES 128
 #define LORA_PANEL_MC 240
 #define LORA_PANEL_KC 256
+#define LORA_PANEL_WHOLE_BYTES (1 << 20)
 
 /* A weight packed into panels for one product (pack_panels: W^T's for a forward, W's for a
  * backward), with the scratch its GEMM uses: parts = lora_panel_parts(panels), threads that
- * each take a range of the panels, and xp of lora_panel_scratch_elems(parts) elements. */
+ * each take a range of the panels, and xp of lora_panel_scratch_elems(parts, n, K, elem)
+ * elements for n rows by K steps of elem bytes. */
 typedef struct {
     const void *panels;
     void *xp;
@@ -50,7 +54,8 @@ typedef struct {
 } LoraPacked;
 
 size_t lora_panel_parts(size_t panels);
-size_t lora_panel_scratch_elems(size_t parts);
+size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem);
+int lora_panel_whole(size_t n, size_t K, size_t elem);
 
 /* How many row ranges (one per thread) lora_backward splits n rows into; read once by the
  * caller and passed to both calls below, so the scratch and the kernel agree. */

@@ -492,7 +492,7 @@ static int get_weight(const char *func, PyObject *obj, int *type, const char *ty
 
 /* The kernels' view of a PackedWeight for one direction, with its scratch allocated; NULL
  * (and no error) for an unpacked weight. Free pk->xp with free(). */
-static int packed_args(PackedWeight *pw, int direction, int type, LoraPacked *pk,
+static int packed_args(PackedWeight *pw, int direction, int type, npy_intp n, LoraPacked *pk,
                        const LoraPacked **out) {
     *out = NULL;
     pk->xp = NULL;
@@ -500,7 +500,9 @@ static int packed_args(PackedWeight *pw, int direction, int type, LoraPacked *pk
     PyArrayObject *panels = direction ? pw->bwd : pw->fwd;
     pk->panels = PyArray_DATA(panels);
     pk->parts = lora_panel_parts((size_t)PyArray_DIM(panels, 0));
-    if (!(pk->xp = alloc_scratch(lora_panel_scratch_elems(pk->parts), type))) return -1;
+    const size_t K = (size_t)PyArray_DIM(panels, 1), elem = type == NPY_FLOAT32 ? 4 : 8;
+    if (!(pk->xp = alloc_scratch(lora_panel_scratch_elems(pk->parts, (size_t)n, K, elem), type)))
+        return -1;
     *out = pk;
     return 0;
 }
@@ -618,7 +620,7 @@ static PyObject *linear_forward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (!(xa = new_like_rows(x, dm.r, type))) goto fail;
     if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0, 1), type)))
         goto fail;
-    if (packed_args(packed, 0, type, &pk_args, &pk)) goto fail;
+    if (packed_args(packed, 0, type, n, &pk_args, &pk)) goto fail;
     const void *w_p = weight ? PyArray_DATA(weight) : NULL;
 
     const void *bias_p = bias ? PyArray_DATA(bias) : NULL, *res_p = res ? PyArray_DATA(res) : NULL;
@@ -742,7 +744,7 @@ static PyObject *linear_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (!(scratch = alloc_scratch(lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0, parts),
                                   type)))
         goto fail;
-    if (packed_args(packed, need_dx ? 1 : -1, type, &pk_args, &pk)) goto fail;
+    if (packed_args(packed, need_dx ? 1 : -1, type, n, &pk_args, &pk)) goto fail;
     const void *w_p = weight ? PyArray_DATA(weight) : NULL;
 
     void *dx_p = dx ? PyArray_DATA(dx) : NULL;
@@ -917,7 +919,7 @@ static PyObject *dense_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     if (!(res = get_residual(func, res_o, &type, x, d_out)) && PyErr_Occurred()) goto fail;
     if (as_carray(&x) || as_carray(&weight) || as_carray(&bias) || as_carray(&res)) goto fail;
     if (!(y = new_like_rows(x, d_out, type))) goto fail;
-    if (packed_args(packed, 0, type, &pk_args, &pk)) goto fail;
+    if (packed_args(packed, 0, type, n, &pk_args, &pk)) goto fail;
     const void *w_p = weight ? PyArray_DATA(weight) : NULL;
 
     const void *bias_p = bias ? PyArray_DATA(bias) : NULL, *res_p = res ? PyArray_DATA(res) : NULL;
@@ -997,7 +999,7 @@ static PyObject *dense_backward(PyObject *self, PyObject *args, PyObject *kwds) 
     if (need_dx && !dx && !(dx = new_like_rows(x, d_in, type))) goto fail;
     npy_intp w_dims[2] = {wt ? d_in : d_out, wt ? d_out : d_in}; /* weight's own layout */
     if (need_dw && !(dW = (PyArrayObject *)PyArray_SimpleNew(2, w_dims, type))) goto fail;
-    if (packed_args(packed, need_dx ? 1 : -1, type, &pk_args, &pk)) goto fail;
+    if (packed_args(packed, need_dx ? 1 : -1, type, n, &pk_args, &pk)) goto fail;
     const void *w_p = weight ? PyArray_DATA(weight) : NULL;
 
     void *dx_p = dx ? PyArray_DATA(dx) : NULL, *dw_p = dW ? PyArray_DATA(dW) : NULL;

@@ -18,6 +18,8 @@ RTOL = {np.float32: 2e-5, np.float64: 1e-12}
 
 # (rows, d_in, d_out, r): rows around the micro-tile heights (12, 8, 4, 2, 1) and past the
 # 240-row block; d_out and d_in off the 32/16-column panels and past the 256-step blocks.
+# The GEMM copies x whole up to 1 MB and by blocks beyond: the last two shapes take the
+# blocked path forward (x 700 x 520) and backward (dy 300 x 900) respectively.
 SHAPES = [
     (1, 8, 8, 1),
     (2, 7, 13, 3),
@@ -30,6 +32,8 @@ SHAPES = [
     (245, 70, 130, 3),
     (500, 20, 45, 31),
     (0, 6, 5, 2),
+    (700, 520, 40, 4),
+    (300, 48, 900, 2),
 ]
 
 
