@@ -12,9 +12,7 @@ import lora
 from lora import _reference as ref
 from lora import functional as F
 from lora import nn
-
-DTYPES = [np.float32, np.float64]
-RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+from test_functional import DTYPES, close, rand
 
 # (rows, d_in, d_out, r): rows around the micro-tile heights (12, 8, 4, 2, 1) and past the
 # 240-row block; d_out and d_in off the 32/16-column panels and past the 256-step blocks.
@@ -35,16 +33,6 @@ SHAPES = [
     (700, 520, 40, 4),
     (300, 48, 900, 2),
 ]
-
-
-def rand(rng, shape, dtype):
-    return rng.standard_normal(shape).astype(dtype)
-
-
-def close(got, want, dtype):
-    want = np.asarray(want, dtype=np.float64)
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL[dtype] * scale * 10)
 
 
 def twin_panels(M, width):
