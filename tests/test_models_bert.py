@@ -97,6 +97,40 @@ def test_last_hidden_state_matches_transformers(batch, hf_model):
     assert np.abs(h1 - h[:1, : h1.shape[1]]).max() < 1e-4
 
 
+def test_packed_weights_give_the_same_model(batch):
+    """lora.pack_weights on a LoRA-wrapped encoder: the same hidden states and LoRA
+    gradients (within rounding) as with the plain weights, on a small batch that the packed
+    GEMM serves; the classifier, still trainable, is left unpacked."""
+    model = BertForSequenceClassification.from_pretrained(MODEL_DIR, 2, seed=0, **NO_DROPOUT)
+    model.dropout.p = 0.0
+    lora.wrap(model.bert, target_modules=["query", "value"], r=4, lora_alpha=8)
+    rng = np.random.default_rng(1)
+    for m in model.modules():  # B = 0 at init: make the LoRA branch count
+        if isinstance(m, lora.LoRALinear):
+            m.lora_B.data[...] = rng.standard_normal(m.lora_B.shape) * 0.02
+    model.train()
+    small = {k: v[:2, :12] for k, v in batch.items()}
+    args = (small["input_ids"], small["attention_mask"], small["token_type_ids"])
+
+    def run():
+        model.zero_grad()
+        logits = model(*args)
+        model.backward(np.linspace(-1, 1, logits.size, dtype=np.float32).reshape(logits.shape))
+        grads = {n: p.grad.copy() for n, p in model.named_parameters() if p.grad is not None}
+        return logits, grads
+
+    logits0, grads0 = run()
+    nbytes = lora.pack_weights(model)
+    assert nbytes > 0 and not model.classifier.packed
+    assert model.bert.encoder.layer[0].attention.self.query.packed
+    logits1, grads1 = run()
+    np.testing.assert_allclose(logits1, logits0, atol=1e-5)
+    assert grads1.keys() == grads0.keys()
+    for name, g in grads0.items():
+        np.testing.assert_allclose(grads1[name], g, atol=1e-5 * max(1.0, np.abs(g).max()),
+                                   err_msg=name)
+
+
 def test_sentence_embeddings_match_sentence_transformers(batch):
     st = pytest.importorskip("sentence_transformers")
     ref = st.SentenceTransformer(MODEL_DIR, device="cpu").encode(TEXTS, convert_to_numpy=True)
