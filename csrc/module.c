@@ -426,7 +426,7 @@ PyDoc_STRVAR(packed_doc,
 "OpenBLAS repacks the weight on every call; a PackedWeight is packed once. At d = 4096\n"
 "this makes a 64-row product 1.2-1.5x and an 8-row one 3.3-3.7x faster than OpenBLAS\n"
 "(docs/performance.md).\n"
-"For a few thousand rows OpenBLAS is as fast or faster.\n\n"
+"From a few hundred rows OpenBLAS is as fast or faster.\n\n"
 "Parameters\n----------\n"
 "weight : ndarray, shape (d_out, d_in), or (d_in, d_out) when fan_in_fan_out\n"
 "    Copied: the PackedWeight keeps no reference to it and does not see later changes\n"
