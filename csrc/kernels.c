@@ -302,14 +302,17 @@ size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem) {
 }
 
 /* Rows per micro-tile of the packed GEMM: 12 rows x 2 vectors of accumulators take 24 of
- * AVX-512's 32 registers; with 16 registers (AVX2) or 128-bit vectors, 2 rows. */
+ * AVX-512's 32 registers; without AVX-512, 6 rows x 2 32-byte vectors take 12 of AVX2's 16
+ * (panel_micro_narrow, half a panel at a time). */
 static int lora_panel_mr(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(LORA_PANEL_MR) /* a build that measures one path, e.g. -DLORA_PANEL_MR=2 */
+    return LORA_PANEL_MR;
+#elif defined(__x86_64__) && defined(__GNUC__)
     static int cached = 0;
-    if (!cached) cached = __builtin_cpu_supports("avx512f") ? 12 : 2;
+    if (!cached) cached = __builtin_cpu_supports("avx512f") ? 12 : 6;
     return cached;
 #else
-    return 2;
+    return 6;
 #endif
 }
 
