@@ -298,7 +298,7 @@ int lora_panel_whole(size_t n, size_t K, size_t elem) {
 
 size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem) {
     if (lora_panel_whole(n, K, elem)) return (n + 3) * K;
-    return parts * (LORA_PANEL_MC + 4) * LORA_PANEL_KC;
+    return parts * LORA_PANEL_PART_ELEMS;
 }
 
 /* Rows per micro-tile of the packed GEMM: 12 rows x 2 vectors of accumulators take 24 of

@@ -42,6 +42,8 @@
 #define LORA_PANEL_MC 240
 #define LORA_PANEL_KC 256
 #define LORA_PANEL_WHOLE_BYTES (1 << 20)
+/* One thread's copy of a block of rows, with the last tile's padding (at most 3 rows). */
+#define LORA_PANEL_PART_ELEMS ((LORA_PANEL_MC + 3) * LORA_PANEL_KC)
 
 /* A weight packed into panels for one product (pack_panels: W^T's for a forward, W's for a
  * backward), with the scratch its GEMM uses: parts = lora_panel_parts(panels), threads that

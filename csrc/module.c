@@ -287,6 +287,20 @@ static int check_weight_dims(const char *func, PyArrayObject *weight, int wt, np
                                               : "d_in (weight.shape[1])", *d_in, 1);
 }
 
+/* A 2-D weight array: a new reference, with d_out and d_in from its shape (see
+ * check_weight_dims), or NULL with the error set. */
+static PyArrayObject *get_weight_array(const char *func, PyObject *obj, int *type,
+                                       const char *type_ref, int wt, npy_intp *d_out,
+                                       npy_intp *d_in) {
+    PyArrayObject *weight = get_array(func, "weight", obj, type, type_ref, 0);
+    if (weight && (check_ndim(func, "weight", weight, 2, 0) ||
+                   check_weight_dims(func, weight, wt, d_out, d_in))) {
+        Py_DECREF(weight);
+        return NULL;
+    }
+    return weight;
+}
+
 /* The shapes of a LoRA layer: weight (d_out, d_in) (or (d_in, d_out) when fan_in_fan_out),
  * A (r, d_in), B (d_out, r). */
 typedef struct {
@@ -336,11 +350,10 @@ static PyObject *packed_new(PyTypeObject *cls, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$pp:PackedWeight", kwlist, &w_o, &wt,
                                      &backward))
         return NULL;
-    if (!(weight = get_array(func, "weight", w_o, &type, "weight", 0))) return NULL;
     npy_intp d_out, d_in;
-    if (check_ndim(func, "weight", weight, 2, 0) ||
-        check_weight_dims(func, weight, wt, &d_out, &d_in) || as_carray(&weight))
-        goto fail;
+    if (!(weight = get_weight_array(func, w_o, &type, "weight", wt, &d_out, &d_in)))
+        return NULL;
+    if (as_carray(&weight)) goto fail;
     if (!(self = (PackedWeight *)cls->tp_alloc(cls, 0))) goto fail;
     self->d_out = d_out, self->d_in = d_in, self->type = type;
     if (!(self->fwd = new_panels(d_out, d_in, type))) goto fail;
@@ -455,13 +468,8 @@ static int get_weight(const char *func, PyObject *obj, int *type, const char *ty
                       int direction, PyArrayObject **weight, PackedWeight **packed,
                       npy_intp *d_out, npy_intp *d_in) {
     *weight = NULL, *packed = NULL;
-    if (!PyObject_TypeCheck(obj, &PackedWeightType)) {
-        if (!(*weight = get_array(func, "weight", obj, type, type_ref, 0))) return -1;
-        if (check_ndim(func, "weight", *weight, 2, 0) ||
-            check_weight_dims(func, *weight, wt, d_out, d_in))
-            return -1;
-        return 0;
-    }
+    if (!PyObject_TypeCheck(obj, &PackedWeightType))
+        return (*weight = get_weight_array(func, obj, type, type_ref, wt, d_out, d_in)) ? 0 : -1;
     PackedWeight *pw = (PackedWeight *)obj;
     if (*type >= 0 && pw->type != *type) {
         PyErr_Format(PyExc_TypeError,
