@@ -36,14 +36,13 @@
 /* Packed weights (csrc/kernels_impl.inc, "packed weights"): a panel is LORA_PANEL_BYTES wide
  * (32 float32 or 16 float64 columns). The GEMM that reads panels copies its left operand X
  * (n, K) whole when that takes at most LORA_PANEL_WHOLE_BYTES (small batches: each thread then
- * reads its panels front to back), else in blocks of LORA_PANEL_MC rows by LORA_PANEL_KC
- * steps, one per thread. */
+ * reads its panels front to back by blocks of LORA_PANEL_WHOLE_KC steps), else by blocks of
+ * rows (lora_panel_block_rows) by lora_panel_kc_bytes() of steps, each thread copying its own,
+ * and each tile of rows meets lora_panel_chunk() panels in turn. */
 #define LORA_PANEL_BYTES 128
-#define LORA_PANEL_MC 240
-#define LORA_PANEL_KC 256
 #define LORA_PANEL_WHOLE_BYTES (1 << 20)
-/* One thread's copy of a block of rows, with the last tile's padding (at most 3 rows). */
-#define LORA_PANEL_PART_ELEMS ((LORA_PANEL_MC + 3) * LORA_PANEL_KC)
+#define LORA_PANEL_WHOLE_KC 256
+#define LORA_PANEL_AHEAD 32 /* steps the micro-kernel prefetches its panel ahead, into L1 */
 
 /* A weight packed into panels for one product (pack_panels: W^T's for a forward, W's for a
  * backward), with the scratch its GEMM uses: parts = lora_panel_parts(panels), threads that
@@ -58,6 +57,9 @@ typedef struct {
 size_t lora_panel_parts(size_t panels);
 size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem);
 int lora_panel_whole(size_t n, size_t K, size_t elem);
+size_t lora_panel_block_rows(size_t n);
+size_t lora_panel_kc_bytes(void);
+size_t lora_panel_chunk(void);
 
 /* How many row ranges (one per thread) lora_backward splits n rows into; read once by the
  * caller and passed to both calls below, so the scratch and the kernel agree. */

@@ -155,6 +155,7 @@ int main(void) {
     check_packed(7, 300, 70);
     check_packed(64, 520, 33);
     check_packed(300, 48, 900); /* dx by blocks of rows */
+    check_packed(530, 700, 600); /* both by blocks: two of rows, two of steps, 8-panel chunks */
     printf("%s\n", failures ? "FAILED" : "all kernel checks passed");
     return failures != 0;
 }

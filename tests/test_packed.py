@@ -14,10 +14,13 @@ from lora import functional as F
 from lora import nn
 from test_functional import DTYPES, close, rand
 
-# (rows, d_in, d_out, r): rows around the micro-tile heights (12, 8, 4, 2, 1) and past the
-# 240-row block; d_out and d_in off the 32/16-column panels and past the 256-step blocks.
-# The GEMM copies x whole up to 1 MB and by blocks beyond: the last two shapes take the
-# blocked path forward (x 700 x 520) and backward (dy 300 x 900) respectively.
+# (rows, d_in, d_out, r): rows around the micro-tile heights (12, 8, 4, 2, 1); d_out and
+# d_in off the 32/16-column panels. The GEMM copies x whole up to 1 MB and by blocks beyond
+# (rows: lora_panel_block_rows, 43 tiles at most with a 2 MB L2; 2 KB of steps: 512 float32,
+# 256 float64): the last three shapes take the blocked path forward (x 700 x 520: two blocks
+# of rows, two or three of steps), backward (dy 300 x 900), and both (530 rows: two blocks,
+# the last ending in a 2-row tile; 19-44 panels, so a thread meets more than the 8 panels of
+# one chunk).
 SHAPES = [
     (1, 8, 8, 1),
     (2, 7, 13, 3),
@@ -32,6 +35,7 @@ SHAPES = [
     (0, 6, 5, 2),
     (700, 520, 40, 4),
     (300, 48, 900, 2),
+    (530, 700, 600, 3),
 ]
 
 
