@@ -310,6 +310,12 @@ int lora_panel_whole(size_t n, size_t K, size_t elem) {
 size_t lora_panel_kc_bytes(void) { return lora_panel_mr() == 6 ? 1024 : 2048; }
 size_t lora_panel_chunk(void) { return lora_panel_mr() == 6 ? 1 : 8; }
 
+/* Rows up to which the packed GEMM beats OpenBLAS on the weight itself, at d = 4096 on 2
+ * threads: AVX-512 tiles 0.73x OpenBLAS's time at 64 rows, 0.94x at 256, 0.97-0.99x at 512,
+ * 1.07x at 768; an AVX2 build (6-row tiles, against OpenBLAS's Haswell kernels) 0.93x at 64,
+ * 1.04-1.05x at 96-128, 1.12x at 256. The layers use their packed copy up to here. */
+size_t lora_panel_max_rows(void) { return lora_panel_mr() == 6 ? 64 : 256; }
+
 /* Most tiles of rows in a block of the blocked path: the block takes about half the L2
  * (sysconf; 1 MB if unknown), the panels the other half. With 2 MB, AVX-512: 43 tiles of 12
  * rows. At d = 4096, 512 rows in one block measured 0.97-0.98x OpenBLAS's time, 480 + 32

@@ -1637,7 +1637,8 @@ static int exec_module(PyObject *module) {
     import_array1(-1);
     lora_use_pool_for_blas();
     if (PyType_Ready(&PackedWeightType) < 0 ||
-        PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0)
+        PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0 ||
+        PyModule_AddIntConstant(module, "PACKED_MAX_ROWS", (long)lora_panel_max_rows()) < 0)
         return -1;
     return 0;
 }

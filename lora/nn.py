@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
+from . import _C
 from . import functional as F
 
 __all__ = [
@@ -285,9 +286,11 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 # Up to this many rows a call on a packed weight runs lora's packed GEMM; beyond it, OpenBLAS
-# on the weight itself, which is as fast there (d = 4096, 2 threads: packed 320 GFLOP/s at
-# 64 rows against OpenBLAS's 240, about even at 256, 300 against 360 at 2048).
-PACKED_MAX_ROWS = 256
+# on the weight itself, which is as fast there. Set for the CPU by the extension
+# (lora_panel_max_rows in csrc/kernels.c): 256 with AVX-512 (d = 4096, 2 threads: 0.73x
+# OpenBLAS's time at 64 rows, 0.94x at 256, 1.07x at 768), 64 without (an AVX2 build: 0.93x
+# at 64 rows, 1.12x at 256).
+PACKED_MAX_ROWS = _C.PACKED_MAX_ROWS
 
 
 class _Packable:
