@@ -307,8 +307,8 @@ int lora_panel_whole(size_t n, size_t K, size_t elem) {
  * Without AVX-512 (6-row tiles, half a panel at a time) the latter holds: 1 KB of steps, a
  * chunk of one panel; an AVX2 build at 64 rows took 1.03-1.05x OpenBLAS's time the AVX-512
  * way, 0.93x this way. */
-size_t lora_panel_kc_bytes(void) { return lora_panel_mr() == 6 ? 1024 : 2048; }
-size_t lora_panel_chunk(void) { return lora_panel_mr() == 6 ? 1 : 8; }
+static size_t lora_panel_kc_bytes(void) { return lora_panel_mr() == 6 ? 1024 : 2048; }
+static size_t lora_panel_chunk(void) { return lora_panel_mr() == 6 ? 1 : 8; }
 
 /* Rows up to which the packed GEMM beats OpenBLAS on the weight itself, at d = 4096 on 2
  * threads: AVX-512 tiles 0.73x OpenBLAS's time at 64 rows, 0.94x at 256, 0.97-0.99x at 512,
@@ -337,7 +337,7 @@ static size_t lora_panel_block_tiles(void) {
 }
 
 /* Rows per block for n rows: whole tiles, the blocks as even as tiles allow. */
-size_t lora_panel_block_rows(size_t n) {
+static size_t lora_panel_block_rows(size_t n) {
     const size_t mr = (size_t)lora_panel_mr(), most = lora_panel_block_tiles();
     const size_t tiles = (n + mr - 1) / mr, blocks = (tiles + most - 1) / most;
     return blocks ? (tiles + blocks - 1) / blocks * mr : mr;
