@@ -292,7 +292,20 @@ void lora_parallel_for(size_t n, size_t grain, size_t align, void (*fn)(void *, 
 /* Packed weights: a thread per 8 panels (256 float32 columns) at least. */
 size_t lora_panel_parts(size_t panels) { return lora_threads(panels / 8); }
 
-static int lora_panel_mr(void);
+/* Rows per micro-tile of the packed GEMM: 12 rows x 2 vectors of accumulators take 24 of
+ * AVX-512's 32 registers; without AVX-512, 6 rows x 2 32-byte vectors take 12 of AVX2's 16
+ * (panel_micro_narrow, half a panel at a time). */
+static int lora_panel_mr(void) {
+#if defined(LORA_PANEL_MR) /* a build that measures one path, e.g. -DLORA_PANEL_MR=2 */
+    return LORA_PANEL_MR;
+#elif defined(__x86_64__) && defined(__GNUC__)
+    static int cached = 0;
+    if (!cached) cached = __builtin_cpu_supports("avx512f") ? 12 : 6;
+    return cached;
+#else
+    return 6;
+#endif
+}
 
 /* X copied whole (tiles padded by at most 3 rows). */
 int lora_panel_whole(size_t n, size_t K, size_t elem) {
@@ -349,20 +362,6 @@ size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem) {
            (lora_panel_kc_bytes() / elem);
 }
 
-/* Rows per micro-tile of the packed GEMM: 12 rows x 2 vectors of accumulators take 24 of
- * AVX-512's 32 registers; without AVX-512, 6 rows x 2 32-byte vectors take 12 of AVX2's 16
- * (panel_micro_narrow, half a panel at a time). */
-static int lora_panel_mr(void) {
-#if defined(LORA_PANEL_MR) /* a build that measures one path, e.g. -DLORA_PANEL_MR=2 */
-    return LORA_PANEL_MR;
-#elif defined(__x86_64__) && defined(__GNUC__)
-    static int cached = 0;
-    if (!cached) cached = __builtin_cpu_supports("avx512f") ? 12 : 6;
-    return cached;
-#else
-    return 6;
-#endif
-}
 
 /* One part of the backward's row pass: its (r, d_out) and (r, d_in) partial sums and, under
  * dropout, a tile of rows; a multiple of 16 elements so each part starts 64-byte aligned. */
