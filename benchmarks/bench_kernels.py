@@ -9,7 +9,8 @@ Options: --quick (fewer shapes), --markdown FILE (write the tables as the "## Ke
 section of that Markdown file, e.g. docs/performance.md, keeping its other sections).
 Timings are medians of repetitions, interleaved (base and LoRA alternate) where both sides
 use lora's OpenBLAS, blocked (one side's calls, then the other's) against PyTorch, whose idle
-OpenMP threads spin after its calls just as OpenBLAS's do after lora's.
+OpenMP threads spin after its calls just as OpenBLAS's do after lora's; the layer against
+PyTorch in rounds of such blocks, the order rotated between rounds (rotated_rounds).
 """
 
 import argparse
@@ -200,14 +201,47 @@ def bench_vs_torch(rows, torch, shapes, rng):
             F.linear_backward(dy, x, xa, w, A, B, 2.0)
 
         packed = F.PackedWeight(W)  # once, as a frozen layer does (LoRALinear.pack)
-        t_lora, t_packed, t_torch = median_times(
-            [lora_step, lambda: lora_step(packed), torch_step], 10, interleave=False)
-        rows.append(dict(n=n, d=d, r=r, lora_ms=t_lora * 1e3, packed_ms=t_packed * 1e3,
-                         torch_ms=t_torch * 1e3, ratio=t_lora / t_torch,
-                         packed_ratio=t_packed / t_torch))
-        print(f"  fwd+bwd n={n} d={d} r={r}: lora {t_lora * 1e3:.2f} ms, packed "
-              f"{t_packed * 1e3:.2f} ms, torch {t_torch * 1e3:.2f} ms, lora/torch "
-              f"{t_lora / t_torch:.2f}x, packed/torch {t_packed / t_torch:.2f}x", flush=True)
+        sides = {"lora": lora_step, "packed": lambda: lora_step(packed), "torch": torch_step}
+        ms, ratios = rotated_rounds(sides, "torch", VS_TORCH_ROUNDS)
+        row = dict(n=n, d=d, r=r, lora_ms=ms["lora"], packed_ms=ms["packed"],
+                   torch_ms=ms["torch"])
+        for side, key in (("lora", "ratio"), ("packed", "packed_ratio")):
+            row[key] = statistics.median(ratios[side])
+            row[key + "_range"] = (min(ratios[side]), max(ratios[side]))
+        rows.append(row)
+        print(f"  fwd+bwd n={n} d={d} r={r}: lora {ms['lora']:.2f} ms, packed "
+              f"{ms['packed']:.2f} ms, torch {ms['torch']:.2f} ms, lora/torch "
+              f"{row['ratio']:.2f}x ({span(row['ratio_range'])}), packed/torch "
+              f"{row['packed_ratio']:.2f}x ({span(row['packed_ratio_range'])})", flush=True)
+
+
+VS_TORCH_ROUNDS = 7
+
+
+def rotated_rounds(sides, ref, rounds, reps=5, settle=0.25):
+    """Rounds of blocked timings, the sides' order rotated each round so that none always
+    follows another (each side's idle threads spin for a while after its calls). In a block,
+    calls first run untimed for `settle` seconds (at least one: the other side's threads go
+    quiet, this side's operands come into the cache), then `reps` timed calls (and 0.1 s at
+    least) give the block's median. Returns each side's median block time in ms and, per
+    side, the list of its per-round ratios to side `ref` (the machine drifts between rounds,
+    less within one)."""
+    names = list(sides)
+    blocks = {k: [] for k in names}
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            f = sides[k]
+            start = time.perf_counter()
+            f()
+            while time.perf_counter() - start < settle:
+                f()
+            blocks[k].append(median_times([f], reps, min_time=0.1)[0])
+    ratios = {k: [a / b for a, b in zip(blocks[k], blocks[ref], strict=True)] for k in names}
+    return {k: statistics.median(v) * 1e3 for k, v in blocks.items()}, ratios
+
+
+def span(lo_hi):
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}"
 
 
 def bench_packed(rows, torch, ns, d, rng):
@@ -277,12 +311,16 @@ def markdown(info, layer, merges, adam, vs_torch, packed):
                 f"PyTorch {info['torch']} layer, {THREADS} threads each; \"packed\" passes a "
                 "PackedWeight (packed once, as `LoRALinear.pack()` does) for the frozen "
                 "weight:", "",
+                f"Each side timed in {VS_TORCH_ROUNDS} rounds, the order rotated between "
+                "rounds; times are the medians of the rounds, ratios the medians (and ranges) "
+                "of the rounds' ratios.", "",
                 "| n | d | r | lora ms | packed ms | torch ms | lora / torch | packed / torch |",
                 "|---|---|---|---|---|---|---|---|"]
         for t in vs_torch:
             out.append(f"| {t['n']} | {t['d']} | {t['r']} | {t['lora_ms']:.2f} | "
-                       f"{t['packed_ms']:.2f} | {t['torch_ms']:.2f} | {t['ratio']:.2f} | "
-                       f"{t['packed_ratio']:.2f} |")
+                       f"{t['packed_ms']:.2f} | {t['torch_ms']:.2f} | {t['ratio']:.2f} "
+                       f"({span(t['ratio_range'])}) | {t['packed_ratio']:.2f} "
+                       f"({span(t['packed_ratio_range'])}) |")
     if packed:
         has_torch = packed[0]["torch_fwd"] is not None
         out += ["", f"Packed weights: GFLOP/s of the base products at d = {packed[0]['d']}, "

@@ -323,11 +323,19 @@ int lora_panel_whole(size_t n, size_t K, size_t elem) {
 static size_t lora_panel_kc_bytes(void) { return lora_panel_mr() == 6 ? 1024 : 2048; }
 static size_t lora_panel_chunk(void) { return lora_panel_mr() == 6 ? 1 : 8; }
 
-/* Rows up to which the packed GEMM beats OpenBLAS on the weight itself, at d = 4096 on 2
- * threads: AVX-512 tiles 0.73x OpenBLAS's time at 64 rows, 0.94x at 256, 0.97-0.99x at 512,
- * 1.07x at 768; an AVX2 build (6-row tiles, against OpenBLAS's Haswell kernels) 0.93x at 64,
- * 1.04-1.05x at 96-128, 1.12x at 256. The layers use their packed copy up to here. */
-size_t lora_panel_max_rows(void) { return lora_panel_mr() == 6 ? 64 : 256; }
+/* Rows up to which the packed GEMM is as fast as OpenBLAS on the weight itself or faster,
+ * for elements of `elsize` bytes; the layers use their packed copy up to here. Measured on 2
+ * threads, packed time over OpenBLAS's (medians of 8 rounds):
+ *   AVX-512, float32: 0.73x at 64 rows (d = 4096), 0.94x at 256; at 512 rows 0.96-0.99x on
+ *   the forward and 0.97-1.00x on a LoRA step for d_out x d_in in 1024-11008 x 1024-4096;
+ *   1.00-1.07x at 640-768;
+ *   AVX-512, float64: 0.77-0.92x at 64 rows, 1.03-1.07x at 128 (d = 4096);
+ *   AVX2 build (6-row tiles, against OpenBLAS's Haswell kernels), float32: 0.93x at 64 rows,
+ *   1.04-1.05x at 96-128; float64: 0.85-0.97x at 32 rows, 0.92-1.02x at 64, 1.13-1.19x at 128. */
+size_t lora_panel_max_rows(size_t elsize) {
+    if (lora_panel_mr() == 6) return elsize == 4 ? 64 : 32;
+    return elsize == 4 ? 512 : 64;
+}
 
 /* Most tiles of rows in a block of the blocked path: the block takes about half the L2
  * (sysconf; 1 MB if unknown), the panels the other half. With 2 MB, AVX-512: 43 tiles of 12

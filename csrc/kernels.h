@@ -57,7 +57,7 @@ typedef struct {
 size_t lora_panel_parts(size_t panels);
 size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem);
 int lora_panel_whole(size_t n, size_t K, size_t elem);
-size_t lora_panel_max_rows(void);
+size_t lora_panel_max_rows(size_t elsize);
 
 /* How many row ranges (one per thread) lora_backward splits n rows into; read once by the
  * caller and passed to both calls below, so the scratch and the kernel agree. */

@@ -406,6 +406,12 @@ static PyObject *packed_backward(PackedWeight *self, void *closure) {
     return Py_NewRef(self->bwd ? (PyObject *)self->bwd : Py_None);
 }
 
+static PyObject *packed_max_rows(PackedWeight *self, void *closure) {
+    (void)closure;
+    const size_t elsize = self->type == NPY_FLOAT32 ? sizeof(float) : sizeof(double);
+    return PyLong_FromSize_t(lora_panel_max_rows(elsize));
+}
+
 static PyObject *packed_nbytes(PackedWeight *self, void *closure) {
     (void)closure;
     npy_intp n = PyArray_NBYTES(self->fwd) + (self->bwd ? PyArray_NBYTES(self->bwd) : 0);
@@ -429,6 +435,10 @@ static PyGetSetDef packed_getset[] = {
      "W's panels, (ceil(d_in / w), d_out, w), or None when packed without backward; read-only",
      NULL},
     {"nbytes", (getter)packed_nbytes, NULL, "bytes held by the panels", NULL},
+    {"max_rows", (getter)packed_max_rows, NULL,
+     "rows of input up to which the packed GEMM is as fast as OpenBLAS on the weight itself\n"
+     "or faster, on this CPU and for this dtype; the layers use the PackedWeight up to here",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(packed_doc,
@@ -437,9 +447,10 @@ PyDoc_STRVAR(packed_doc,
 "see many small batches (serving, small-batch fine-tuning). It stands wherever a weight\n"
 "goes in linear_forward, linear_backward, dense_forward and dense_backward.\n\n"
 "OpenBLAS repacks the weight on every call; a PackedWeight is packed once. At d = 4096\n"
-"on AVX-512 this makes a 64-row product 1.2-1.5x and an 8-row one 3.3-4.1x faster than\n"
-"OpenBLAS (docs/performance.md); from about 512 rows OpenBLAS is as fast or faster (64\n"
-"rows on CPUs without AVX-512). The layers use it up to lora.nn.PACKED_MAX_ROWS rows.\n\n"
+"on AVX-512 this makes a 64-row float32 product 1.2-1.5x and an 8-row one 3.3-4.1x faster\n"
+"than OpenBLAS (docs/performance.md). Beyond max_rows rows of input (float32: 512 with\n"
+"AVX-512, 64 without; float64: 64 and 32) OpenBLAS on the weight itself is as fast or\n"
+"faster; the layers use the PackedWeight up to there.\n\n"
 "Parameters\n----------\n"
 "weight : ndarray, shape (d_out, d_in), or (d_in, d_out) when fan_in_fan_out\n"
 "    Copied: the PackedWeight keeps no reference to it and does not see later changes\n"
@@ -1637,8 +1648,7 @@ static int exec_module(PyObject *module) {
     import_array1(-1);
     lora_use_pool_for_blas();
     if (PyType_Ready(&PackedWeightType) < 0 ||
-        PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0 ||
-        PyModule_AddIntConstant(module, "PACKED_MAX_ROWS", (long)lora_panel_max_rows()) < 0)
+        PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0)
         return -1;
     return 0;
 }

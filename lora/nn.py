@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from . import _C
 from . import functional as F
 
 __all__ = [
@@ -285,19 +284,13 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-# Up to this many rows a call on a packed weight runs lora's packed GEMM; beyond it, OpenBLAS
-# on the weight itself, which is as fast there. Set for the CPU by the extension
-# (lora_panel_max_rows in csrc/kernels.c): 256 with AVX-512 (d = 4096, 2 threads: 0.73x
-# OpenBLAS's time at 64 rows, 0.94x at 256, 1.07x at 768), 64 without (an AVX2 build: 0.93x
-# at 64 rows, 1.12x at 256).
-PACKED_MAX_ROWS = _C.PACKED_MAX_ROWS
-
-
 class _Packable:
     """pack() and unpack() for the layers with a frozen 2-D weight: Linear, Conv1D and
     LoRALinear. A packed layer keeps its weight as it was and, beside it, a
     lora.functional.PackedWeight (one copy of the weight with backward=False, two with),
-    used for batches of up to PACKED_MAX_ROWS rows."""
+    used for batches of up to its max_rows rows (set by the extension for the CPU and the
+    dtype, lora_panel_max_rows in csrc/kernels.c: beyond it OpenBLAS on the weight itself
+    is as fast)."""
 
     _packed = None
     _packed_from = None
@@ -338,7 +331,7 @@ class _Packable:
         pw = self._packed
         if (pw is not None and self._packed_from is self.weight.data
                 and not self.weight.requires_grad
-                and x.size <= PACKED_MAX_ROWS * max(x.shape[-1], 1)
+                and x.size <= pw.max_rows * max(x.shape[-1], 1)
                 and (not backward or pw.backward_panels is not None)):
             return pw, False
         return self.weight.data, self.fan_in_fan_out

@@ -221,8 +221,11 @@ def step(layer, x, dy):
     return y, dx, layer.lora_A.grad.copy(), layer.lora_B.grad.copy()
 
 
+MAX_ROWS = F.PackedWeight(np.zeros((1, 1), np.float32)).max_rows
+
+
 @pytest.mark.parametrize("conv1d", [False, True])
-@pytest.mark.parametrize("rows", [1, 7, nn.PACKED_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 7, MAX_ROWS + 1])
 def test_packed_layer_matches_unpacked(conv1d, rows):
     rng = np.random.default_rng(6)
     layer = lora_layer(rng, conv1d=conv1d)
@@ -233,6 +236,21 @@ def test_packed_layer_matches_unpacked(conv1d, rows):
         close(g, w, np.float32)
     layer.unpack()
     assert not layer.packed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_uses_packed_weight_up_to_max_rows(dtype):
+    rng = np.random.default_rng(9)
+    layer = lora_layer(rng).astype(dtype).pack()
+    pw = layer._packed
+    assert pw.max_rows == F.PackedWeight(layer.weight.data, backward=False).max_rows
+    if dtype is np.float64:  # packed float64 tiles hold half the columns: they stop paying earlier
+        assert 1 <= pw.max_rows < MAX_ROWS
+    for shape in [(pw.max_rows, 48), (2, pw.max_rows // 2, 48)]:
+        assert layer._weight_arg(np.zeros(shape, dtype))[0] is pw
+        assert layer._weight_arg(np.zeros(shape, dtype), backward=True)[0] is pw
+    for shape in [(pw.max_rows + 1, 48), (3, pw.max_rows, 48)]:
+        assert layer._weight_arg(np.zeros(shape, dtype))[0] is layer.weight.data
 
 
 def test_merge_unmerge_and_load_state_dict_pack_again():
