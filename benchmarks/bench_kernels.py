@@ -7,10 +7,11 @@ and the OpenBLAS kernel that ran. Run it with OpenBLAS free to pick its kernel:
 
 Options: --quick (fewer shapes), --markdown FILE (write the tables as the "## Kernels"
 section of that Markdown file, e.g. docs/performance.md, keeping its other sections).
-Timings are medians of repetitions, interleaved (base and LoRA alternate) where both sides
-use lora's OpenBLAS, blocked (one side's calls, then the other's) against PyTorch, whose idle
-OpenMP threads spin after its calls just as OpenBLAS's do after lora's; the layer against
-PyTorch in rounds of such blocks, the order rotated between rounds (rotated_rounds).
+Timings are medians of repetitions: interleaved where both sides use lora's OpenBLAS (base
+and LoRA alternate; the ratio is the median of each round's ratio), blocked (one side's
+calls, then the other's) against PyTorch, whose idle OpenMP threads spin after its calls just
+as OpenBLAS's do after lora's; the layer against PyTorch in rounds of such blocks, the order
+rotated between rounds (rotated_rounds).
 """
 
 import argparse
@@ -36,6 +37,21 @@ def median_times(fns, reps, min_time=0.3, interleave=True):
     (OpenBLAS's workers, torch's OpenMP team) and would steal the other side's second core."""
     if not interleave:
         return [median_times([f], reps, min_time)[0] for f in fns]
+    return [statistics.median(t) for t in interleaved_times(fns, reps, min_time)]
+
+
+def paired_ratio(fa, fb, reps, min_time=1.0):
+    """Median times of fa and fb, interleaved, and the median over the rounds of fb's time
+    over fa's in the same round: a round's two calls see the machine alike, so on a shared
+    machine this ratio drifts less than the ratio of the medians."""
+    ta, tb = interleaved_times([fa, fb], reps, min_time)
+    return (statistics.median(ta), statistics.median(tb),
+            statistics.median(b / a for a, b in zip(ta, tb, strict=True)))
+
+
+def interleaved_times(fns, reps, min_time):
+    """Each callable's wall times, the callables taking turns, after one warm-up call each:
+    `reps` rounds and at least min_time seconds (200 rounds at most)."""
     for f in fns:
         f()
     times = [[] for _ in fns]
@@ -49,7 +65,7 @@ def median_times(fns, reps, min_time=0.3, interleave=True):
         k += 1
         if k >= 200:
             break
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def machine():
@@ -99,22 +115,22 @@ def bench_layer(rows, ns, ds, rs, rng):
                     F.dense_backward(dy, x, W)
                     dy.sum(axis=0)
 
-                t_base, t_fwd = median_times([base, fwd], reps)
+                t_base, t_fwd, fwd_ratio = paired_ratio(base, fwd, reps)
                 share = r * (2 * d) / (d * d)
                 if n == 1 and d < 4096:
                     target, ok_fwd = "(none below d = 4096)", True
                 elif n == 1:
-                    target, ok_fwd = "<= 1.10x base", t_fwd / t_base <= 1.10
+                    target, ok_fwd = "<= 1.10x base", fwd_ratio <= 1.10
                 else:
                     lim = 1 + 2 * share + 0.02
-                    target, ok_fwd = f"<= {lim:.3f}x base", t_fwd / t_base <= lim
-                t_lora, t_full = (None, None)
+                    target, ok_fwd = f"<= {lim:.3f}x base", fwd_ratio <= lim
+                t_lora = t_full = step_ratio = None
                 if n >= 64:
-                    t_lora, t_full = median_times([lora_step, full_step], max(3, reps // 3))
+                    t_full, t_lora, step_ratio = paired_ratio(full_step, lora_step,
+                                                              max(3, reps // 3))
                 rows.append(dict(d=d, n=n, r=r, base_ms=t_base * 1e3, fwd_ms=t_fwd * 1e3,
-                                 fwd_ratio=t_fwd / t_base, fwd_target=target, fwd_ok=ok_fwd,
-                                 gflops=2 * n * d * d / t_base / 1e9,
-                                 step_ratio=None if t_lora is None else t_lora / t_full,
+                                 fwd_ratio=fwd_ratio, fwd_target=target, fwd_ok=ok_fwd,
+                                 gflops=2 * n * d * d / t_base / 1e9, step_ratio=step_ratio,
                                  lora_step_ms=None if t_lora is None else t_lora * 1e3,
                                  full_step_ms=None if t_full is None else t_full * 1e3))
                 row = rows[-1]
