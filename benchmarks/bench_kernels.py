@@ -98,7 +98,7 @@ def bench_layer(rows, ns, ds, rs, rng):
             dy = rand(rng, (n, d))
             for r in rs:
                 A, B = rand(rng, (r, d)) * 0.02, rand(rng, (d, r)) * 0.02
-                reps = 30 if n * d * d < 1e9 else 5
+                reps = 30 if n * d * d < 1e9 else 9
 
                 def base():
                     F.dense_forward(x, W, b)
@@ -127,7 +127,7 @@ def bench_layer(rows, ns, ds, rs, rng):
                 t_lora = t_full = step_ratio = None
                 if n >= 64:
                     t_full, t_lora, step_ratio = paired_ratio(full_step, lora_step,
-                                                              max(3, reps // 3))
+                                                              max(7, reps // 3))
                 rows.append(dict(d=d, n=n, r=r, base_ms=t_base * 1e3, fwd_ms=t_fwd * 1e3,
                                  fwd_ratio=fwd_ratio, fwd_target=target, fwd_ok=ok_fwd,
                                  gflops=2 * n * d * d / t_base / 1e9, step_ratio=step_ratio,
