@@ -98,7 +98,9 @@ def bench_layer(rows, ns, ds, rs, rng):
             dy = rand(rng, (n, d))
             for r in rs:
                 A, B = rand(rng, (r, d)) * 0.02, rand(rng, (d, r)) * 0.02
-                reps = 30 if n * d * d < 1e9 else 9
+                # A call's time varies by ~5% on a shared machine and the targets sit 1-2
+                # points above the measured overheads: 30 rounds put the median within ~1 point.
+                reps = 30
 
                 def base():
                     F.dense_forward(x, W, b)
@@ -126,8 +128,7 @@ def bench_layer(rows, ns, ds, rs, rng):
                     target, ok_fwd = f"<= {lim:.3f}x base", fwd_ratio <= lim
                 t_lora = t_full = step_ratio = None
                 if n >= 64:
-                    t_full, t_lora, step_ratio = paired_ratio(full_step, lora_step,
-                                                              max(7, reps // 3))
+                    t_full, t_lora, step_ratio = paired_ratio(full_step, lora_step, 15)
                 rows.append(dict(d=d, n=n, r=r, base_ms=t_base * 1e3, fwd_ms=t_fwd * 1e3,
                                  fwd_ratio=fwd_ratio, fwd_target=target, fwd_ok=ok_fwd,
                                  gflops=2 * n * d * d / t_base / 1e9, step_ratio=step_ratio,
