@@ -7,11 +7,12 @@ and the OpenBLAS kernel that ran. Run it with OpenBLAS free to pick its kernel:
 
 Options: --quick (fewer shapes), --markdown FILE (write the tables as the "## Kernels"
 section of that Markdown file, e.g. docs/performance.md, keeping its other sections).
-Timings are medians of repetitions: interleaved where both sides use lora's OpenBLAS (base
-and LoRA alternate; the ratio is the median of each round's ratio), blocked (one side's
-calls, then the other's) against PyTorch, whose idle OpenMP threads spin after its calls just
-as OpenBLAS's do after lora's; the layer against PyTorch in rounds of such blocks, the order
-rotated between rounds (rotated_rounds).
+Timings are medians of repetitions. The forward against the base GEMM: interleaved, the
+ratio the median of each round's ratio. The training step against full fine-tuning, and the
+layer against PyTorch: rounds of blocks (one side's calls, then the other's), the order
+rotated between rounds, the ratio the median of the rounds' ratios (rotated_rounds): a
+training loop runs one step after another, and PyTorch's idle OpenMP threads spin after its
+calls just as OpenBLAS's do after lora's. The rest: blocked.
 """
 
 import argparse
@@ -49,13 +50,13 @@ def paired_ratio(fa, fb, reps, min_time=1.0):
             statistics.median(b / a for a, b in zip(ta, tb, strict=True)))
 
 
-def interleaved_times(fns, reps, min_time):
+def interleaved_times(fns, reps, min_time, warmup=True):
     """Each callable's wall times, the callables taking turns, after one warm-up call each:
     `reps` rounds and at least min_time seconds (200 rounds at most). The order turns round
     by round, so that none always runs after another: a call leaves the caches, the freed
     pages and the threads in a state the next one pays for (measured at n = 2048, d = 4096:
     the step ratio 0.64 with full fine-tuning always first, 0.70 always second)."""
-    for f in fns:
+    for f in fns if warmup else ():
         f()
     times = [[] for _ in fns]
     start = time.perf_counter()
@@ -103,8 +104,8 @@ def bench_layer(rows, ns, ds, rs, rng):
             for r in rs:
                 A, B = rand(rng, (r, d)) * 0.02, rand(rng, (d, r)) * 0.02
                 # A call's time varies by ~5% on a shared machine and the targets sit 1-2
-                # points above the measured overheads: 30 rounds (15 for the steps, and 3 s
-                # at least) put the median within ~1 point.
+                # points above the measured overheads: 30 rounds put the median within ~1
+                # point. The steps: 8 rounds of blocks (rotated_rounds).
                 reps = 30
 
                 def base():
@@ -133,8 +134,11 @@ def bench_layer(rows, ns, ds, rs, rng):
                     target, ok_fwd = f"<= {lim:.3f}x base", fwd_ratio <= lim
                 t_lora = t_full = step_ratio = None
                 if n >= 64:
-                    t_full, t_lora, step_ratio = paired_ratio(full_step, lora_step, 15,
-                                                              min_time=3.0)
+                    ms, ratios = rotated_rounds({"lora": lora_step, "full": full_step}, "full",
+                                                8, reps=5 if n * d * d < 1e9 else 3,
+                                                settle=0.1)
+                    t_lora, t_full = ms["lora"] / 1e3, ms["full"] / 1e3
+                    step_ratio = statistics.median(ratios["lora"])
                 rows.append(dict(d=d, n=n, r=r, base_ms=t_base * 1e3, fwd_ms=t_fwd * 1e3,
                                  fwd_ratio=fwd_ratio, fwd_target=target, fwd_ok=ok_fwd,
                                  gflops=2 * n * d * d / t_base / 1e9, step_ratio=step_ratio,
@@ -248,7 +252,8 @@ def rotated_rounds(sides, ref, rounds, reps=5, settle=0.25):
     quiet, this side's operands come into the cache), then `reps` timed calls (and 0.1 s at
     least) give the block's median. Returns each side's median block time in ms and, per
     side, the list of its per-round ratios to side `ref` (the machine drifts between rounds,
-    less within one)."""
+    less within one). The training step is timed so too: a training loop runs one step after
+    another, and a call after one of the other side's is not one of them."""
     names = list(sides)
     blocks = {k: [] for k in names}
     for i in range(rounds):
@@ -258,7 +263,7 @@ def rotated_rounds(sides, ref, rounds, reps=5, settle=0.25):
             f()
             while time.perf_counter() - start < settle:
                 f()
-            blocks[k].append(median_times([f], reps, min_time=0.1)[0])
+            blocks[k].append(statistics.median(interleaved_times([f], reps, 0.1, False)[0]))
     ratios = {k: [a / b for a, b in zip(blocks[k], blocks[ref], strict=True)] for k in names}
     return {k: statistics.median(v) * 1e3 for k, v in blocks.items()}, ratios
 
