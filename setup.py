@@ -54,6 +54,7 @@ if os.environ.get("LORA_SANITIZE"):
     compile_args = [a for a in compile_args if a != "-O3"] + ["-O1"] + flags
     link_args += flags
     define_macros.append(("LORA_NO_CLONES", "1"))
+    define_macros.append(("LORA_NO_SCRATCH_CACHE", "1"))  # ASan sees each scratch's bounds
 
 setup(
     ext_modules=[

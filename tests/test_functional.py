@@ -353,6 +353,55 @@ def test_kernels_called_from_many_threads_at_once_agree():
             np.testing.assert_array_equal(a, b)
 
 
+def test_scratch_kept_between_calls_serves_any_size_and_thread():
+    """The kernels' scratch outlives a call (module.c, take_scratch): requests that grow and
+    shrink, two at once (a packed weight's call holds two), in both dtypes, with and without
+    dropout, from one thread and then from three at once, give what they give alone."""
+    import threading
+
+    rng = np.random.default_rng(11)
+    calls = []
+    for dtype in (np.float32, np.float64):
+        W = rng.standard_normal((96, 80)).astype(dtype)
+        A = rng.standard_normal((6, 80)).astype(dtype)
+        B = rng.standard_normal((96, 6)).astype(dtype)
+        pw = F.PackedWeight(W)
+        for n in (3, 700, 40, 1500, 1, 300):
+            x = rng.standard_normal((n, 80)).astype(dtype)
+            for w, p in ((W, 0.0), (pw, 0.0), (W, 0.25), (pw, 0.25)):
+                calls.append((x, w, A, B, p))
+
+    def run(order):
+        out = {}
+        for i in order:
+            x, w, A, B, p = calls[i]
+            y, xa = F.linear_forward(x, w, A, B, 0.5, dropout=p, seed=i)
+            out[i] = (y, xa) + F.linear_backward(y, x, xa, w, A, B, 0.5, dropout=p, seed=i)
+        return out
+
+    want = run(range(len(calls)))
+    orders = [list(range(len(calls))), list(reversed(range(len(calls)))),
+              list(range(0, len(calls), 2)) + list(range(1, len(calls), 2))]
+    got, errors = [None] * 3, []
+
+    def worker(k):
+        try:
+            got[k] = run(orders[k])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for out in got + [run(orders[1])]:
+        for i, res in out.items():
+            for a, b in zip(res, want[i], strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_threaded_kernels_work_in_a_forked_child():
     """A child forked after the thread pool ran starts a pool of its own: its threaded calls
