@@ -19,8 +19,8 @@
 #include <numpy/arrayobject.h>
 
 #include <limits.h>
-#include <pthread.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
