@@ -27,10 +27,10 @@
  * dimension of rank_update). */
 #define LORA_BWD_TILE 16
 
-/* Batches of fewer rows go through OpenBLAS GEMMs in the forward and backward instead of the
- * threaded row passes (forward_rows, backward_part). Measured at d = 1024 on lora's thread
- * pool: at n = 512 the row passes cut the step from 0.714-0.734 to 0.681-0.704 of full
- * fine-tuning; at n = 64 the two are even. */
+/* Batches of fewer rows go through OpenBLAS GEMMs in the backward instead of its threaded row
+ * pass (backward_part). Measured at d = 1024 on lora's thread pool: at n = 512 the row pass
+ * cut the step from 0.714-0.734 to 0.681-0.704 of full fine-tuning; at n = 64 the two are
+ * even (the forward's row pass runs at every n: forward_rows). */
 #define LORA_BWD_ROW_PASS_MIN 256
 
 /* Packed weights (csrc/kernels_impl.inc, "packed weights"): a panel is LORA_PANEL_BYTES wide
