@@ -370,7 +370,6 @@ size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem) {
            (lora_panel_kc_bytes() / elem);
 }
 
-
 /* One part of the backward's row pass: its (r, d_out) and (r, d_in) partial sums and, under
  * dropout, a tile of rows; a multiple of 16 elements so each part starts 64-byte aligned. */
 size_t lora_part_elems(size_t d_in, size_t d_out, size_t r, int has_dropout) {
