@@ -30,7 +30,7 @@ SECTION = "## Checkpoint merge"
 LORA_CHILD = """
 import sys, time
 t = time.perf_counter()
-from lora.checkpoint import merge_checkpoint
+from lora import merge_checkpoint
 merge_checkpoint(sys.argv[1], [sys.argv[2]], sys.argv[3], progress=False)
 print(time.perf_counter() - t)
 """

@@ -20,17 +20,14 @@ MODULES = [
     ("lora", "The top-level names: everything a fine-tuning script needs."),
     ("lora.functional", "The C kernels on NumPy arrays, stateless."),
     ("lora.nn", "A minimal module system with hand-written backward passes."),
-    ("lora.config", "LoraConfig, PEFT's names and defaults."),
-    ("lora.layers", "The LoRA layers."),
-    ("lora.tuner", "Putting LoRA on a model and taking it off."),
+    ("lora.tuners", "LoraConfig, the LoRA layers, putting LoRA on a model and taking it off."),
     ("lora.optim", "Adam/AdamW on the fused C kernel, LoRA+, clipping, schedules."),
-    ("lora.adapter", "Adapters in PEFT's on-disk format."),
-    ("lora.checkpoint", "`lora merge`: streaming merge into Hugging Face checkpoints."),
+    ("lora.io", "Files: PEFT adapters, `lora merge` into Hugging Face checkpoints, safetensors."),
     ("lora.models", "Pretrained transformer encoders (BERT) on lora.nn."),
     ("lora.models.data", "Tokenizer and text data for lora.models (needs `tokenizers`)."),
     ("lora.data", "The digits data set and base model that ship inside the package."),
-    ("lora.demo", "`lora demo`."),
     ("lora.cli", "The `lora` command line."),
+    ("lora.cli.demo", "`lora demo`."),
 ]
 
 HEADER = """# API reference

@@ -3,18 +3,22 @@
     import lora
     y, xa = lora.functional.linear_forward(x, W, A, B, scale)
 
-See docs/ for the guide and API reference.
+The package's folders follow its layers: lora.functional (the C kernels), lora.nn (modules),
+lora.tuners (LoRA config, layers and wrapping), lora.io (safetensors, PEFT adapters, merging
+checkpoints), lora.models (pretrained models), lora.optim, lora.cli. See docs/design.md.
 """
 
 from . import functional, nn, optim
 from .functional import blas_info, set_num_threads
-from .adapter import AdapterFormatError, load_adapter, save_adapter
-from .checkpoint import merge_checkpoint
-from .config import LoraConfig
-from .layers import LoRAEmbedding, LoRALinear, init_lora_weights
+from .io import AdapterFormatError, load_adapter, merge_checkpoint, save_adapter
 from .nn import pack_weights, unpack_weights
-from .tuner import (
+from .tuners import (
+    LoRAEmbedding,
+    LoRALinear,
+    LoraConfig,
     disable_adapters,
+    init_lora_weights,
+    lora_layers,
     merge_and_unload,
     print_trainable_parameters,
     trainable_parameters,
@@ -35,6 +39,7 @@ __all__ = [
     "functional",
     "init_lora_weights",
     "load_adapter",
+    "lora_layers",
     "merge_and_unload",
     "merge_checkpoint",
     "nn",

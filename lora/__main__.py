@@ -1,8 +1,8 @@
-"""`python -m lora ...`: the same command line as the `lora` console script (lora/cli.py)."""
+"""`python -m lora ...`: the same command line as the `lora` console script (lora/cli/commands.py)."""
 
 import sys
 
-from .cli import main
+from .cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

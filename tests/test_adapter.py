@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import lora
-from lora import adapter, nn
-from lora.tuner import lora_layers
+from lora import nn
+from lora.io import adapter
+from lora.tuners import lora_layers
 
 
 class Net(nn.Module):
@@ -157,7 +158,7 @@ def test_killed_save_leaves_previous_adapter(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_adapter import _trained
         import lora
-        from lora import adapter
+        from lora.io import adapter
         def die_halfway(f, data):
             f.write(data[: len(data) // 2]); f.flush(); os._exit(3)
         adapter._write_all = die_halfway

@@ -25,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from lora import checkpoint  # noqa: E402
-from lora._safetensors import bf16_to_f32, f32_to_bf16, read_header  # noqa: E402
+from lora.io import checkpoint  # noqa: E402
+from lora.io.safetensors import bf16_to_f32, f32_to_bf16, read_header  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "embed_tokens"]
@@ -169,7 +169,7 @@ def llama(tmp_path_factory):
 
 def llama_deltas(adapter_dir, base, scale=1.0):
     config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
-    from lora._peft_format import scaling
+    from lora.tuners.config import config_scaling as scaling
 
     deltas = {}
     for name in base:
@@ -285,11 +285,13 @@ def test_cli_merges_and_copies_other_files(llama, tmp_path, capsys):
 
 
 def run(argv):
+    from lora.cli import commands as cli_main
+
     parser = argparse.ArgumentParser(prog="lora")
     sub = parser.add_subparsers()
-    checkpoint.add_merge_arguments(sub.add_parser("merge"))
+    cli_main.add_merge_arguments(sub.add_parser("merge"))
     args = parser.parse_args(argv)
-    return checkpoint.run_merge(args)
+    return cli_main.run_merge(args)
 
 
 # --------------------------------------------------------------------- bad inputs write nothing

@@ -1,6 +1,6 @@
 """The `lora` command line: `demo` (short runs end to end, plus the default run's time budget),
 `info` on adapters written here, by hand and by PEFT, `merge`'s wiring, and usage errors
-as one line with a non-zero exit. The commands are run both in-process (`lora.cli.main`) and
+as one line with a non-zero exit. The commands are run both in-process (`lora.cli.commands.main`) and
 as `python -m lora` in a subprocess, which is what users type."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def short_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     import io
 
-    from lora import demo
+    from lora.cli import demo
 
     buffer = io.StringIO()
     results = demo.run(ranks=[1, 4], epochs=4, seed=3, output_dir=str(out), progress=False,
@@ -173,7 +173,7 @@ def test_demo_writes_the_plot_and_results(short_demo):
 
 
 def test_demo_is_reproducible_for_a_seed(tmp_path):
-    from lora import demo
+    from lora.cli import demo
 
     def accuracies(seed):
         res = demo.run(ranks=[2], epochs=2, seed=seed, output_dir=str(tmp_path / str(seed)),
@@ -294,17 +294,17 @@ def test_info_on_an_adapter_saved_by_peft(tmp_path):
 # -- merge wiring ------------------------------------------------------------------------------
 
 def test_merge_subcommand_is_wired_to_lora_checkpoint():
-    checkpoint = pytest.importorskip("lora.checkpoint")
+    from lora.cli import commands as cli_main
+
     proc = run_cli("merge", "--help")
     assert proc.returncode == 0
     assert "unavailable" not in proc.stdout
     parser = cli.build_parser()
     args = parser.parse_args(["merge", "base", "adapter", "-o", "out"])
-    assert args.run is checkpoint.run_merge
+    assert args.run is cli_main.run_merge
 
 
 def test_merge_errors_are_one_line(tmp_path):
-    pytest.importorskip("lora.checkpoint")
     proc = run_cli("merge", str(tmp_path / "no-base"), str(tmp_path / "no-adapter"),
                    "-o", str(tmp_path / "out"))
     assert proc.returncode != 0

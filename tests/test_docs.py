@@ -26,9 +26,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 # Modules of the API reference, as docs/gen_api.py lists them.
-API_MODULES = ["lora", "lora.functional", "lora.nn", "lora.config", "lora.layers", "lora.tuner",
-               "lora.optim", "lora.adapter", "lora.checkpoint", "lora.models", "lora.data",
-               "lora.demo", "lora.cli"]
+API_MODULES = ["lora", "lora.functional", "lora.nn", "lora.tuners", "lora.optim", "lora.io",
+               "lora.models", "lora.data", "lora.cli", "lora.cli.demo"]
 
 
 def python_blocks(path: pathlib.Path) -> list[str]:

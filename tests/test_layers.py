@@ -7,7 +7,7 @@ import pytest
 
 from gradcheck import numeric_gradient
 from lora import _reference, nn
-from lora.layers import LoRAEmbedding, LoRALinear, init_lora_weights
+from lora.tuners import LoRAEmbedding, LoRALinear, init_lora_weights
 
 F64 = {"dtype": np.float64}
 

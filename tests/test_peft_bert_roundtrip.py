@@ -61,7 +61,7 @@ def test_adapter_saved_here_loads_in_peft_with_our_outputs(checkpoint):
     ours = BertModel.from_pretrained(tmp / "base")
     lora.wrap(ours, lora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     rng = np.random.default_rng(2)
-    for _, layer in lora.tuner.lora_layers(ours):
+    for _, layer in lora.lora_layers(ours):
         layer.lora_B.data[...] = rng.standard_normal(layer.lora_B.data.shape) * 0.1
     ours.eval()
     ids, mask = batch()

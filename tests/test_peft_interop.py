@@ -231,7 +231,7 @@ def test_transformers_bert_adapter_per_layer(tmp_path):
     pm = _bert_peft(bert)
     pm.save_pretrained(tmp_path)
     lora.load_adapter(ours, tmp_path)
-    paths = [p for p, _ in lora.tuner.lora_layers(ours)]
+    paths = [p for p, _ in lora.lora_layers(ours)]
     assert len(paths) == 1 + 2 * 5  # word_embeddings + (query, value, 3 dense) per layer
 
     seen = _capture(pm)
@@ -285,7 +285,7 @@ def test_transformers_bert_our_adapter_loads_in_peft(tmp_path):
     pm(input_ids=torch.tensor([[2, 7, 11, 49, 0, 3]]))
     ours.eval()
     worst = 0.0
-    for path, layer in lora.tuner.lora_layers(ours):
+    for path, layer in lora.lora_layers(ours):
         x = seen[path]["x"]
         worst = max(worst, np.abs(layer(x) - seen[path]["y"]).max())
     assert worst < 1e-5

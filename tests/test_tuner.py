@@ -8,7 +8,7 @@ import pytest
 
 import lora
 from lora import nn
-from lora.tuner import ModulesToSaveWrapper, lora_layers
+from lora.tuners import ModulesToSaveWrapper, lora_layers
 
 
 class Block(nn.Module):

@@ -1,19 +1,17 @@
 """lora.models: pretrained transformer encoders on lora.nn, loaded from Hugging Face
 checkpoint directories, for LoRA fine-tuning without PyTorch.
 
+A model is one file (bert.py); hf.py reads the checkpoint directory every model loads from
+(config.json, safetensors weights, `Weights` to build layers from them), memory.py tunes
+malloc for training loops.
+
 The text helpers (`Tokenizer`, the sentence set) live in lora.models.data and need the optional
 `tokenizers` package (`pip install 'lora[models]'`); the models themselves need only NumPy and
 safetensors.
 """
 
-from .bert import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-    cls_pool,
-    load_safetensors_dir,
-    mean_pool,
-)
+from .bert import BertConfig, BertForSequenceClassification, BertModel, cls_pool, mean_pool
+from .hf import load_safetensors_dir
 
 __all__ = [
     "BertConfig", "BertModel", "BertForSequenceClassification", "mean_pool", "cls_pool",

@@ -23,23 +23,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .. import functional as F
-from .._safetensors import (
-    INDEX_FILE,
-    INTEGER,
-    STORAGE,
-    SafetensorsError,
-    checkpoint_shards,
-    read_array,
-    read_header,
-    to_compute,
-)
 from .. import nn
-from ..nn import Module, Parameter
+from ..nn import Module
+from .hf import Weights, load_safetensors_dir, read_config
+from .memory import keep_freed_memory
 
-__all__ = [
-    "BertConfig", "BertModel", "BertForSequenceClassification", "mean_pool", "cls_pool",
-    "load_safetensors_dir",
-]
+__all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "mean_pool", "cls_pool"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,30 +72,6 @@ class BertConfig:
             return cls.from_dict(json.load(f))
 
 
-def load_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of `model.safetensors` (or of the shards that
-    `model.safetensors.index.json` lists) as float32: float16 and bfloat16 checkpoints are
-    widened exactly, integer tensors kept as they are. Read with lora's own safetensors reader,
-    one tensor at a time. Raises FileNotFoundError for a directory with neither file."""
-    directory = os.fspath(directory)
-    shards, _ = checkpoint_shards(directory)
-    out = {}
-    for shard in shards:
-        path = os.path.join(directory, shard)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (listed in {INDEX_FILE})")
-        for name, info in read_header(path).tensors.items():
-            if info.dtype in STORAGE:
-                t = to_compute(read_array(path, info), info.dtype)
-                out[name] = t if t.dtype == np.float32 else t.astype(np.float32)
-            elif info.dtype in INTEGER:
-                out[name] = read_array(path, info)
-            else:
-                raise SafetensorsError(f"{path}: tensor {name!r} has dtype {info.dtype}; "
-                                       "expected a float or integer type")
-    return out
-
-
 def _hf_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keys as a transformers BertModel names them: drop a task model's `bert.` prefix and
     map the TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`."""
@@ -118,84 +83,6 @@ def _hf_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         k = k.replace("LayerNorm.beta", "LayerNorm.bias")
         out[k] = v
     return out
-
-
-class _Init:
-    """Hands each layer its arrays: from a checkpoint by name, or freshly initialised as
-    transformers does (N(0, 0.02) weights, zero biases, unit LayerNorm)."""
-
-    def __init__(self, tensors: dict | None, rng: np.random.Generator):
-        self.tensors, self.rng, self.used = tensors, rng, set()
-
-    def child_rng(self) -> np.random.Generator:
-        """A generator for one dropout layer, drawn from the model's seed."""
-        return np.random.default_rng(self.rng.integers(0, 2**63))
-
-    def dropout(self, p: float) -> nn.Dropout:
-        return nn.Dropout(p, rng=self.child_rng())
-
-    def get(self, name: str, shape: tuple, kind: str) -> np.ndarray:
-        if self.tensors is not None:
-            if name not in self.tensors:
-                raise KeyError(f"from_pretrained: checkpoint has no tensor {name!r}")
-            t = self.tensors[name]
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"from_pretrained: {name!r} has shape {t.shape}, expected {shape}")
-            self.used.add(name)
-            return np.ascontiguousarray(t, dtype=np.float32)
-        if kind == "normal":
-            return (0.02 * self.rng.standard_normal(shape)).astype(np.float32)
-        return (np.ones if kind == "ones" else np.zeros)(shape, dtype=np.float32)
-
-    def linear(self, prefix: str, d_in: int, d_out: int) -> nn.Linear:
-        # built at size 1 and then given its arrays, so no throw-away random init is allocated
-        lin = nn.Linear(1, 1)
-        lin.in_features, lin.out_features = d_in, d_out
-        lin.weight = Parameter(self.get(prefix + ".weight", (d_out, d_in), "normal"))
-        lin.bias = Parameter(self.get(prefix + ".bias", (d_out,), "zeros"))
-        return lin
-
-    def embedding(self, prefix: str, num: int, dim: int, padding_idx=None) -> nn.Embedding:
-        emb = nn.Embedding(1, dim)
-        emb.num_embeddings, emb.padding_idx = num, padding_idx
-        emb.weight = Parameter(self.get(prefix + ".weight", (num, dim), "normal"))
-        return emb
-
-    def layer_norm(self, prefix: str, dim: int, eps: float) -> nn.LayerNorm:
-        ln = nn.LayerNorm(dim, eps=eps)
-        ln.weight = Parameter(self.get(prefix + ".weight", (dim,), "ones"))
-        ln.bias = Parameter(self.get(prefix + ".bias", (dim,), "zeros"))
-        return ln
-
-
-# A training step allocates and frees the same large activation arrays every time. glibc
-# serves arrays above its mmap threshold with fresh mmap()s, so each step page-faults every
-# activation in again (measured: ~1/3 of a MiniLM step). Raising the threshold keeps freed
-# blocks in the heap for reuse. Done once, on the first training-mode forward pass; the cost is
-# that the process keeps its peak heap instead of returning it to the OS. Opt out with
-# LORA_KEEP_FREED_MEMORY=0 in the environment. glibc only; a no-op elsewhere.
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to reuse freed large blocks instead of unmapping them (mallopt
-    M_MMAP_THRESHOLD = 32 MiB, its maximum; M_TRIM_THRESHOLD = 4 GiB). Returns whether it
-    was applied."""
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or os.environ.get("LORA_KEEP_FREED_MEMORY", "1") == "0":
-        return _MALLOC_TUNED
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 32 << 20) == 1  # glibc caps the threshold at 32 MiB
-    ok = mallopt(m_trim_threshold, (1 << 32) - 1) == 1 and ok
-    return ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +97,7 @@ class BertEmbeddings(Module):
     """word + position + token-type embeddings, then LayerNorm and dropout. backward runs only
     when one of its parameters is trainable (the token ids have no gradient)."""
 
-    def __init__(self, cfg: BertConfig, init: _Init):
+    def __init__(self, cfg: BertConfig, init: Weights):
         super().__init__()
         h = cfg.hidden_size
         self.word_embeddings = init.embedding("embeddings.word_embeddings", cfg.vocab_size, h,
@@ -262,7 +149,7 @@ class BertSelfAttention(Module):
     hidden) layout the projections write and keeps only the probabilities for the backward
     (the dropout mask is regenerated from a seed)."""
 
-    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+    def __init__(self, cfg: BertConfig, init: Weights, prefix: str):
         super().__init__()
         h = cfg.hidden_size
         self.num_attention_heads = cfg.num_attention_heads
@@ -305,7 +192,7 @@ class BertSelfOutput(Module):
     """LayerNorm(dropout(dense(h)) + input): the projection and residual after attention
     (also the FFN's second half, as BertOutput)."""
 
-    def __init__(self, cfg: BertConfig, init: _Init, prefix: str, d_in: int):
+    def __init__(self, cfg: BertConfig, init: Weights, prefix: str, d_in: int):
         super().__init__()
         self.dense = init.linear(prefix + ".dense", d_in, cfg.hidden_size)
         self.LayerNorm = init.layer_norm(prefix + ".LayerNorm", cfg.hidden_size, cfg.layer_norm_eps)
@@ -333,7 +220,7 @@ BertOutput = BertSelfOutput
 
 
 class BertAttention(Module):
-    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+    def __init__(self, cfg: BertConfig, init: Weights, prefix: str):
         super().__init__()
         self.self = BertSelfAttention(cfg, init, prefix + ".self")
         self.output = BertSelfOutput(cfg, init, prefix + ".output", cfg.hidden_size)
@@ -347,7 +234,7 @@ class BertAttention(Module):
 
 
 class BertIntermediate(Module):
-    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+    def __init__(self, cfg: BertConfig, init: Weights, prefix: str):
         super().__init__()
         self.dense = init.linear(prefix + ".dense", cfg.hidden_size, cfg.intermediate_size)
         act = cfg.hidden_act
@@ -362,7 +249,7 @@ class BertIntermediate(Module):
 
 
 class BertLayer(Module):
-    def __init__(self, cfg: BertConfig, init: _Init, prefix: str):
+    def __init__(self, cfg: BertConfig, init: Weights, prefix: str):
         super().__init__()
         self.attention = BertAttention(cfg, init, prefix + ".attention")
         self.intermediate = BertIntermediate(cfg, init, prefix + ".intermediate")
@@ -379,7 +266,7 @@ class BertLayer(Module):
 
 
 class BertEncoder(Module):
-    def __init__(self, cfg: BertConfig, init: _Init):
+    def __init__(self, cfg: BertConfig, init: Weights):
         super().__init__()
         self.layer = nn.ModuleList(
             BertLayer(cfg, init, f"encoder.layer.{i}") for i in range(cfg.num_hidden_layers))
@@ -401,7 +288,7 @@ class BertPooler(Module):
     """tanh(dense(h[:, 0])): BERT's next-sentence pooler, what transformers' sequence
     classifier pools with."""
 
-    def __init__(self, cfg: BertConfig, init: _Init):
+    def __init__(self, cfg: BertConfig, init: Weights):
         super().__init__()
         self.dense = init.linear("pooler.dense", cfg.hidden_size, cfg.hidden_size)
         self.activation = nn.Tanh()
@@ -426,7 +313,7 @@ class BertModel(Module):
     def __init__(self, config: BertConfig, *, add_pooling_layer: bool = True,
                  seed: int | None = None, _tensors: dict | None = None):
         super().__init__()
-        init = _Init(_tensors, np.random.default_rng(seed))
+        init = Weights(_tensors, np.random.default_rng(seed))
         self.config = config
         self.embeddings = BertEmbeddings(config, init)
         self.encoder = BertEncoder(config, init)
@@ -441,12 +328,7 @@ class BertModel(Module):
         a Bert*For* task checkpoint, whose `bert.` prefix is dropped). `seed` seeds the
         dropout masks; `config_overrides` replace config fields, e.g.
         `hidden_dropout_prob=0.0`."""
-        directory = os.fspath(directory)
-        cfg_path = os.path.join(directory, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no such file")
-        with open(cfg_path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_config(directory)
         raw.update(config_overrides)
         config = BertConfig.from_dict(raw)
         tensors = _hf_names(load_safetensors_dir(directory))

@@ -19,7 +19,6 @@ and targets stored in integer or fp8 dtypes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,8 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _peft_format as peft
-from ._safetensors import (
+from ..functional import merge
+from ..tuners.config import config_scaling
+from . import peft
+from .safetensors import (
     INDEX_FILE,
     STORAGE,
     Header,
@@ -45,9 +46,8 @@ from ._safetensors import (
     read_header,
     to_compute,
 )
-from .functional import merge
 
-__all__ = ["merge_checkpoint", "CheckpointError", "add_merge_arguments", "run_merge"]
+__all__ = ["merge_checkpoint", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -267,7 +267,7 @@ def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: floa
     for label, x in (("lora_A", A), ("lora_B", B)):
         if not np.isfinite(x).all():
             raise peft.AdapterFormatError(f"{where}: {label} contains NaN or infinity")
-    scale = user_scale * peft.scaling(config, lora.path, r)
+    scale = user_scale * config_scaling(config, lora.path, r)
     if not np.isfinite(scale):
         raise peft.AdapterFormatError(f"{where}: scaling {scale} is not finite")
     compute = np.float64 if info.dtype == "F64" else np.float32
@@ -381,39 +381,3 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-# ---------------------------------------------------------------- command line: lora merge
-
-
-def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of `lora merge` to a (sub)parser."""
-    parser.description = parser.description or (
-        "Merge PEFT LoRA adapters into a Hugging Face safetensors checkpoint, one tensor at "
-        "a time, and write a new checkpoint directory."
-    )
-    parser.add_argument("base", metavar="BASE_DIR", help="Hugging Face model directory")
-    parser.add_argument("adapters", metavar="ADAPTER_DIR", nargs="+",
-                        help="PEFT adapter directories, merged in order")  # fmt: skip
-    parser.add_argument("-o", "--output", metavar="OUT_DIR", required=True,
-                        help="directory to create (written beside it, then renamed)")  # fmt: skip
-    parser.add_argument("--scale", metavar="S", type=float, nargs="+", default=None,
-                        help="multiplier per adapter on lora_alpha/r (default 1.0)")  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def run_merge(args: argparse.Namespace) -> int:
-    """Run `lora merge` from parsed arguments; returns the exit status (0, or 1 with one
-    error line on stderr)."""
-    try:
-        stats = merge_checkpoint(args.base, args.adapters, args.output, scales=args.scale,
-                                 force=args.force, progress=not args.quiet)  # fmt: skip
-    except (ValueError, OSError) as e:
-        print(f"lora merge: error: {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(f"merged {stats['updates']} LoRA pairs into {stats['tensors_merged']} tensors; "
-              f"wrote {args.output}", file=sys.stderr)  # fmt: skip
-    return 0

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from .config import LoraConfig
-from .layers import LoRAEmbedding, LoRALinear
-from .nn import Conv1D, Embedding, Linear, Module, Parameter
+from .lora import LoRAEmbedding, LoRALinear
+from ..nn import Conv1D, Embedding, Linear, Module, Parameter
 
 __all__ = [
     "ModulesToSaveWrapper",

@@ -53,7 +53,7 @@ class RunResult:
 
 def _evaluate(model, X, y) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) with the model in eval mode."""
-    from . import nn
+    from .. import nn
 
     model.eval()
     logits = model(X)
@@ -66,8 +66,8 @@ def _train(model, params, lr, splits, epochs, rng, desc, progress) -> tuple[list
     losses per epoch, seconds spent training, evaluation excluded)."""
     from tqdm import tqdm
 
-    from . import nn
-    from .optim import Adam
+    from .. import nn
+    from ..optim import Adam
 
     X, y = splits["train"]
     optimizer = Adam(params, lr=lr)
@@ -98,9 +98,9 @@ def _train(model, params, lr, splits, epochs, rng, desc, progress) -> tuple[list
 
 
 def _lora_run(rank, splits, epochs, seed, progress):
-    from . import data
-    from .config import LoraConfig
-    from .tuner import trainable_parameters, wrap
+    from .. import data
+    from ..tuners import LoraConfig
+    from ..tuners import trainable_parameters, wrap
 
     rng = np.random.default_rng([seed, rank])
     model = data.load_base_model()
@@ -116,7 +116,7 @@ def _lora_run(rank, splits, epochs, seed, progress):
 
 
 def _full_run(splits, epochs, seed, progress):
-    from . import data
+    from .. import data
 
     rng = np.random.default_rng([seed, 0])
     model = data.load_base_model()
@@ -153,7 +153,7 @@ def format_table(results: list[RunResult], full_params: int) -> str:
 
 
 def _layer_shapes(model) -> list[tuple[str, int, int]]:
-    from . import nn
+    from .. import nn
 
     return [(name, m.in_features, m.out_features) for name, m in model.named_modules()
             if isinstance(m, nn.Linear)]
@@ -204,7 +204,7 @@ def run(ranks=DEFAULT_RANKS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
     """Run the demo and print its report to `out` (default sys.stdout); returns the table's
     rows (base, one per rank, full fine-tuning). Writes into `output_dir`: `best-adapter/`
     (PEFT format), `loss_curves.png` (when matplotlib is installed) and `results.json`."""
-    from . import functional
+    from .. import functional
 
     out = out if out is not None else sys.stdout
     ranks = [int(r) for r in ranks]
@@ -224,9 +224,9 @@ def run(ranks=DEFAULT_RANKS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
 
 
 def _run(ranks, epochs, seed, output_dir, progress, out) -> list[RunResult]:
-    from . import data
-    from .adapter import load_adapter, save_adapter
-    from .tuner import merge_and_unload
+    from .. import data
+    from ..io.adapter import load_adapter, save_adapter
+    from ..tuners import merge_and_unload
 
 
     def say(text=""):

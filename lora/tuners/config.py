@@ -9,12 +9,36 @@ keys it has never heard of (a newer PEFT), ignoring them.
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
-from . import _peft_format
-
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
+
+
+def scaling_factor(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B @ A: lora_alpha / r, which keeps the update's size independent of r at
+    init (Hu et al. 2021, sec. 4.1), or rsLoRA's lora_alpha / sqrt(r), which keeps it stable
+    as r grows (Kalajdzievski 2023). Every scaling in the library is computed here."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key k for which the regex
+    `(.*\\.)?(k)$` matches the module path wins."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?({key})", path):
+            return value
+    return default
+
+
+def config_scaling(config: dict, path: str, r: int) -> float:
+    """scaling_factor for the module at `path` from an adapter_config.json dict as PEFT wrote
+    it (lora_alpha default 8, alpha_pattern, use_rslora), for readers that do not build a
+    LoraConfig (`lora merge`, `lora info`)."""
+    alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+    return scaling_factor(alpha, r, bool(config.get("use_rslora", False)))
 
 # PEFT fields that only carry metadata or configure an initialisation this library does not
 # run; their value does not change what a saved adapter computes.
@@ -114,18 +138,17 @@ class LoraConfig:
 
     def rank_for(self, path: str) -> int:
         """The rank of the module at `path` (rank_pattern, else r)."""
-        return _peft_format.pattern_value(self.rank_pattern, path, self.r)
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path: str) -> float:
         """The lora_alpha of the module at `path` (alpha_pattern, else lora_alpha)."""
-        return _peft_format.pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
 
     def scaling_for(self, path: str, r: int | None = None) -> float:
         """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rsLoRA, Kalajdzievski 2023),
         for the module at `path`."""
         r = self.rank_for(path) if r is None else r
-        alpha = self.alpha_for(path)
-        return alpha / r**0.5 if self.use_rslora else alpha / r
+        return scaling_factor(self.alpha_for(path), r, self.use_rslora)
 
     def excluded(self, path: str) -> bool:
         """Whether exclude_modules, or being inside a module of modules_to_save (PEFT never
@@ -162,7 +185,7 @@ class LoraConfig:
                     "support"
                 )
         known = {f.name for f in fields(cls)}
-        config = _peft_format.warn_unknown_keys(
+        config = _warn_unknown_keys(
             config, known | _PEFT_METADATA | _PEFT_UNSUPPORTED, where
         )
         return cls(**{k: v for k, v in config.items() if k in known})
@@ -172,3 +195,12 @@ def _matches(patterns: list[str] | str, path: str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, path) is not None
     return any(path == p or path.endswith("." + p) for p in patterns)
+
+
+def _warn_unknown_keys(config: dict, known: set[str], where: str) -> dict:
+    """The config without keys this library does not know, warning once about them
+    (PEFT does the same, so a config from a newer version still loads)."""
+    unknown = sorted(set(config) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown config keys {unknown}", stacklevel=3)
+    return {k: v for k, v in config.items() if k in known}

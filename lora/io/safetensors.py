@@ -1,20 +1,24 @@
-"""The safetensors file format, read and written by hand, one tensor at a time.
+"""The safetensors file format, read and written by hand: the one reader and writer of the
+library (adapters, model checkpoints, `lora merge`).
 
-Why not the `safetensors` package: its NumPy API has no bfloat16 (NumPy has none) and loads
-whole files; a streaming merge needs bf16, the raw bytes of every tensor, and a writer that
-never holds more than one tensor. The format (https://github.com/huggingface/safetensors) is:
+Why not the `safetensors` package: its NumPy API has no bfloat16 (NumPy has none), so PEFT
+adapters and checkpoints saved in bf16 would not load, and it loads whole files; a streaming
+merge needs bf16, the raw bytes of every tensor, and a writer that never holds more than one
+tensor. The format (https://github.com/huggingface/safetensors) is:
 an 8-byte little-endian header length N, N bytes of JSON
 `{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [begin, end]}}`
 (offsets relative to the first byte after the header), then the raw little-endian data.
 
 bfloat16 is carried as uint16 bit patterns; `bf16_to_f32` / `f32_to_bf16` convert them the way
 PyTorch does (c10/util/BFloat16.h: round to nearest even, NaN -> 0x7FC0).
-This module does not know about LoRA or models; lora/checkpoint.py does the merging.
+This module does not know about LoRA or models: lora/io/adapter.py and lora/models/hf.py read
+through it, lora/io/checkpoint.py merges with it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -115,7 +119,7 @@ def read_header(path: str | os.PathLike) -> Header:
         if dtype not in ITEMSIZE:
             raise SafetensorsError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
         itemsize = ITEMSIZE[dtype]
-        if itemsize is not None and end - begin != itemsize * int(np.prod(shape, dtype=np.int64)):
+        if itemsize is not None and end - begin != itemsize * math.prod(shape):  # exact ints
             raise SafetensorsError(
                 f"{path}: tensor {name!r}: {end - begin} bytes do not hold {dtype} {list(shape)}"
             )
@@ -197,6 +201,44 @@ def read_float_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                    "expected F32, F16, BF16 or F64")  # fmt: skip
         tensors[name] = to_compute(read_array(path, info), info.dtype)
     return tensors
+
+
+# The dtype name of each NumPy dtype the writer takes (bf16 goes as float32, rounded by the
+# caller with f32_to_bf16 and passed as BF16 bits via `dtypes=`).
+_WRITABLE = {np.dtype(t): name for t, name in (
+    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"),
+    (np.int32, "I32"), (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL"))}
+
+
+def serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+              dtypes: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes holding `tensors`, laid out as the safetensors package lays
+    them (largest item size first, then by name; the header padded with spaces to 8 bytes).
+    `dtypes` names the stored dtype of a tensor whose array holds its bit pattern (BF16 as
+    uint16). Little-endian, C order; a tensor is copied only if it is not already so."""
+    dtypes = dtypes or {}
+    entries = []
+    for name, array in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"safetensors: tensor names must be str, got {name!r}")
+        array = np.asarray(array)
+        dtype = dtypes.get(name) or _WRITABLE.get(array.dtype.newbyteorder("="))
+        if dtype is None or (dtype == "BF16" and array.dtype.itemsize != 2):
+            raise TypeError(f"safetensors: tensor {name!r} has dtype {array.dtype}, not writable")
+        little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        entries.append((name, dtype, little))
+    entries.sort(key=lambda e: (-e[2].dtype.itemsize, e[0]))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, array in entries:
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return b"".join([struct.pack("<Q", len(raw)), raw] + [a.tobytes() for _, _, a in entries])
 
 
 def to_compute(stored: np.ndarray, dtype: str) -> np.ndarray:

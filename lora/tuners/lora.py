@@ -6,7 +6,8 @@ through the C kernels; `LoRAEmbedding` wraps a `lora.nn.Embedding` the way PEFT 
 (y = W[ids] + scaling * A^T[ids] B^T, no dropout). Both keep the base layer's own weight and
 bias Parameters (so a base state dict loads into a wrapped model by the same names), hold
 `lora_A`/`lora_B` (`lora_embedding_A`/`lora_embedding_B`) Parameters, and merge/unmerge in
-place through an explicit `merged` flag. Choosing which layers to wrap is lora/tuner.py's job.
+place through an explicit `merged` flag. Choosing which layers to wrap is
+lora/tuners/wrap.py's job.
 """
 
 from __future__ import annotations
@@ -15,26 +16,12 @@ import math
 
 import numpy as np
 
-from . import functional as F
-from .nn import (
-    Conv1D,
-    Embedding,
-    Linear,
-    Module,
-    Parameter,
-    _check_ids,
-    _Packable,
-    _rows,
-    _scatter_rows,
-)
+from .. import functional as F
+from ..nn import Conv1D, Embedding, Linear, Module, Parameter
+from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows
+from .config import scaling_factor
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
-
-
-def _scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
-    # alpha / r keeps the update's size independent of r at init (Hu et al. 2021, sec. 4.1);
-    # rsLoRA's alpha / sqrt(r) keeps it stable as r grows (Kalajdzievski 2023).
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 class _LoRABase(Module):
@@ -46,7 +33,7 @@ class _LoRABase(Module):
         object.__setattr__(self, "_base", base)  # not a child: its Parameters are ours
         self.weight = base.weight
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.scaling = _scaling(lora_alpha, r, use_rslora)
+        self.scaling = scaling_factor(lora_alpha, r, use_rslora)
         self.merged = False
         self.disabled = False  # set by lora.disable_adapters: run the base layer only
         self.rng = rng if rng is not None else np.random.default_rng()
@@ -58,9 +45,6 @@ class _LoRABase(Module):
 
     def _pair(self) -> tuple[Parameter, Parameter]:
         raise NotImplementedError
-
-    def _weight_changed(self) -> None:
-        """Called after merge and unmerge wrote the weight (a packed layer packs again)."""
 
     def merge(self, safe_merge: bool = False) -> None:
         """weight += scaling * (B @ A), in place, once (a second call does nothing). With

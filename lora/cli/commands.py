@@ -1,8 +1,9 @@
-"""The `lora` command line: `lora demo`, `lora info DIR` and `lora merge`.
+"""The `lora` command line: `lora demo`, `lora info DIR` and `lora merge`; all of its
+argument parsing is here.
 
 Each subcommand is a thin shell over a library function, so everything the command does is
-also reachable from Python: `lora.demo.run`, `lora.cli.describe_adapter`, and
-`lora.checkpoint.merge_checkpoint`. Errors are one line on stderr and a non-zero exit, never a
+also reachable from Python: `lora.cli.demo.run`, `lora.cli.describe_adapter`, and
+`lora.merge_checkpoint`. Errors are one line on stderr and a non-zero exit, never a
 traceback (set LORA_DEBUG=1 to get the traceback back). Heavy modules are imported only by
 the subcommand that needs them, so `lora --help` is instant and works whatever is installed.
 """
@@ -14,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "describe_adapter"]
+__all__ = ["main", "build_parser", "add_merge_arguments", "run_merge"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,92 +99,48 @@ def _add_info(subparsers) -> None:
 
 
 def _run_info(args) -> int:
+    from .info import describe_adapter
+
     print(describe_adapter(args.directory))
     return 0
 
 
-def describe_adapter(directory: str | os.PathLike) -> str:
-    """A human-readable summary of the PEFT LoRA adapter in `directory`: its config, and per
-    target module the kind, rank, scaling, shapes and parameter count, with the count of a
-    full update of the same weights for comparison. Raises AdapterFormatError (a ValueError)
-    for a missing, corrupt or non-LoRA adapter."""
-    from . import _peft_format as fmt
-
-    if not os.path.isdir(directory):
-        raise fmt.AdapterFormatError(f"{directory}: no such directory")
-    config = fmt.read_config(directory)
-    pairs, others = fmt.split_lora_tensors(fmt.read_tensors(directory))
-    if not pairs:
-        raise fmt.AdapterFormatError(
-            f"{os.path.join(directory, fmt.WEIGHTS_NAME)}: holds no LoRA tensors"
-        )
-
-    lines = [f"adapter  {os.path.abspath(directory)}", "config"]
-    shown = ("peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules",
-             "exclude_modules", "bias", "init_lora_weights", "fan_in_fan_out", "rank_pattern",
-             "alpha_pattern", "modules_to_save", "use_dora", "task_type",
-             "base_model_name_or_path")
-    for key in shown:
-        if key in config:
-            lines.append(f"  {key:<24} {config[key]!r}")
-
-    rows = []
-    lora_total = full_total = 0
-    for path in sorted(pairs, key=_natural_key):
-        t = pairs[path]
-        r = t.r
-        d_in, d_out = t.A.shape[1], t.B.shape[0]
-        n_lora = t.A.size + t.B.size
-        n_full = d_in * d_out
-        lora_total += n_lora
-        full_total += n_full
-        scale = fmt.scaling(config, path, r)
-        rows.append((path, t.kind, str(r), f"{scale:g}", f"{d_in} -> {d_out}",
-                     f"{n_lora:,}", f"{n_full:,}", str(t.A.dtype)))
-    header = ("module", "kind", "r", "scaling", "in -> out", "LoRA params", "full W", "dtype")
-    lines.append(f"targets  {len(pairs)} module(s)")
-    lines += ["  " + line for line in _table(header, rows)]
-    extra = sum(v.size for v in others.values())
-    lines.append(
-        f"total    {lora_total:,} LoRA parameters for {full_total:,} weights they adapt "
-        f"({100.0 * lora_total / full_total:.2f}%)"
-        + (f"; plus {extra:,} in {len(others)} other tensor(s)" if others else "")
+def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of `lora merge` to a (sub)parser."""
+    parser.description = parser.description or (
+        "Merge PEFT LoRA adapters into a Hugging Face safetensors checkpoint, one tensor at "
+        "a time, and write a new checkpoint directory."
     )
-    for key in sorted(others):
-        lines.append(f"  other  {key}  {tuple(others[key].shape)}")
-    return "\n".join(lines)
+    parser.add_argument("base", metavar="BASE_DIR", help="Hugging Face model directory")
+    parser.add_argument("adapters", metavar="ADAPTER_DIR", nargs="+",
+                        help="PEFT adapter directories, merged in order")  # fmt: skip
+    parser.add_argument("-o", "--output", metavar="OUT_DIR", required=True,
+                        help="directory to create (written beside it, then renamed)")  # fmt: skip
+    parser.add_argument("--scale", metavar="S", type=float, nargs="+", default=None,
+                        help="multiplier per adapter on lora_alpha/r (default 1.0)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
 
 
-def _natural_key(path: str):
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+def run_merge(args: argparse.Namespace) -> int:
+    """Run `lora merge` from parsed arguments; returns the exit status (0, or 1 with one
+    error line on stderr)."""
+    from ..io.checkpoint import merge_checkpoint
 
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    left = {0, 1}  # text columns; numbers are right-aligned
-
-    def fmt(row):
-        cells = [str(c).ljust(w) if i in left else str(c).rjust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        return "  ".join(cells).rstrip()
-
-    return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    try:
+        stats = merge_checkpoint(args.base, args.adapters, args.output, scales=args.scale,
+                                 force=args.force, progress=not args.quiet)  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"lora merge: error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"merged {stats['updates']} LoRA pairs into {stats['tensors_merged']} tensors; "
+              f"wrote {args.output}", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def _add_merge(subparsers) -> None:
-    try:
-        from .checkpoint import add_merge_arguments, run_merge
-    except Exception as e:  # noqa: BLE001  (a broken optional module must not break --help)
-        reason = f"{type(e).__name__}: {e}"
-        p = subparsers.add_parser("merge", help="merge adapters into a checkpoint (unavailable)",
-                                  description=f"lora merge is unavailable: {reason}")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-
-        def unavailable(args) -> int:
-            raise RuntimeError(f"unavailable in this installation ({reason})")
-
-        p.set_defaults(run=unavailable)
-        return
     p = subparsers.add_parser(
         "merge",
         help="merge PEFT adapters into a Hugging Face checkpoint, streaming, offline",
@@ -195,7 +152,7 @@ def _add_merge(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog="lora",

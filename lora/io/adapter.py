@@ -1,11 +1,11 @@
 """Saving and loading LoRA adapters in Hugging Face PEFT's on-disk format.
 
 save_adapter writes adapter_config.json and adapter_model.safetensors under PEFT's names (see
-lora/_peft_format.py) atomically; load_adapter reads what PEFT (or save_adapter) wrote into a
+lora/io/peft.py) atomically; load_adapter reads what PEFT (or save_adapter) wrote into a
 plain model (wrapping it from the file's config) or an already wrapped one. Loading checks
 every key and shape before it assigns anything, so a mismatch leaves the model untouched.
 Nothing is ever unpickled. The base model's weights are not part of an adapter: merging an
-adapter into a base checkpoint on disk is lora/checkpoint.py's job.
+adapter into a base checkpoint on disk is lora/io/checkpoint.py's job.
 """
 
 from __future__ import annotations
@@ -17,12 +17,19 @@ import tempfile
 
 import numpy as np
 
-from . import _peft_format as fmt
-from ._peft_format import AdapterFormatError
-from .config import LoraConfig
-from .layers import LoRAEmbedding
-from .nn import Embedding, Module, Parameter
-from .tuner import ModulesToSaveWrapper, _modules_to_save_paths, find_targets, lora_layers, wrap
+from ..nn import Embedding, Module, Parameter
+from ..tuners.config import LoraConfig
+from ..tuners.lora import LoRAEmbedding
+from ..tuners.wrap import (
+    ModulesToSaveWrapper,
+    _modules_to_save_paths,
+    find_targets,
+    lora_layers,
+    wrap,
+)
+from . import peft as fmt
+from . import safetensors
+from .peft import AdapterFormatError
 
 __all__ = ["AdapterFormatError", "adapter_state_dict", "load_adapter", "save_adapter"]
 
@@ -117,13 +124,11 @@ def save_adapter(model: Module, directory: str | os.PathLike) -> None:
     each other immediately; only a crash between them could pair new weights with the old
     config.
     """
-    from safetensors.numpy import save as safetensors_bytes
-
     config = _config_of(model)
     tensors = adapter_state_dict(model)
     config_dict = dataclasses.replace(config, inference_mode=True).to_dict()
     config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()
-    weights_bytes = safetensors_bytes(tensors, metadata={"format": "pt"})
+    weights_bytes = safetensors.serialize(tensors, metadata={"format": "pt"})
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)

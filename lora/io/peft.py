@@ -3,18 +3,19 @@
 An adapter is a directory with adapter_config.json and adapter_model.safetensors. Tensor keys
 are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` for Linear layers and
 `base_model.model.<module path>.lora_embedding_A` / `lora_embedding_B` for Embedding layers.
-This module only reads and names things; building or checking a model is lora/adapter.py's
-job and merging into a checkpoint is lora/checkpoint.py's. It never unpickles anything.
+This module only reads and names things; building or checking a model is lora/io/adapter.py's
+job and merging into a checkpoint is lora/io/checkpoint.py's. It never unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from .safetensors import SafetensorsError, read_float_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -73,18 +74,16 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of adapter_model.safetensors as NumPy arrays; a clear error when the file
-    is missing, truncated or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+    """All tensors of adapter_model.safetensors as float32 arrays (float64 when stored so;
+    float16 and bfloat16 widened exactly), read by lora.io.safetensors; a clear error when the
+    file is missing, truncated, corrupt or holds non-float tensors."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise AdapterFormatError(f"{path}: no such file")
     try:
-        return load_file(path)
-    except (SafetensorError, ValueError, TypeError, OSError) as e:
-        raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        return read_float_tensors(path)
+    except SafetensorsError as e:
+        raise AdapterFormatError(f"corrupt or truncated safetensors file: {e}") from None
 
 
 def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTensors], dict]:
@@ -116,30 +115,3 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
             raise AdapterFormatError(f"module {path!r}: both Linear and Embedding LoRA keys")
         pairs[path] = LoraTensors(path, kind, A, B)
     return pairs, others
-
-
-def scaling(config: dict, path: str, r: int) -> float:
-    """lora_alpha / r (or / sqrt(r) with use_rslora), honouring alpha_pattern for `path`."""
-    alpha = config.get("lora_alpha", 8)
-    alpha = pattern_value(config.get("alpha_pattern") or {}, path, alpha)
-    return alpha / (r**0.5) if config.get("use_rslora", False) else alpha / r
-
-
-def pattern_value(patterns: dict, path: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key k for which the regex
-    `(.*\\.)?(k)$` matches the module path wins."""
-    import re
-
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?({key})", path):
-            return value
-    return default
-
-
-def warn_unknown_keys(config: dict, known: set[str], where: str) -> dict:
-    """The config without keys this library does not know, warning once about them
-    (PEFT does the same, so a config from a newer version still loads)."""
-    unknown = sorted(set(config) - known)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown config keys {unknown}", stacklevel=3)
-    return {k: v for k, v in config.items() if k in known}

@@ -1,0 +1,57 @@
+"""Losses that return (loss, dloss/dinput), for loops with hand-written backward passes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["cross_entropy", "mse_loss"]
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1])
+
+
+def cross_entropy(
+    logits: np.ndarray, targets: np.ndarray, *, ignore_index: int = -100, reduction: str = "mean"
+) -> tuple[float, np.ndarray]:
+    """Softmax cross-entropy as torch.nn.functional.cross_entropy.
+
+    logits (..., C), targets integer (...); targets equal to ignore_index contribute nothing.
+    reduction "mean" (over the non-ignored targets) or "sum". Returns (loss, dlogits) with
+    dlogits the gradient of the loss, shaped like logits.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets = np.asarray(targets)
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"cross_entropy: logits {logits.shape} and targets {targets.shape} "
+            "must agree on all but the last dim"
+        )
+    z = _rows(logits)
+    t = targets.reshape(-1)
+    keep = t != ignore_index
+    tk = np.where(keep, t, 0)
+    if np.any((tk < 0) | (tk >= z.shape[1])):
+        raise IndexError(f"cross_entropy: targets must be in [0, {z.shape[1]}) or ignore_index")
+    shifted = z - z.max(axis=1, keepdims=True)
+    logsumexp = np.log(np.exp(shifted).sum(axis=1))
+    logp_t = shifted[np.arange(len(t)), tk] - logsumexp
+    count = int(keep.sum())
+    denom = max(count, 1) if reduction == "mean" else 1
+    loss = float(-(logp_t * keep).sum() / denom) if reduction == "sum" or count else float("nan")
+    dz = np.exp(shifted - logsumexp[:, None])
+    dz[np.arange(len(t)), tk] -= 1.0
+    dz *= (keep / denom)[:, None]
+    return loss, dz.astype(logits.dtype, copy=False).reshape(logits.shape)
+
+
+def mse_loss(
+    pred: np.ndarray, target: np.ndarray, *, reduction: str = "mean"
+) -> tuple[float, np.ndarray]:
+    """Squared error, "mean" over all elements or "sum". Returns (loss, dpred)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"mse_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    diff = pred - np.asarray(target, dtype=pred.dtype)
+    n = diff.size if reduction == "mean" else 1
+    return float((diff * diff).sum() / n), (2.0 / n) * diff
