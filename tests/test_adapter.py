@@ -276,3 +276,47 @@ def test_config_keys_unknown_warned_unsupported_refused(tmp_path):
 def test_save_needs_a_wrapped_model(tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapter"):
         lora.save_adapter(Net(), tmp_path)
+
+
+def test_safetensors_writer_and_reader_agree_with_the_safetensors_package(tmp_path):
+    """lora.io.safetensors is the library's one reader and writer: what it writes the
+    safetensors package reads back bit for bit, and it reads what the package writes."""
+    from lora.io import safetensors as st
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "b.weight": rng.standard_normal((3, 5)).astype(np.float32),
+        "a.half": rng.standard_normal((4,)).astype(np.float16),
+        "c.double": rng.standard_normal((2, 2, 2)),
+        "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    ours = tmp_path / "ours.safetensors"
+    ours.write_bytes(st.serialize(tensors, metadata={"format": "pt"}))
+    assert (len(ours.read_bytes()[8:8 + int.from_bytes(ours.read_bytes()[:8], "little")])) % 8 == 0
+    back = load_file(str(ours))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+    with safe_open(str(ours), "np") as f:
+        assert f.metadata() == {"format": "pt"}
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != "ids"}, str(theirs))
+    read = st.read_float_tensors(theirs)
+    for k, v in read.items():
+        np.testing.assert_array_equal(v, tensors[k].astype(v.dtype))
+        assert v.dtype == (np.float64 if tensors[k].dtype == np.float64 else np.float32)
+
+
+def test_safetensors_header_sizes_do_not_overflow(tmp_path):
+    """A shape whose element count overflows int64 is refused, not wrapped round to a
+    plausible byte count ([2**62 + 1, 4] F32 is 2**66 + 16 bytes, 16 modulo 2**64)."""
+    from lora.io import safetensors as st
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**62 + 1, 4],
+                               "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(st.SafetensorsError, match="do not hold"):
+        st.read_header(path)

@@ -12,6 +12,8 @@
   gradients compared with PEFT's. The word-embedding LoRA is compared end to end.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -104,6 +106,26 @@ def test_peft_saved_adapter_loads_and_matches(tmp_path):
     assert np.abs(base_expect - expect).max() > 1e-2  # the adapter does something
 
 
+def test_peft_bf16_adapter_loads(tmp_path):
+    """A PEFT adapter saved from a bfloat16 model (its safetensors file holds BF16 tensors)
+    loads, each value widened exactly from its bf16 bits."""
+    base, ours = _models()
+    pm = _peft_model(base).to(torch.bfloat16)
+    pm.save_pretrained(tmp_path)
+    with open(tmp_path / "adapter_model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    lora.load_adapter(ours, tmp_path)
+    expected = {n.removeprefix("base_model.model.").replace(".default.weight", "")
+                .replace(".default", ""): p.detach().float().numpy()
+                for n, p in pm.named_parameters() if "lora_" in n}
+    got = {n: p.data for n, p in ours.named_parameters() if "lora_" in n}
+    assert set(got) == set(expected) and len(got) > 0
+    for name, value in got.items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
 def test_our_adapter_loads_in_peft_and_matches(tmp_path):
     base, ours = _models()
     lora.wrap(ours, lora.LoraConfig(**CONFIG, init_lora_weights=False), seed=1)
@@ -152,6 +174,7 @@ BERT_TARGETS = ["query", "value", "dense", "word_embeddings"]
 
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     config = transformers.BertConfig(
         vocab_size=50,
         hidden_size=16,
