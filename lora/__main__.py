@@ -1,4 +1,5 @@
-"""`python -m lora ...`: the same command line as the `lora` console script (lora/cli/commands.py)."""
+"""`python -m lora ...`: the same command line as the `lora` console script
+(lora/cli/commands.py)."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """The `lora` command line: `demo` (short runs end to end, plus the default run's time budget),
 `info` on adapters written here, by hand and by PEFT, `merge`'s wiring, and usage errors
-as one line with a non-zero exit. The commands are run both in-process (`lora.cli.commands.main`) and
-as `python -m lora` in a subprocess, which is what users type."""
+as one line with a non-zero exit. The commands are run both in-process
+(`lora.cli.commands.main`) and as `python -m lora` in a subprocess, which is what users type."""
 
 from __future__ import annotations
 
