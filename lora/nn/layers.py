@@ -15,21 +15,6 @@ import numpy as np
 from .. import functional as F
 from .module import Module, Parameter
 
-__all__ = [
-    "pack_weights",
-    "unpack_weights",
-    "Linear",
-    "Conv1D",
-    "Embedding",
-    "LayerNorm",
-    "Dropout",
-    "ReLU",
-    "GELU",
-    "Tanh",
-    "SiLU",
-    "Identity",
-]
-
 
 def _uniform(rng: np.random.Generator, shape, bound: float, dtype) -> np.ndarray:
     return rng.uniform(-bound, bound, size=shape).astype(dtype)

@@ -20,17 +20,6 @@ from .config import LoraConfig
 from .lora import LoRAEmbedding, LoRALinear
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter
 
-__all__ = [
-    "ModulesToSaveWrapper",
-    "disable_adapters",
-    "lora_layers",
-    "merge_and_unload",
-    "print_trainable_parameters",
-    "trainable_parameters",
-    "unload",
-    "wrap",
-]
-
 
 class ModulesToSaveWrapper(Module):
     """A module trained in full (PEFT's modules_to_save): `original_module` stays frozen and
