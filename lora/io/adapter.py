@@ -25,6 +25,7 @@ from ..tuners.wrap import (
     _modules_to_save_paths,
     find_targets,
     lora_layers,
+    unload,
     wrap,
 )
 from . import peft as fmt
@@ -166,6 +167,8 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | Non
     where = os.path.join(directory, fmt.CONFIG_NAME)
     try:
         config = LoraConfig.from_dict(fmt.read_config(directory), where=where)
+    except AdapterFormatError:
+        raise
     except (TypeError, ValueError) as e:
         raise AdapterFormatError(str(e)) from None
     pairs, others = fmt.split_lora_tensors(fmt.read_tensors(directory))
@@ -207,11 +210,24 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | Non
                 f"load_adapter: {key!r} has shape {value.shape}, the model's parameter "
                 f"{extra[name].shape}"
             )
-    # -- everything checked; from here on only assignment --
-    if not wrapped:
-        wrap(model, dataclasses.replace(config, init_lora_weights=True), seed=seed)
-        extra = _extra_params(model, set(expected), _saved_paths(model))
-    model.lora_config = config
+    # -- everything checked; from here on only assignment, undone if anything still fails --
+    if wrapped:
+        undo = _snapshot(model, pairs, extra)
+    try:
+        if not wrapped:
+            wrap(model, dataclasses.replace(config, init_lora_weights=True), seed=seed)
+            extra = _extra_params(model, set(expected), _saved_paths(model))
+        _assign(model, config, pairs, others, extra)
+    except BaseException:
+        if wrapped:
+            undo()
+        else:
+            unload(model)
+        raise
+    return model
+
+
+def _assign(model: Module, config: LoraConfig, pairs: dict, others: dict, extra: dict) -> None:
     layers = dict(lora_layers(model))
     for path, t in pairs.items():
         layer = layers[path]
@@ -224,7 +240,27 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | Non
         name = _extra_name(key)
         if name is not None:
             extra[name].data[...] = value
-    return model
+    model.lora_config = config
+
+
+def _snapshot(model: Module, pairs: dict, extra: dict):
+    """A function that puts back what _assign changes on a wrapped model: the LoRA pairs, the
+    layers' alpha and scaling, the extra parameters and the model's config."""
+    layers = dict(lora_layers(model))
+    arrays = [(p, p.data.copy()) for path in pairs for p in layers[path]._pair()]
+    arrays += [(p, p.data.copy()) for p in extra.values()]
+    attrs = [(layers[path], layers[path].lora_alpha, layers[path].use_rslora,
+              layers[path].scaling) for path in pairs]
+    config = model.__dict__.get("lora_config")
+
+    def undo() -> None:
+        for p, data in arrays:
+            p.data[...] = data
+        for layer, alpha, rslora, scaling in attrs:
+            layer.lora_alpha, layer.use_rslora, layer.scaling = alpha, rslora, scaling
+        model.lora_config = config
+
+    return undo
 
 
 def _kind(layer: Module) -> str:

@@ -42,7 +42,6 @@ from .safetensors import (
     copy_range,
     from_compute,
     read_array,
-    read_float_tensors,
     read_header,
     to_compute,
 )
@@ -184,12 +183,7 @@ def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
                 f"{directory}: DoRA adapters (use_dora) are not supported"
             )
         weights = os.path.join(directory, peft.WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise peft.AdapterFormatError(f"{weights}: no such file")
-        try:
-            tensors = read_float_tensors(weights)
-        except SafetensorsError as e:
-            raise peft.AdapterFormatError(str(e)) from None
+        tensors = peft.read_tensors(directory)
         pairs, others = peft.split_lora_tensors(tensors)
         if not pairs:
             raise peft.AdapterFormatError(f"{weights}: no LoRA tensors in the file")

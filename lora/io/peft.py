@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..tuners.config import check_values
 from .safetensors import SafetensorsError, read_float_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,14 +63,17 @@ def read_config(directory: str | os.PathLike) -> dict:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: JSON nested too deeply to be a config") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; only LORA is supported")
-    for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise AdapterFormatError(f"{path}: {key!r} must be a number, got {config[key]!r}")
+    try:
+        check_values(config, path)
+    except ValueError as e:
+        raise AdapterFormatError(str(e)) from None
     return config
 
 
@@ -81,9 +85,13 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise AdapterFormatError(f"{path}: no such file")
     try:
-        return read_float_tensors(path)
+        tensors = read_float_tensors(path)
     except SafetensorsError as e:
         raise AdapterFormatError(f"corrupt or truncated safetensors file: {e}") from None
+    for key, value in tensors.items():
+        if not np.isfinite(value).all():
+            raise AdapterFormatError(f"{path}: tensor {key!r} contains NaN or infinity")
+    return tensors
 
 
 def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTensors], dict]:
@@ -106,10 +114,10 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
             missing = "B" if "A" in ab else "A"
             raise AdapterFormatError(f"module {path!r}: lora_{missing} is missing from the file")
         A, B = ab["A"], ab["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
             raise AdapterFormatError(
                 f"module {path!r}: lora_A {A.shape} and lora_B {B.shape} do not form a "
-                "(r, in) / (out, r) pair"
+                "(r, in) / (out, r) pair with r >= 1"
             )
         if path in pairs:
             raise AdapterFormatError(f"module {path!r}: both Linear and Embedding LoRA keys")

@@ -10,6 +10,7 @@ keys it has never heard of (a newer PEFT), ignoring them.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +32,69 @@ def pattern_value(patterns: dict, path: str, default):
         if re.fullmatch(rf"(.*\.)?({key})", path):
             return value
     return default
+
+
+# |lora_alpha| above this is refused as a typo rather than a setting: the scaling would
+# overflow float32 in the forward and in every merge.
+MAX_ALPHA = 1e6
+
+
+def _real(value, name: str, where: str, limit: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (limit is not None and abs(value) > limit):
+        bound = "" if limit is None else f" and at most {limit:g} in size"
+        raise ValueError(f"{where}: {name} must be finite{bound}, got {value!r}")
+
+
+def _positive_int(value, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+
+
+def _regex(pattern: str, name: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{where}: {name} {pattern!r} is not a valid regex ({e})") from None
+
+
+def check_values(config, where: str) -> None:
+    """Refuse, with ValueError naming the field, the values a LoRA config cannot mean: r and
+    rank_pattern ranks that are not positive integers, lora_alpha and alpha_pattern values that
+    are not finite numbers within MAX_ALPHA, patterns that are not valid regexes, module lists
+    that are not strings, lora_dropout outside [0, 1). Used by LoraConfig and by the readers
+    of adapter_config.json (load_adapter, `lora info`, `lora merge`), so all refuse alike."""
+    get = config.get
+    _positive_int(get("r", 8), "r", where)
+    _real(get("lora_alpha", 8), "lora_alpha", where, MAX_ALPHA)
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = get(name) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{where}: {name} must map module regexes to values, "
+                             f"got {patterns!r}")
+        for key, value in patterns.items():
+            _regex(key, f"{name} key", where)
+            if name == "rank_pattern":
+                _positive_int(value, f"rank_pattern[{key!r}]", where)
+            else:
+                _real(value, f"alpha_pattern[{key!r}]", where, MAX_ALPHA)
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = get(name)
+        if value is None:
+            continue
+        if isinstance(value, str) and name != "modules_to_save":
+            if value != "all-linear":
+                _regex(value, name, where)
+        elif not (isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)):
+            kinds = "a list of module names" + ("" if name == "modules_to_save" else " or a regex")
+            raise ValueError(f"{where}: {name} must be {kinds}, got {value!r}")
+    dropout = get("lora_dropout", 0.0)
+    _real(dropout, "lora_dropout", where)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: lora_dropout must be in [0, 1), got {dropout}")
+    if not isinstance(get("use_rslora", False), bool):
+        raise ValueError(f"{where}: use_rslora must be true or false, got {get('use_rslora')!r}")
 
 
 def config_scaling(config: dict, path: str, r: int) -> float:
@@ -108,6 +172,7 @@ class LoraConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
+        check_values(self.__dict__, "LoraConfig")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -116,10 +181,6 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(
                 f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
@@ -132,9 +193,6 @@ class LoraConfig:
             )
         if self.use_dora:
             raise ValueError("LoraConfig: use_dora=True (DoRA) is not supported")
-        for name, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
-                raise ValueError(f"LoraConfig: rank_pattern[{name!r}] must be a positive int")
 
     def rank_for(self, path: str) -> int:
         """The rank of the module at `path` (rank_pattern, else r)."""
