@@ -166,8 +166,80 @@ def test_killed_save_leaves_previous_adapter(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
-    assert any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # the debris of the kill
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    debris = [n for n in os.listdir(tmp_path.parent) if n.startswith(f".{tmp_path.name}.lora-save-")]
+    assert len(debris) == 1  # the kill's half-written directory, beside the adapter
     np.testing.assert_array_equal(lora.load_adapter(Net(), tmp_path).eval()(IDS), expected)
+    lora.save_adapter(_trained(seed=2), tmp_path)  # the next save removes it
+    assert not [n for n in os.listdir(tmp_path.parent) if n.startswith(f".{tmp_path.name}.lora-")]
+
+
+_KILL_LOOP = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from test_adapter import Net
+import lora
+i = 0
+while True:
+    i += 1
+    model = lora.wrap(Net(), lora.LoraConfig(r=4, lora_alpha=i, target_modules=["fc1", "fc2"]))
+    for p in lora.trainable_parameters(model):
+        p.data[...] = i  # the weights of save i say which save they are
+    lora.save_adapter(model, {directory!r})
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_saves_never_mixes_two_saves(tmp_path):
+    """A child saving in a loop, SIGKILLed at random moments: the directory always loads, its
+    config and weights come from the same save, and the next save removes the debris."""
+    import random
+    import signal
+    import time
+
+    target = tmp_path / "adapter"
+    script = _KILL_LOOP.format(tests=os.path.dirname(__file__), directory=str(target))
+    rng = random.Random(0)
+    last = 0
+    for _ in range(30):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one save done: the loop is running
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        config = json.loads((target / "adapter_config.json").read_text())
+        tensors = load_file(str(target / "adapter_model.safetensors"))
+        assert {float(v.flat[0]) for v in tensors.values()} == {float(config["lora_alpha"])}
+        model = lora.load_adapter(Net(), target)
+        assert model.fc1.lora_alpha == config["lora_alpha"]
+        last = max(last, config["lora_alpha"])
+    assert last > 1  # the kills landed after the first save too
+    lora.save_adapter(_trained(), target)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # debris of the kills removed
+    assert sorted(os.listdir(target)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        lora.save_adapter(_trained(), tmp_path / "a")
+    finally:
+        os.umask(old)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (os.stat(tmp_path / "a" / name).st_mode & 0o777) == 0o644
+    assert (os.stat(tmp_path / "a").st_mode & 0o777) == 0o755
+
+
+def test_save_keeps_the_directory_s_other_files(tmp_path):
+    (tmp_path / "README.md").write_text("my notes")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.txt").write_text("x")
+    lora.save_adapter(_trained(seed=1), tmp_path)
+    lora.save_adapter(_trained(seed=2), tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my notes"
+    assert (tmp_path / "sub" / "x.txt").read_text() == "x"
 
 
 def _save_variant(tmp_path, mutate):

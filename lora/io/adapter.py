@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
 
 import numpy as np
 
@@ -28,8 +28,8 @@ from ..tuners.wrap import (
     unload,
     wrap,
 )
+from . import atomic, safetensors
 from . import peft as fmt
-from . import safetensors
 from .peft import AdapterFormatError
 
 __all__ = ["AdapterFormatError", "adapter_state_dict", "load_adapter", "save_adapter"]
@@ -100,18 +100,27 @@ def _write_all(f, data: bytes) -> None:
     f.write(data)
 
 
-def _write_temp(directory: str, name: str, data: bytes) -> str:
-    """`data` in a new temporary file next to `name`, flushed and fsynced; its path."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
+def _carry_over(old: str, new: str) -> None:
+    """Give `new` every entry of the adapter directory `old` that a save does not write (a
+    README, a tokenizer, subdirectories): files hard-linked (copied where links are not
+    possible), symbolic links recreated as links, directories likewise, recursively. The
+    temporary files of the in-place saves of earlier versions are dropped."""
+    for entry in os.scandir(old):
+        src, dst = entry.path, os.path.join(new, entry.name)
+        if entry.name in (fmt.CONFIG_NAME, fmt.WEIGHTS_NAME) or os.path.lexists(dst):
+            continue
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif entry.is_dir():
+            os.mkdir(dst)
+            _carry_over(src, dst)
+        elif entry.is_file():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
 
 
 def save_adapter(model: Module, directory: str | os.PathLike) -> None:
@@ -119,11 +128,11 @@ def save_adapter(model: Module, directory: str | os.PathLike) -> None:
     adapter_config.json (sorted keys, 2-space indent, inference_mode true) and
     adapter_model.safetensors (metadata {"format": "pt"}).
 
-    Both files are written in full to temporary files in `directory`, fsynced, and only then
-    renamed over the old ones (os.replace, atomic on POSIX and Windows), so a save that fails
-    or is killed while writing leaves the previous adapter readable. The two renames follow
-    each other immediately; only a crash between them could pair new weights with the old
-    config.
+    The directory changes as one: both files are written and fsynced in a new directory
+    beside it (with the directory's other files linked in), which then replaces it in one
+    atomic rename (lora/io/atomic.py). A save that fails or is killed at any moment leaves
+    either the previous adapter or the new one, never the weights of one save next to the
+    config of another; the next save removes what a killed one left behind.
     """
     config = _config_of(model)
     tensors = adapter_state_dict(model)
@@ -131,24 +140,26 @@ def save_adapter(model: Module, directory: str | os.PathLike) -> None:
     config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()
     weights_bytes = safetensors.serialize(tensors, metadata={"format": "pt"})
 
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    temps = []
+    target = os.path.abspath(os.fspath(directory))
+    parent, name = os.path.split(target)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"save_adapter: {target} exists and is not a directory")
+    os.makedirs(parent, exist_ok=True)
+    atomic.remove_leftovers(parent, name, "save")
+    new = atomic.new_temp_dir(parent, name, "save")
     try:
-        temps.append(_write_temp(directory, fmt.WEIGHTS_NAME, weights_bytes))
-        temps.append(_write_temp(directory, fmt.CONFIG_NAME, config_bytes))
+        atomic.write_file(os.path.join(new, fmt.WEIGHTS_NAME), weights_bytes, _write_all)
+        atomic.write_file(os.path.join(new, fmt.CONFIG_NAME), config_bytes, _write_all)
+        if os.path.isdir(target):
+            _carry_over(target, new)
+            os.chmod(new, os.stat(target).st_mode & 0o7777)
+        else:
+            os.chmod(new, 0o777 & ~atomic.umask())
+        atomic.fsync_dir(new)
+        atomic.replace_dir(new, target)
     except BaseException:
-        for tmp in temps:
-            os.unlink(tmp)
+        shutil.rmtree(new, ignore_errors=True)
         raise
-    os.replace(temps[0], os.path.join(directory, fmt.WEIGHTS_NAME))
-    os.replace(temps[1], os.path.join(directory, fmt.CONFIG_NAME))
-    if hasattr(os, "O_DIRECTORY"):  # make the renames themselves durable
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | None = None) -> Module:
