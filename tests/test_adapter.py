@@ -167,7 +167,8 @@ def test_killed_save_leaves_previous_adapter(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    debris = [n for n in os.listdir(tmp_path.parent) if n.startswith(f".{tmp_path.name}.lora-save-")]
+    prefix = f".{tmp_path.name}.lora-save-"
+    debris = [n for n in os.listdir(tmp_path.parent) if n.startswith(prefix)]
     assert len(debris) == 1  # the kill's half-written directory, beside the adapter
     np.testing.assert_array_equal(lora.load_adapter(Net(), tmp_path).eval()(IDS), expected)
     lora.save_adapter(_trained(seed=2), tmp_path)  # the next save removes it
