@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from ..functional import merge
 from ..tuners.config import config_scaling
-from . import peft
+from . import atomic, peft
 from .safetensors import (
     INDEX_FILE,
     STORAGE,
@@ -190,7 +189,7 @@ def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
         # Full tensors PEFT saves beside the pairs (the embedding it saves when an embedding
         # is targeted, biases with bias="all") are loaded over the base before merging.
         for key in sorted(others):
-            name = _replaced_tensor(key, others[key], located, weights)
+            name = _replaced_tensor(key, others[key], located, weights, config, pairs)
             plan.updates.setdefault(name, []).append(_replacement(others[key], located[name]))
         for path, lora in pairs.items():
             name = _base_tensor(path, located, directory)
@@ -214,13 +213,34 @@ def _base_tensor(path: str, located: dict[str, TensorInfo], adapter: str) -> str
     raise CheckpointError(f"{adapter}: module {path!r}: {what} named {name!r} in the base")
 
 
-def _replaced_tensor(key: str, value: np.ndarray, located: dict, weights: str) -> str:
+# The embedding layers PEFT saves in full beside their LoRA pairs (peft.utils.constants).
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _replaced_tensor(key: str, value: np.ndarray, located: dict, weights: str, config: dict,
+                     pairs: dict) -> str:
+    """The base tensor a non-LoRA tensor of the adapter replaces. Only what PEFT saves by
+    design may: the full weights of layers the adapter targets or of embedding layers
+    (save_embedding_layers), and biases when the config trains them; anything else is
+    refused rather than silently overwriting a base tensor."""
     name = key[len(peft.KEY_PREFIX) :] if key.startswith(peft.KEY_PREFIX) else key
     name = name.replace(".base_layer.", ".")
     if name not in located:
         raise peft.AdapterFormatError(
             f"{weights}: tensor {key!r} is neither a LoRA pair nor a base tensor "
             "(modules_to_save, lora_bias and DoRA are not supported)"
+        )
+    module, _, leaf = name.rpartition(".")
+    by_design = (
+        any(module == p or module.endswith("." + p) or p.endswith("." + module) for p in pairs)
+        or module.rpartition(".")[2] in _EMBEDDING_LAYER_NAMES
+        or (leaf == "bias" and config.get("bias", "none") != "none")
+    )
+    if not by_design:
+        raise peft.AdapterFormatError(
+            f"{weights}: tensor {key!r} would replace base tensor {name!r}, which is neither "
+            "an embedding PEFT saves with an adapter, a layer the adapter targets, nor a "
+            "bias its config trains; refusing to overwrite the base"
         )
     info = located[name]
     if info.shape != value.shape or info.dtype not in STORAGE:
@@ -272,7 +292,8 @@ def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: floa
 
 def _write(plan: _Plan, out: str, force: bool, progress: bool) -> dict[str, int]:
     parent, name = os.path.split(out)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    atomic.remove_leftovers(parent, name, "merge")
+    tmp = atomic.new_temp_dir(parent, name, "merge")
     total = sum(h.file_size for h in plan.headers.values())
     stats = {"tensors_merged": len(plan.updates), "updates": 0, "bytes": 0}
     lora_pairs = sum(u.replace is None for us in plan.updates.values() for u in us)
@@ -291,48 +312,76 @@ def _write(plan: _Plan, out: str, force: bool, progress: bool) -> dict[str, int]
             size = sum(t.nbytes for h in plan.headers.values() for t in h.tensors.values())
             if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
                 index["metadata"] = {**index["metadata"], "total_size": size}
-            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
-                f.write(json.dumps(index, indent=2) + "\n")
+            atomic.write_file(os.path.join(tmp, INDEX_FILE),
+                              (json.dumps(index, indent=2) + "\n").encode())
         stats["updates"] = lora_pairs
         stats["bytes"] = total
-        os.chmod(tmp, 0o777 & ~_umask())
-        if os.path.lexists(out):
-            if not force:  # appeared while we were writing
-                raise FileExistsError(f"{out}: already exists (use --force to replace)")
-            trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(out, os.path.join(trash, name))
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        os.chmod(tmp, 0o777 & ~atomic.umask())
+        atomic.fsync_dir(tmp)
+        if os.path.lexists(out) and not force:  # appeared while we were writing
+            raise FileExistsError(f"{out}: already exists (use --force to replace)")
+        # Always the old checkpoint or the new one at `out`, never neither (lora/io/atomic.py).
+        atomic.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return stats
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _readable_roots(base: str) -> list[str]:
+    """Where a symbolic link in BASE_DIR may lead for its file to be copied: inside BASE_DIR,
+    and, for a Hugging Face hub cache snapshot (`.../snapshots/<revision>`), the blobs of the
+    same repository, which its files link to."""
+    base = os.path.realpath(base)
+    roots = [base]
+    snapshots = os.path.dirname(base)
+    if os.path.basename(snapshots) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    return roots
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
 def _copy_other_files(plan: _Plan, tmp: str) -> None:
     """Copy every file of BASE_DIR except the shards and index, which are rewritten."""
     rewritten = set(plan.shards) | ({INDEX_FILE} if plan.index is not None else set())
-    for entry in sorted(os.scandir(plan.base), key=lambda e: e.name):
-        if entry.name in rewritten:
+    _copy_tree(plan.base, tmp, rewritten, _readable_roots(plan.base))
+
+
+def _copy_tree(src: str, dst: str, skip: set[str], roots: list[str]) -> None:
+    """Regular files are copied (and fsynced); a symbolic link to a regular file inside the
+    readable roots is copied as that file, any other link is recreated as a link, never
+    followed (so a link to /dev/zero, to an outside directory or to `.` copies nothing);
+    directories are walked; devices, FIFOs and sockets are refused."""
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name in skip:
             continue
-        target = os.path.join(tmp, entry.name)
-        if entry.is_dir():
-            shutil.copytree(entry.path, target)
+        target = os.path.join(dst, entry.name)
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            if _inside(real, roots) and os.path.isfile(real) and not os.path.islink(real):
+                _copy_file(real, target, entry.path)
+            else:
+                os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir(follow_symlinks=False):
+            os.mkdir(target)
+            _copy_tree(entry.path, target, set(), roots)
+        elif entry.is_file(follow_symlinks=False):
+            _copy_file(entry.path, target, entry.path)
         else:
-            if entry.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
-                warnings.warn(
-                    f"{entry.path}: weights outside the checkpoint are copied unmerged",
-                    stacklevel=4,
-                )
-            shutil.copy2(entry.path, target)
+            raise CheckpointError(f"{entry.path}: not a regular file, directory or link; "
+                                  "refusing to copy it into the output")
+
+
+def _copy_file(path: str, target: str, shown: str) -> None:
+    if shown.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+        warnings.warn(f"{shown}: weights outside the checkpoint are copied unmerged",
+                      stacklevel=6)
+    shutil.copy2(path, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _write_shard(header: Header, dst: str, updates: dict[str, list[_Update]], bar) -> None:
@@ -358,6 +407,11 @@ def _write_shard(header: Header, dst: str, updates: dict[str, list[_Update]], ba
                 else:
                     merge(weight, u.A, u.B, u.scale, fan_in_fan_out=u.transposed)
             stored = from_compute(weight, info.dtype)
+            if not _finite(weight, stored, info.dtype):
+                raise CheckpointError(
+                    f"{src}: merged tensor {info.name!r} has NaN or infinite values (the "
+                    f"scaled update overflows {info.dtype}); nothing was written"
+                )
             del weight
             _pwrite_all(out_fd, memoryview(stored).cast("B"), info.begin)
             bar.update(info.nbytes)
@@ -365,9 +419,18 @@ def _write_shard(header: Header, dst: str, updates: dict[str, list[_Update]], ba
         if run_end > run_start:
             copy_range(in_fd, out_fd, run_start, run_start, run_end - run_start)
             bar.update(run_end - run_start)
+        os.fsync(out_fd)
         if os.fstat(out_fd).st_size != header.file_size:
             raise CheckpointError(f"{dst}: wrote {os.fstat(out_fd).st_size} bytes, "
                                   f"expected {header.file_size}")  # fmt: skip
+
+
+def _finite(weight: np.ndarray, stored: np.ndarray, dtype: str) -> bool:
+    """Whether a merged tensor is finite in the dtype it is written in: float16 and bfloat16
+    can overflow in the rounding even when the float32 result is finite."""
+    if dtype == "BF16":
+        return not np.any((stored & np.uint16(0x7F80)) == np.uint16(0x7F80))
+    return bool(np.isfinite(stored if dtype == "F16" else weight).all())
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

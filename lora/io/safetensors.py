@@ -254,7 +254,8 @@ def from_compute(values: np.ndarray, dtype: str) -> np.ndarray:
     """Round a float32/float64 result to the stored dtype, once, to nearest even."""
     if dtype == "BF16":
         return f32_to_bf16(values)
-    return values.astype(STORAGE[dtype], copy=False)
+    with np.errstate(over="ignore"):  # an overflow to inf is the caller's to check
+        return values.astype(STORAGE[dtype], copy=False)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
