@@ -10,6 +10,7 @@ exactly. Not here: AMSGrad, maximize, other optimizers.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -28,6 +29,28 @@ __all__ = [
 ]
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
+
+
+def _check_hyper(group: dict, name: str) -> None:
+    """torch.optim's checks on a param group's hyper-parameters, plus finiteness: ValueError
+    naming the value."""
+    def bad(what: str, value) -> ValueError:
+        return ValueError(f"{name}: invalid {what}: {value!r}")
+
+    def real(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) \
+            and math.isfinite(value)
+
+    if not real(group["lr"]) or group["lr"] < 0:
+        raise bad("learning rate lr (a finite number >= 0)", group["lr"])
+    if not real(group["eps"]) or group["eps"] < 0:
+        raise bad("eps (a finite number >= 0)", group["eps"])
+    if not real(group["weight_decay"]) or group["weight_decay"] < 0:
+        raise bad("weight_decay (a finite number >= 0)", group["weight_decay"])
+    betas = group["betas"]
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(real(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise bad("betas (two numbers in [0, 1))", betas)
 
 
 class Adam:
@@ -70,6 +93,7 @@ class Adam:
                 if id(p) in seen:
                     raise ValueError(f"{type(self).__name__}: a parameter appears in two groups")
                 seen.add(id(p))
+            _check_hyper(group, type(self).__name__)
             self.param_groups.append(group)
         self.state: dict[int, dict] = {}  # id(param) -> {"step", "exp_avg", "exp_avg_sq"}
 
@@ -83,33 +107,43 @@ class Adam:
             p.grad = None
 
     def step(self) -> None:
-        """One update of every parameter that has a gradient."""
+        """One update of every parameter that has a gradient. All or nothing: every group's
+        hyper-parameters (which a schedule may have changed) and every gradient's shape are
+        checked before the first parameter moves."""
+        name = type(self).__name__
+        work = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            _check_hyper(group, name)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self.state.get(id(p))
-                if st is None:
-                    st = self.state[id(p)] = {
-                        "step": 0,
-                        "exp_avg": np.zeros_like(p.data),
-                        "exp_avg_sq": np.zeros_like(p.data),
-                    }
-                st["step"] += 1
-                F.adam_step(
-                    p.data,
-                    np.ascontiguousarray(p.grad, dtype=p.data.dtype),
-                    st["exp_avg"],
-                    st["exp_avg_sq"],
-                    step=st["step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decoupled=self.decoupled,
-                )
+                if np.shape(p.grad) != p.shape:
+                    raise ValueError(f"{name}.step: a gradient has shape {np.shape(p.grad)}, "
+                                     f"its parameter {p.shape}")
+                work.append((group, p, np.ascontiguousarray(p.grad, dtype=p.data.dtype)))
+        for group, p, grad in work:
+            st = self.state.get(id(p))
+            if st is None:
+                st = self.state[id(p)] = {
+                    "step": 0,
+                    "exp_avg": np.zeros_like(p.data),
+                    "exp_avg_sq": np.zeros_like(p.data),
+                }
+            beta1, beta2 = group["betas"]
+            F.adam_step(
+                p.data,
+                grad,
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                step=st["step"] + 1,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=self.decoupled,
+            )
+            st["step"] += 1
 
     def state_dict(self) -> dict:
         """torch's layout: {"state": {index: {"step", "exp_avg", "exp_avg_sq"}},

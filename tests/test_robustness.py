@@ -394,3 +394,44 @@ def test_kill_during_forced_merges_always_leaves_a_checkpoint(tmp_path):
         st.read_header(out / "model.safetensors")  # whole and parseable
     lora.merge_checkpoint(base, tmp_path / "a", out, force=True, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["a", "base", "out"]
+
+
+# -- the optimizer: hyper-parameters checked at construction, a step all or nothing -----------
+
+@pytest.mark.parametrize("kwargs", [{"lr": float("nan")}, {"lr": -1.0}, {"lr": float("inf")},
+                                    {"eps": -1e-8}, {"weight_decay": float("nan")},
+                                    {"betas": (0.9, 1.0)}, {"betas": (float("nan"), 0.9)},
+                                    {"betas": (0.9,)}])
+def test_optimizer_refuses_bad_hyper_parameters_at_construction(kwargs):
+    p = nn.Parameter(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="invalid"):
+        lora.optim.AdamW([p], **kwargs)
+
+
+def test_optimizer_step_is_all_or_nothing():
+    a, b = nn.Parameter(np.ones(3, np.float32)), nn.Parameter(np.ones(2, np.float32))
+    opt = lora.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt.step()
+    before = (a.data.copy(), b.data.copy(), {k: dict(v) for k, v in opt.state.items()})
+    opt.param_groups[1]["lr"] = float("nan")  # as a broken schedule would
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step()
+    np.testing.assert_array_equal(a.data, before[0])
+    np.testing.assert_array_equal(b.data, before[1])
+    assert {k: v["step"] for k, v in opt.state.items()} == {k: v["step"] for k, v in
+                                                             before[2].items()}
+    b.grad = np.ones(5, np.float32)  # a gradient of the wrong shape
+    opt.param_groups[1]["lr"] = 0.1
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    np.testing.assert_array_equal(a.data, before[0])
+    # the next valid step is the one an uninterrupted run takes
+    b.grad = np.ones(2, np.float32)
+    opt.step()
+    ref_a = nn.Parameter(np.ones(3, np.float32))
+    ref = lora.optim.AdamW([ref_a], lr=0.1)
+    for _ in range(2):
+        ref_a.grad = np.ones(3, np.float32)
+        ref.step()
+    np.testing.assert_array_equal(a.data, ref_a.data)
