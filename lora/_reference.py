@@ -99,13 +99,13 @@ def gelu_forward(x):
     """x * Phi(x), Phi the standard normal CDF (exact GELU)."""
     from math import erf, sqrt
 
-    return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+    return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / sqrt(2.0)))
 
 
 def gelu_backward(dy, x):
     from math import erf, pi, sqrt
 
-    cdf = 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+    cdf = 0.5 * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / sqrt(2.0)))
     return dy * (cdf + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi))
 
 
