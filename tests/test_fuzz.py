@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 from lora import _reference as ref
 from lora import functional as F
