@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from lora import _reference as ref
 from lora import functional as F
@@ -229,3 +230,41 @@ def test_fuzz_the_c_boundary():
         for g, w in zip(got, want, strict=True):
             _close(g, w, dtype)
     assert counts["ok"] > CALLS // 4 and counts["refused"] > CALLS // 10, counts
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_repeated_calls_leak_neither_references_nor_memory():
+    """Every operation, valid and refused, 3,000 times over: the arguments' reference counts
+    end where they started and resident memory stays flat (a leaked 1 KiB scratch or output
+    per call would show as 3 MB)."""
+    import sys
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for op in OPS:
+        for dtype in (np.float32, np.float64):
+            args, kw, inplace, _ = _case(rng, op, dtype)
+            bad = dict(args)
+            bad[next(iter(bad))] = next(iter(args.values())).astype(np.int32)  # refused
+            cases.append((op, args, kw, bad))
+
+    def run(times):
+        for _ in range(times):
+            for op, args, kw, bad in cases:
+                _call(op, args, kw)
+                try:
+                    _call(op, bad, kw)
+                except ALLOWED:
+                    pass
+
+    run(200)  # warm up: the kept scratch, the thread pool, NumPy's caches
+    refs = [sys.getrefcount(a) for _, args, _, _ in cases for a in args.values()]
+    rss = _rss_kib()
+    run(3000)
+    assert [sys.getrefcount(a) for _, args, _, _ in cases for a in args.values()] == refs
+    assert _rss_kib() - rss < 2048, f"RSS grew by {_rss_kib() - rss} KiB"
