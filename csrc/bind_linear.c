@@ -32,6 +32,29 @@ static int check_lora_weights(const Call *c, PyArrayObject *A, PyArrayObject *B,
     return 0;
 }
 
+/* What linear_forward and linear_backward share beyond their arrays. */
+typedef struct {
+    WeightArg w;
+    LoraDims dm;
+    npy_intp n;      /* rows of x */
+    double scale, p; /* the LoRA scaling and the dropout probability */
+    uint64_t seed;
+} LoraArgs;
+
+/* The weight (already fetched into la->w), A, B and x against each other; fills la->dm. */
+static int check_lora(const Call *c, LoraArgs *la, PyArrayObject *A, PyArrayObject *B,
+                      PyArrayObject *x) {
+    la->dm.d_out = la->w.d_out, la->dm.d_in = la->w.d_in;
+    return check_lora_weights(c, A, B, &la->dm) || check_x(c, x, la->dm.d_in);
+}
+
+/* scale, dropout and seed. */
+static int arg_lora_reals(const Call *c, LoraArgs *la, PyObject *scale_o, PyObject *drop_o,
+                          PyObject *seed_o) {
+    return arg_real(c, "scale", scale_o, REAL_ANY, &la->scale) ||
+           arg_dropout(c, drop_o, seed_o, &la->p, &la->seed);
+}
+
 /* The optional `residual` of the forwards: y's shape ((..., d_out), the leading dims of x),
  * read only; *slot NULL for None. */
 static int arg_residual(Call *c, PyArrayObject **slot, PyObject *obj, PyArrayObject *x,
@@ -106,32 +129,29 @@ PyObject *py_linear_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     PyArrayObject *x = NULL, *A = NULL, *B = NULL, *bias = NULL, *res = NULL;
     PyArrayObject *y = NULL, *xa = NULL;
     PyObject *result = NULL;
-    WeightArg w;
-    LoraDims dm;
-    npy_intp n;
-    double scale, p;
-    uint64_t seed;
+    LoraArgs la;
+    const LoraDims *dm = &la.dm;
     void *scratch;
-    if (arg_array(&c, &x, "x", x_o) || arg_weight(&c, w_o, wt, 0, &w) ||
+    if (arg_array(&c, &x, "x", x_o) || arg_weight(&c, w_o, wt, 0, &la.w) ||
         arg_array(&c, &A, "A", a_o) || arg_array(&c, &B, "B", b_o) ||
-        arg_optional(&c, &bias, "bias", bias_o))
-        goto done;
-    dm.d_out = w.d_out, dm.d_in = w.d_in;
-    if (check_lora_weights(&c, A, B, &dm) || check_x(&c, x, dm.d_in) || count_rows(&c, x, &n) ||
-        (bias && check_shape(&c, "bias", bias, 1, &dm.d_out, "(d_out,)")) ||
-        arg_residual(&c, &res, res_o, x, dm.d_out) ||
-        arg_real(&c, "scale", scale_o, REAL_ANY, &scale) ||
-        arg_dropout(&c, drop_o, seed_o, &p, &seed) || call_carrays(&c))
+        arg_optional(&c, &bias, "bias", bias_o) || check_lora(&c, &la, A, B, x) ||
+        count_rows(&c, x, &la.n) ||
+        (bias && check_shape(&c, "bias", bias, 1, &dm->d_out, "(d_out,)")) ||
+        arg_residual(&c, &res, res_o, x, dm->d_out) ||
+        arg_lora_reals(&c, &la, scale_o, drop_o, seed_o) || call_carrays(&c))
         goto done;
 
-    if (call_new_rows(&c, &y, x, dm.d_out) || call_new_rows(&c, &xa, x, dm.r) ||
-        !(scratch = call_scratch(&c, lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0, 1))) ||
-        weight_panels(&c, &w, n))
+    const npy_intp n = la.n;
+    if (call_new_rows(&c, &y, x, dm->d_out) || call_new_rows(&c, &xa, x, dm->r) ||
+        !(scratch = call_scratch(&c, lora_scratch_elems(n, dm->d_in, dm->d_out, dm->r, la.p > 0,
+                                                        1))) ||
+        weight_panels(&c, &la.w, n))
         goto done;
 
     CALL_KERNEL(&c, lora_forward, PyArray_DATA(y), PyArray_DATA(xa), scratch, PyArray_DATA(x),
-                weight_data(&w), DATA_OR_NULL(bias), DATA_OR_NULL(res), PyArray_DATA(A),
-                PyArray_DATA(B), scale, p, seed, n, dm.d_in, dm.d_out, dm.r, wt, w.kernel);
+                weight_data(&la.w), DATA_OR_NULL(bias), DATA_OR_NULL(res), PyArray_DATA(A),
+                PyArray_DATA(B), la.scale, la.p, la.seed, n, dm->d_in, dm->d_out, dm->r, wt,
+                la.w.kernel);
     result = Py_BuildValue("(OO)", y, xa);
 done:
     return call_end(&c, result);
@@ -175,43 +195,38 @@ PyObject *py_linear_backward(PyObject *self, PyObject *args, PyObject *kwds) {
     PyArrayObject *dy = NULL, *x = NULL, *xa = NULL, *A = NULL, *B = NULL;
     PyArrayObject *dx = NULL, *dA = NULL, *dB = NULL;
     PyObject *result = NULL;
-    WeightArg w;
-    LoraDims dm;
-    npy_intp n;
-    double scale, p;
-    uint64_t seed;
+    LoraArgs la;
+    const LoraDims *dm = &la.dm;
     void *scratch;
     if (arg_array(&c, &dy, "dy", dy_o) || arg_array(&c, &x, "x", x_o) ||
-        arg_array(&c, &xa, "xa", xa_o) || arg_weight(&c, w_o, wt, need_dx ? 1 : -1, &w) ||
-        arg_array(&c, &A, "A", a_o) || arg_array(&c, &B, "B", b_o))
+        arg_array(&c, &xa, "xa", xa_o) || arg_weight(&c, w_o, wt, need_dx ? 1 : -1, &la.w) ||
+        arg_array(&c, &A, "A", a_o) || arg_array(&c, &B, "B", b_o) ||
+        check_lora(&c, &la, A, B, x) ||
+        check_rows_like(&c, "dy", dy, x, dm->d_out, "(..., d_out) with the leading dims of x") ||
+        check_rows_like(&c, "xa", xa, x, dm->r, "(..., r) with the leading dims of x") ||
+        count_rows(&c, x, &la.n) || arg_lora_reals(&c, &la, scale_o, drop_o, seed_o))
         goto done;
-    dm.d_out = w.d_out, dm.d_in = w.d_in;
-    if (check_lora_weights(&c, A, B, &dm) || check_x(&c, x, dm.d_in) ||
-        check_rows_like(&c, "dy", dy, x, dm.d_out, "(..., d_out) with the leading dims of x") ||
-        check_rows_like(&c, "xa", xa, x, dm.r, "(..., r) with the leading dims of x") ||
-        count_rows(&c, x, &n) || arg_real(&c, "scale", scale_o, REAL_ANY, &scale) ||
-        arg_dropout(&c, drop_o, seed_o, &p, &seed))
-        goto done;
-    PyArrayObject *inputs[] = {dy, x, xa, A, B, w.array};
+    PyArrayObject *inputs[] = {dy, x, xa, A, B, la.w.array};
     const char *names[] = {"dy", "x", "xa", "A", "B", "weight"};
-    if (arg_add_dx_to(&c, &dx, acc_o, need_dx, x, dm.d_in, inputs, names, w.array ? 6 : 5) ||
+    if (arg_add_dx_to(&c, &dx, acc_o, need_dx, x, dm->d_in, inputs, names,
+                      la.w.array ? 6 : 5) ||
         call_carrays(&c))
         goto done;
     const int acc = dx != NULL;
 
-    npy_intp a_dims[2] = {dm.r, dm.d_in}, b_dims[2] = {dm.d_out, dm.r};
-    const size_t parts = lora_backward_parts((size_t)n, (size_t)dm.d_in, (size_t)dm.d_out);
-    if ((need_dx && !dx && call_new_rows(&c, &dx, x, dm.d_in)) ||
+    const npy_intp n = la.n, a_dims[2] = {dm->r, dm->d_in}, b_dims[2] = {dm->d_out, dm->r};
+    const size_t parts = lora_backward_parts((size_t)n, (size_t)dm->d_in, (size_t)dm->d_out);
+    if ((need_dx && !dx && call_new_rows(&c, &dx, x, dm->d_in)) ||
         call_new(&c, &dA, 2, a_dims) || call_new(&c, &dB, 2, b_dims) ||
-        !(scratch = call_scratch(&c, lora_scratch_elems(n, dm.d_in, dm.d_out, dm.r, p > 0,
+        !(scratch = call_scratch(&c, lora_scratch_elems(n, dm->d_in, dm->d_out, dm->r, la.p > 0,
                                                         parts))) ||
-        weight_panels(&c, &w, n))
+        weight_panels(&c, &la.w, n))
         goto done;
 
     CALL_KERNEL(&c, lora_backward, DATA_OR_NULL(dx), PyArray_DATA(dA), PyArray_DATA(dB),
-                scratch, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(xa), weight_data(&w),
-                PyArray_DATA(A), PyArray_DATA(B), scale, p, seed, n, dm.d_in, dm.d_out, dm.r,
-                parts, wt, acc, w.kernel);
+                scratch, PyArray_DATA(dy), PyArray_DATA(x), PyArray_DATA(xa),
+                weight_data(&la.w), PyArray_DATA(A), PyArray_DATA(B), la.scale, la.p, la.seed,
+                n, dm->d_in, dm->d_out, dm->r, parts, wt, acc, la.w.kernel);
     result = Py_BuildValue("(OOO)", OR_NONE(dx), dA, dB);
 done:
     return call_end(&c, result);
