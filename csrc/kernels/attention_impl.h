@@ -14,8 +14,7 @@
  * q, k, v of a head are 16 KB each and its scores 64 KB. The pairs are split over lora's
  * threads. The products are small (128 x 128 x 32) and go through small_gemm below, register-
  * blocked, rather than the BLAS: OpenBLAS spends more on packing and on waking its threads
- * than on the arithmetic at this size (measured: one batched OpenBLAS call per product,
- * 130-160 GFLOP/s on two cores; see docs/performance.md).
+ * than on the arithmetic at this size (figures in docs/design.md and docs/performance.md).
  *
  * Key mask, per item (see attention_items): all keys when there is no mask; a right-padded
  * mask (ones then zeros) shortens the item's keys to n, so padded keys cost no work; any

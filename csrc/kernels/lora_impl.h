@@ -15,8 +15,8 @@
 /* y (n, d_out) = res + bias rows (either may be NULL), so the GEMM that follows accumulates
  * with beta = 1: OpenBLAS makes a separate pass over C for any other beta, so the fill is
  * free, and a residual added here costs no pass of its own. Returns beta. Large fills are
- * split by rows over lora's threads, as OpenBLAS's own pass over C would be (one core alone
- * left the second idle for ~0.75 ms on MiniLM's 4096 x 1536). */
+ * split by rows over lora's threads, as OpenBLAS's own pass over C would be, so that the
+ * second core does not sit idle through them. */
 typedef struct {
     T *y;
     const T *bias, *res;
@@ -211,7 +211,7 @@ static LORA_CLONES LORA_FMA void FN(row_dots)(T *restrict out, const T *restrict
 /* dst (r, d) = src (d, r) transposed: B^T made contiguous for the row kernels. In blocks of
  * 16 rows of src, so each row of dst gets a whole cache line at a time: row by row, the r
  * writes go to lines d elements apart, which for d a multiple of 1024 all fall into one L1
- * set (at r = 16 that thrashed it, ~60 us at d = 1024). */
+ * set and thrash it. */
 static void FN(transpose)(T *dst, const T *src, size_t d, size_t r) {
     for (size_t i0 = 0; i0 < d; i0 += 16) {
         const size_t i1 = d - i0 < 16 ? d : i0 + 16;
@@ -258,7 +258,7 @@ static void FN(base_backward)(T *dx, const T *dy, const T *W, int wt, T beta, si
  * of LORA_BWD_TILE rows, xa = x A^T (row_dots) and then y = init + scale * xa B^T
  * (rank_update, Bt = B^T), where init is the bias, or res + bias filled into the tile just
  * before, while it is in cache. One pass over x and y on lora's threads, in place of a skinny
- * OpenBLAS GEMM (~100 GFLOP/s at r = 8-16) and a pass of its own for the residual. */
+ * OpenBLAS GEMM (far below its peak at small r) and a pass of its own for the residual. */
 typedef struct {
     T *y, *xa;
     const T *x, *A, *Bt, *bias, *res;
@@ -289,14 +289,11 @@ static void FN(forward_rows)(void *arg, size_t begin, size_t end) {
  * For r < LORA_GEMM_RANK the LoRA branch is written first, y = bias + scale * xa B^T (the
  * pass that fills the bias anyway), and the base GEMM accumulates onto it with beta = 1:
  * beyond the base GEMM the layer costs one read of x and r FMAs per element of y. Without
- * dropout, xa is computed in that same threaded pass (forward_rows; measured at n = 2048,
- * d = 1024: 1.059-1.068 -> 1.033-1.046x the base), on two threads from ~16k elements of x and
- * y and a tile of rows each: at n = 64-128 that took the branch's cost over the base GEMM from
- * 5-8.5% to 1.5-5.8% at d = 1024, from 2.0-3.3% to 0.4-2.3% at d = 4096 (n = 64), where
- * OpenBLAS's x A^T (its threads woken for a 64 x 16 result) and a thread per 256k elements
- * had been.
+ * dropout, xa is computed in that same threaded pass (forward_rows), at every batch size, on
+ * two threads from ~16k elements of x and y and a tile of rows each: x is read once, while
+ * it is in cache, and no OpenBLAS threads are woken for a skinny x A^T.
  * scratch: lora_scratch_elems(n, d_in, d_out, r, p > 0, 1) elements. n = 1 goes through gemv,
- * which OpenBLAS does not do on its own for a one-row gemm (3x slower at d = 4096). */
+ * which OpenBLAS does not do on its own for a one-row gemm (its gemm is much slower there). */
 void FN(lora_forward)(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,
                       const T *res, const T *A, const T *B, T scale, double p, uint64_t seed,
                       size_t n, size_t d_in, size_t d_out, size_t r, int wt,
@@ -360,8 +357,8 @@ void FN(lora_forward)(T *y, T *xa, T *scratch, const T *x, const T *W, const T *
  *   dA  += g^T drop(x)               (this part's (r, d_in) sum, unscaled)
  *   dx   = scale drop'(g A)          (overwritten, or added with acc; the base GEMM adds
  *                                    dy W afterwards)
- * OpenBLAS runs these skinny products far below bandwidth (x A^T reads x at ~8 GB/s) and does
- * not split the long n dimension over threads; here each thread takes a range of rows. */
+ * OpenBLAS runs these skinny products far below bandwidth and does not split the long n
+ * dimension over threads; here each thread takes a range of rows. */
 typedef struct {
     T *dx, *g, *parts;
     const T *dy, *x, *xa, *A, *Bt;
@@ -416,9 +413,7 @@ static void FN(backward_part)(void *arg, size_t part0, size_t part1) {
  * For r < LORA_GEMM_RANK and n >= LORA_BWD_ROW_PASS_MIN the LoRA terms are one pass over the
  * rows of dy and x split into `parts` ranges over lora's threads (backward_part;
  * lora_backward_parts says how many), whose partial dA and dB are then summed. Otherwise
- * OpenBLAS GEMMs, as fast for small batches (measured at d = 1024: even at n = 64; at
- * n = 512 the row pass takes 0.12-0.28 ms over the dx GEMM, the GEMMs 0.42-0.51; at n = 2048
- * 6 points of overhead less).
+ * OpenBLAS GEMMs, which are as fast for small batches (docs/performance.md).
  * scratch: lora_scratch_elems(n, d_in, d_out, r, p > 0, parts) elements. */
 void FN(lora_backward)(T *dx, T *dA, T *dB, T *scratch, const T *dy, const T *x, const T *xa,
                        const T *W, const T *A, const T *B, T scale, double p, uint64_t seed,

@@ -37,23 +37,16 @@ int lora_panel_whole(size_t n, size_t K, size_t elem) {
 /* The blocked path's block of steps and chunk of panels, for the micro-kernel that runs.
  * AVX-512: 2 KB of steps (512 float32), so a 12-row tile of X (24 KB) stays in L1 while it
  * meets a chunk of 8 panels' blocks (64 KB each, from L2) in turn; C's tiles are read and
- * written once per 512 steps. At d = 4096, 512 rows: 0.97-0.98x OpenBLAS's time, where
- * 256-step blocks of one panel (in L1) met by every tile in turn took 1.10-1.13x.
- * Without AVX-512 (6-row tiles, half a panel at a time) the latter holds: 1 KB of steps, a
- * chunk of one panel; an AVX2 build at 64 rows took 1.03-1.05x OpenBLAS's time the AVX-512
- * way, 0.93x this way. */
+ * written once per 512 steps, which beats every tile meeting one panel's block in L1 in turn.
+ * Without AVX-512 (6-row tiles, half a panel at a time) the latter is the faster order: 1 KB
+ * of steps, a chunk of one panel (docs/performance.md, "Packed weights"). */
 static size_t lora_panel_kc_bytes(void) { return lora_panel_mr() == 6 ? 1024 : 2048; }
 static size_t lora_panel_chunk(void) { return lora_panel_mr() == 6 ? 1 : 8; }
 
 /* Rows up to which the packed GEMM is as fast as OpenBLAS on the weight itself or faster,
- * for elements of `elsize` bytes; the layers use their packed copy up to here. Measured on 2
- * threads, packed time over OpenBLAS's (medians of 8 rounds):
- *   AVX-512, float32: 0.73x at 64 rows (d = 4096), 0.94x at 256; at 512 rows 0.96-0.99x on
- *   the forward and 0.97-1.00x on a LoRA step for d_out x d_in in 1024-11008 x 1024-4096;
- *   1.00-1.07x at 640-768;
- *   AVX-512, float64: 0.77-0.92x at 64 rows, 1.03-1.07x at 128 (d = 4096);
- *   AVX2 build (6-row tiles, against OpenBLAS's Haswell kernels), float32: 0.93x at 64 rows,
- *   1.04-1.05x at 96-128; float64: 0.85-0.97x at 32 rows, 0.92-1.02x at 64, 1.13-1.19x at 128. */
+ * for elements of `elsize` bytes; the layers use their packed copy up to here. The limits
+ * are where the measured ratio crosses 1, per micro-kernel and dtype; the figures are in
+ * docs/performance.md ("Packed weights"). */
 size_t lora_panel_max_rows(size_t elsize) {
     if (lora_panel_mr() == 6) return elsize == 4 ? 64 : 32;
     return elsize == 4 ? 512 : 64;
@@ -61,8 +54,7 @@ size_t lora_panel_max_rows(size_t elsize) {
 
 /* Most tiles of rows in a block of the blocked path: the block takes about half the L2
  * (sysconf; 1 MB if unknown), the panels the other half. With 2 MB, AVX-512: 43 tiles of 12
- * rows. At d = 4096, 512 rows in one block measured 0.97-0.98x OpenBLAS's time, 480 + 32
- * rows 1.01-1.03x. */
+ * rows, so 512 rows make one block rather than a large one and a small remainder. */
 static size_t lora_panel_block_tiles(void) {
     static size_t cached = 0;
     if (!cached) {

@@ -14,7 +14,7 @@
  * The product C (n, N) += X (n, K) M, M (K, N), reads M as panels: ceil(N / PNR) blocks
  * of K rows by PNR consecutive columns (LORA_PANEL_BYTES, two vectors), row-major inside each,
  * zero past N. The forward's M is W^T and the backward's is W, so a layer keeps one packing
- * per direction (PackedWeight in csrc/module.c). */
+ * per direction (PackedWeight in csrc/packed.c). */
 #define PVL (64 / sizeof(T))
 #define PNR (LORA_PANEL_BYTES / sizeof(T))
 
@@ -59,8 +59,8 @@ void FN(pack_panels)(T *P, const T *M, size_t K, size_t N, int trans) {
  * interleaved (row i of step k at k * MR + i), Pp is the panel's kc rows. MR x 2 vector
  * accumulators (24 of AVX-512's 32 registers at MR = 12); each step, two loads of the panel
  * and MR broadcasts. mr <= MR and nr <= PNR at the edges. With pf, the panel block read next
- * is prefetched into L2 along the way (two lines a step): at 64 rows this lifts the GEMM
- * from ~260 to ~330 GFLOP/s, since a block is otherwise fetched from memory on first use.
+ * is prefetched into L2 along the way (two lines a step), since a block is otherwise fetched
+ * from memory on first use.
  * MR is a constant at each call site (panel_tile), so the loops unroll. */
 static inline __attribute__((always_inline)) void FN(panel_micro)(T *C, size_t ldc,
                                                                    const T *Xp, const T *Pp,
@@ -103,7 +103,7 @@ static inline __attribute__((always_inline)) void FN(panel_micro)(T *C, size_t l
 /* panel_micro for CPUs without AVX-512 (lora_panel_mr() = 6): one half of the panel at a
  * time, as two 32-byte vectors, for MR <= 6 rows: 12 accumulators of AVX2's 16 registers,
  * the classic 6 x 16 float32 tile. (64-byte vectors there leave GCC keeping the
- * accumulators on the stack: 7 GFLOP/s.) */
+ * accumulators on the stack.) */
 typedef T FN(hvec) __attribute__((vector_size(32)));
 #define HVL (32 / sizeof(T))
 
@@ -197,8 +197,8 @@ typedef struct {
 } FN(PanelGemm);
 
 /* One tile into xp: `rows` rows of X (row stride K) and mr - rows of zeros, kc steps, step k
- * of row ii at dst[k * mr + ii]. Step by step, so the writes run along xp: at 512 rows the
- * copy went from 3% of the GEMM's time to 1.5% (row by row before). */
+ * of row ii at dst[k * mr + ii]. Step by step, so the writes run along xp (row by row, the
+ * copy costs twice as much). */
 static inline __attribute__((always_inline)) void FN(pack_tile)(T *dst, const T *src, size_t K,
                                                                  size_t kc, size_t mr,
                                                                  size_t rows) {
