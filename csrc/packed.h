@@ -1,5 +1,6 @@
 /* packed.h: the PackedWeight type and the `weight` argument of the linear and dense
- * bindings, which takes an array or a PackedWeight (packed.c). */
+ * bindings, which takes an array or a PackedWeight (packed.c). The packing and the GEMM that
+ * reads the panels are kernels (csrc/kernels/panel_gemm.c), deliberately not here. */
 #ifndef LORA_PACKED_H
 #define LORA_PACKED_H
 

@@ -1,4 +1,5 @@
-/* scratch.h: the kernels' scratch memory, kept between calls (scratch.c). */
+/* scratch.h: the kernels' scratch memory, kept between calls (scratch.c). Bindings reach it
+ * through args.h's call_scratch, which gives it back when the call ends; nothing else here. */
 #ifndef LORA_SCRATCH_H
 #define LORA_SCRATCH_H
 
