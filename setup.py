@@ -11,6 +11,7 @@ Opt-in: LORA_BLAS=system links a system OpenBLAS found by pkg-config (plain symb
 LORA_SANITIZE=1 builds with -fsanitize=address,undefined for CI's sanitizer run.
 """
 
+import glob
 import os
 import shlex
 import subprocess
@@ -18,7 +19,11 @@ import subprocess
 import numpy
 from setuptools import Extension, setup
 
-sources = ["csrc/module.c", "csrc/kernels.c"]
+# Every .c file of csrc/ (the binding) and csrc/kernels/ (the kernels), so a new file needs no
+# edit here; csrc/test_kernels.c is the C-only test program, not part of the extension.
+sources = sorted(f for f in glob.glob("csrc/*.c") + glob.glob("csrc/kernels/*.c")
+                 if os.path.basename(f) != "test_kernels.c")
+depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/kernels/*.h"))
 # -fno-math-errno lets sqrt vectorise (Adam is then bandwidth-bound); -ffp-contract=off keeps
 # a*b+c as two roundings, as PyTorch's CPU kernels round, so Adam trajectories match
 # torch.optim to 1e-6 over many steps. BLAS is unaffected. -fopenmp-simd honours `omp simd`
@@ -61,8 +66,7 @@ setup(
         Extension(
             "lora._C",
             sources=sources,
-            depends=["csrc/blas.h", "csrc/kernels.h", "csrc/kernels_impl.inc",
-                     "csrc/attention_impl.inc"],
+            depends=depends,
             include_dirs=include_dirs,
             library_dirs=library_dirs,
             libraries=libraries,

@@ -7,8 +7,9 @@
  * The functions never allocate: scratch buffers come from the caller
  * (lora_scratch_elems tells how large).
  *
- * This file deliberately has no argument checking: csrc/module.c validates everything
- * before calling in, with the GIL released around the call.
+ * This file deliberately has no argument checking: the bindings (csrc/bind_*.c) validate
+ * everything before calling in, with the GIL released around the call. The kernels are in
+ * csrc/kernels/ (see csrc/README.md for which file holds which).
  */
 #ifndef LORA_KERNELS_H
 #define LORA_KERNELS_H
@@ -28,12 +29,12 @@
 #define LORA_BWD_TILE 16
 
 /* Batches of fewer rows go through OpenBLAS GEMMs in the backward instead of its threaded row
- * pass (backward_part). Measured at d = 1024 on lora's thread pool: at n = 512 the row pass
- * cut the step from 0.714-0.734 to 0.681-0.704 of full fine-tuning; at n = 64 the two are
- * even (the forward's row pass runs at every n: forward_rows). */
+ * pass (backward_part): below it the row pass gains nothing, from it up it wins (figures in
+ * docs/performance.md, "The backward's rank-r terms"). The forward's row pass (forward_rows)
+ * runs at every n. */
 #define LORA_BWD_ROW_PASS_MIN 256
 
-/* Packed weights (csrc/kernels_impl.inc, "packed weights"): a panel is LORA_PANEL_BYTES wide
+/* Packed weights (csrc/kernels/panel_gemm.c): a panel is LORA_PANEL_BYTES wide
  * (32 float32 or 16 float64 columns). The GEMM that reads panels copies its left operand X
  * (n, K) whole when that takes at most LORA_PANEL_WHOLE_BYTES (small batches: each thread then
  * reads its panels front to back by blocks of LORA_PANEL_WHOLE_KC steps), else by blocks of
@@ -91,7 +92,7 @@ void gelu_forward_f64(double *y, const double *x, size_t n);
 void gelu_backward_f64(double *dx, const double *dy, const double *x, size_t n);
 
 /* Multi-head attention sizes: q (batch, seq_q, heads*head_dim), k and v (batch, seq_k,
- * heads*head_dim); probs (batch, heads, seq_q, seq_k). See csrc/attention_impl.inc. */
+ * heads*head_dim); probs (batch, heads, seq_q, seq_k). See csrc/kernels/attention_impl.h. */
 typedef struct {
     size_t batch, seq_q, seq_k, heads, head_dim;
 } LoraAttnDims;

@@ -2,7 +2,7 @@
  *
  * Built and run by CI (and usable under any sanitizer or debugger as a plain program):
  *   cc -O1 -g -fsanitize=address,undefined -Wno-psabi -Icsrc -I<openblas include> csrc/test_kernels.c \
- *      csrc/kernels.c -L<openblas lib> -l<openblas> -lm -pthread -o test_kernels
+ *      <every .c file of csrc/kernels/> -L<openblas lib> -l<openblas> -lm -pthread -o test_kernels
  * The thorough tests (dtypes, edge shapes, bad input, PyTorch) are in tests/ through Python;
  * this one proves the kernels stand on their own and exercises the threaded paths.
  * Built with -DLORA_PANEL_MR=6 it checks the packed GEMM's kernel for CPUs without AVX-512.

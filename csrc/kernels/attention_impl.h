@@ -1,6 +1,6 @@
-/* attention_impl.inc: multi-head scaled dot-product attention, type-generic, included by
- * kernels.c once per type after kernels_impl.inc (whose vector type and loads it uses).
- * Expects T, SUF and EXP.
+/* kernels/attention_impl.h: the type-generic bodies of attention.c, INCLUDED TWICE by it
+ * (through instantiate.h), once with T = float and once with T = double; FN(name) makes
+ * name_f32 / name_f64 and EXP is exp_f32 or exp. Not a header to include anywhere else.
  *
  * q (batch, seq_q, heads*head_dim), k and v (batch, seq_k, heads*head_dim): the layout a
  * Linear projection writes, so no transposed copies of them are made. Head h of item b is the
@@ -14,18 +14,16 @@
  * q, k, v of a head are 16 KB each and its scores 64 KB. The pairs are split over lora's
  * threads. The products are small (128 x 128 x 32) and go through small_gemm below, register-
  * blocked, rather than the BLAS: OpenBLAS spends more on packing and on waking its threads
- * than on the arithmetic at this size (measured: one batched OpenBLAS call per product,
- * 130-160 GFLOP/s on two cores; see docs/performance.md).
+ * than on the arithmetic at this size (figures in docs/design.md and docs/performance.md).
  *
  * Key mask, per item (see attention_items): all keys when there is no mask; a right-padded
  * mask (ones then zeros) shortens the item's keys to n, so padded keys cost no work; any
  * other mask gives masked keys probability 0; an item with no key at all attends to every
  * key equally (what an additive mask of the most negative float gives in transformers). */
 
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
-#define FN(name) CAT(name, SUF)
 #define AVL (64 / sizeof(T))
+
+
 
 /* One block of W = alpha C V: R rows (R = 8 or 1) by two vectors starting at column j of V
  * (row stride ldv), written to out (row stride ldo). The accumulators are named one by one:
@@ -291,6 +289,3 @@ void FN(attention_backward)(T *dq, T *dk, T *dv, void *scratch, const T *dctx, c
 }
 
 #undef AVL
-#undef CAT_
-#undef CAT
-#undef FN

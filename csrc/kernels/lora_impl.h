@@ -1,39 +1,22 @@
-/* kernels_impl.inc: type-generic kernel bodies, included by kernels.c once per type.
- * Expects T (float or double), SUF (f32 or f64), GEMM, GEMV, GER (CBLAS names) and SQRT.
- * Row-major throughout; see kernels.h for shapes. Every kernel says whether it overwrites
- * or accumulates into its outputs. */
-
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
-#define FN(name) CAT(name, SUF)
+/* kernels/lora_impl.h: the type-generic bodies of lora.c, INCLUDED TWICE by it (through
+ * instantiate.h), once with T = float and once with T = double; FN(name) makes name_f32 /
+ * name_f64 and GEMM, GEMV, GER name the BLAS routines of that type. Not a header to include
+ * anywhere else.
+ *
+ * Holds the LoRA layer (forward, backward, merge and its naive spec), the dense layer, and
+ * the row kernels they are built from (the bias fill, rank_update, row_dots, transpose).
+ * Row-major throughout; see kernels.h for shapes.
+ */
 
 #define ROW CblasRowMajor
 #define NT CblasNoTrans
 #define TR CblasTrans
 
-/* out (rows, d_in) = dropout(x rows row0 .. row0+rows-1): kept elements scaled by
- * keep_scale, 1/(1-p) (inverted dropout, as torch.nn.Dropout), dropped ones zero; with `acc`
- * added to out instead. The backward applies the same mask to the input gradient with
- * keep_scale = scale/(1-p). */
-static LORA_CLONES void FN(dropout_rows)(T *restrict out, const T *restrict x, size_t row0,
-                                         size_t rows, size_t d_in, uint64_t key,
-                                         uint32_t threshold, T keep_scale, int acc) {
-    for (size_t i = 0; i < rows; i++) {
-        const uint64_t base = (uint64_t)(row0 + i) * d_in;
-        const T *xi = x + i * d_in;
-        T *oi = out + i * d_in;
-        for (size_t j = 0; j < d_in; j++) {
-            const T v = dropout_keep(key, base + j, threshold) ? xi[j] * keep_scale : (T)0;
-            oi[j] = acc ? oi[j] + v : v;
-        }
-    }
-}
-
 /* y (n, d_out) = res + bias rows (either may be NULL), so the GEMM that follows accumulates
  * with beta = 1: OpenBLAS makes a separate pass over C for any other beta, so the fill is
  * free, and a residual added here costs no pass of its own. Returns beta. Large fills are
- * split by rows over lora's threads, as OpenBLAS's own pass over C would be (one core alone
- * left the second idle for ~0.75 ms on MiniLM's 4096 x 1536). */
+ * split by rows over lora's threads, as OpenBLAS's own pass over C would be, so that the
+ * second core does not sit idle through them. */
 typedef struct {
     T *y;
     const T *bias, *res;
@@ -72,17 +55,8 @@ static T FN(fill_init)(T *y, const T *bias, const T *res, size_t n, size_t d_out
  * micro-kernel: a 4-row x 4-vector tile of W sits in 16 vector registers while the r
  * rank-1 terms are added, so the loop runs on FMAs, not on loads and stores. The
  * readable spec is lora_merge_naive below. */
-typedef T FN(vec) __attribute__((vector_size(64)));
 #define VL (64 / sizeof(T))
 #define TILE_COLS (4 * VL)
-
-static inline FN(vec) FN(vload)(const T *p) {
-    FN(vec) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void FN(vstore)(T *p, FN(vec) v) { memcpy(p, &v, sizeof v); }
 
 static LORA_CLONES LORA_FMA void FN(rank_update)(T *restrict W, const T *restrict C, size_t cs_i,
                                                  size_t cs_k, const T *restrict V, T scale,
@@ -237,7 +211,7 @@ static LORA_CLONES LORA_FMA void FN(row_dots)(T *restrict out, const T *restrict
 /* dst (r, d) = src (d, r) transposed: B^T made contiguous for the row kernels. In blocks of
  * 16 rows of src, so each row of dst gets a whole cache line at a time: row by row, the r
  * writes go to lines d elements apart, which for d a multiple of 1024 all fall into one L1
- * set (at r = 16 that thrashed it, ~60 us at d = 1024). */
+ * set and thrash it. */
 static void FN(transpose)(T *dst, const T *src, size_t d, size_t r) {
     for (size_t i0 = 0; i0 < d; i0 += 16) {
         const size_t i1 = d - i0 < 16 ? d : i0 + 16;
@@ -245,312 +219,6 @@ static void FN(transpose)(T *dst, const T *src, size_t d, size_t r) {
             for (size_t i = i0; i < i1; i++) dst[k * d + i] = src[i * r + k];
     }
 }
-
-/* ------------------------------------------------------------------ packed weights
- * A frozen weight that many small batches multiply is worth copying once into the layout a
- * GEMM micro-kernel reads (as MKL's cblas_sgemm_pack or llama.cpp's repacked weights do).
- * OpenBLAS packs W on every call, and at 64 rows of x that costs a quarter of the GEMM.
- *
- * The product C (n, N) += X (n, K) M, M (K, N), reads M as panels: ceil(N / PNR) blocks
- * of K rows by PNR consecutive columns (LORA_PANEL_BYTES, two vectors), row-major inside each,
- * zero past N. The forward's M is W^T and the backward's is W, so a layer keeps one packing
- * per direction (PackedWeight in csrc/module.c). */
-#define PVL (64 / sizeof(T))
-#define PNR (LORA_PANEL_BYTES / sizeof(T))
-
-/* P = the panels of M (K, N), or of M^T when trans (M stored (N, K)); overwrites P. */
-typedef struct {
-    T *P;
-    const T *M;
-    size_t K, N;
-    int trans;
-} FN(Pack);
-
-static void FN(pack_range)(void *arg, size_t p0, size_t p1) {
-    const FN(Pack) *a = arg;
-    const size_t K = a->K, N = a->N;
-    for (size_t p = p0; p < p1; p++) {
-        T *dst = a->P + p * K * PNR;
-        const size_t j0 = p * PNR, w = N - j0 < PNR ? N - j0 : PNR;
-        if (!a->trans) {
-            for (size_t k = 0; k < K; k++) {
-                memcpy(dst + k * PNR, a->M + k * N + j0, w * sizeof(T));
-                memset(dst + k * PNR + w, 0, (PNR - w) * sizeof(T));
-            }
-            continue;
-        }
-        /* columns of the panel are rows of M: 16 of M's columns at a time, so the reads and
-         * the writes both move along cache lines */
-        for (size_t k0 = 0; k0 < K; k0 += 16) {
-            const size_t k1 = K - k0 < 16 ? K : k0 + 16;
-            for (size_t jj = 0; jj < PNR; jj++)
-                for (size_t k = k0; k < k1; k++)
-                    dst[k * PNR + jj] = jj < w ? a->M[(j0 + jj) * K + k] : (T)0;
-        }
-    }
-}
-
-void FN(pack_panels)(T *P, const T *M, size_t K, size_t N, int trans) {
-    FN(Pack) a = {P, M, K, N, trans};
-    lora_parallel_for((N + PNR - 1) / PNR, 4, 1, FN(pack_range), &a);
-}
-
-/* C (mr, nr) += Xp (kc, MR) Pp (kc, PNR) for one micro-tile: Xp holds MR rows of X
- * interleaved (row i of step k at k * MR + i), Pp is the panel's kc rows. MR x 2 vector
- * accumulators (24 of AVX-512's 32 registers at MR = 12); each step, two loads of the panel
- * and MR broadcasts. mr <= MR and nr <= PNR at the edges. With pf, the panel block read next
- * is prefetched into L2 along the way (two lines a step): at 64 rows this lifts the GEMM
- * from ~260 to ~330 GFLOP/s, since a block is otherwise fetched from memory on first use.
- * MR is a constant at each call site (panel_tile), so the loops unroll. */
-static inline __attribute__((always_inline)) void FN(panel_micro)(T *C, size_t ldc,
-                                                                   const T *Xp, const T *Pp,
-                                                                   const char *pf, size_t kc,
-                                                                   int MR, size_t mr, size_t nr) {
-    FN(vec) acc[12][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = (FN(vec)){0};
-    /* C's rows, ldc apart and often in L3 by then, are fetched into L2 while the tile runs */
-    for (size_t i = 0; i < mr; i++) {
-        __builtin_prefetch(C + i * ldc, 0, 2);
-        __builtin_prefetch(C + i * ldc + PVL, 0, 2);
-    }
-    for (size_t k = 0; k < kc; k++) {
-        /* the panel from L2 into L1, LORA_PANEL_AHEAD steps ahead (past the block's end it
-         * fetches the next block of the panel, or nothing: a prefetch never faults) */
-        __builtin_prefetch(Pp + (k + LORA_PANEL_AHEAD) * PNR, 0, 3);
-        __builtin_prefetch(Pp + (k + LORA_PANEL_AHEAD) * PNR + PVL, 0, 3);
-        if (pf) {
-            __builtin_prefetch(pf + k * LORA_PANEL_BYTES, 0, 2);
-            __builtin_prefetch(pf + k * LORA_PANEL_BYTES + 64, 0, 2);
-        }
-        const FN(vec) w0 = FN(vload)(Pp + k * PNR), w1 = FN(vload)(Pp + k * PNR + PVL);
-        for (int i = 0; i < MR; i++) {
-            const T xk = Xp[k * MR + i];
-            acc[i][0] += xk * w0;
-            acc[i][1] += xk * w1;
-        }
-    }
-    for (size_t i = 0; i < mr; i++) {
-        T *c = C + i * ldc;
-        if (nr == PNR) {
-            FN(vstore)(c, FN(vload)(c) + acc[i][0]);
-            FN(vstore)(c + PVL, FN(vload)(c + PVL) + acc[i][1]);
-        } else {
-            for (size_t j = 0; j < nr; j++) c[j] += j < PVL ? acc[i][0][j] : acc[i][1][j - PVL];
-        }
-    }
-}
-
-/* panel_micro for CPUs without AVX-512 (lora_panel_mr() = 6): one half of the panel at a
- * time, as two 32-byte vectors, for MR <= 6 rows: 12 accumulators of AVX2's 16 registers,
- * the classic 6 x 16 float32 tile. (64-byte vectors there leave GCC keeping the
- * accumulators on the stack: 7 GFLOP/s.) */
-typedef T FN(hvec) __attribute__((vector_size(32)));
-#define HVL (32 / sizeof(T))
-
-static inline FN(hvec) FN(hload)(const T *p) {
-    FN(hvec) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline __attribute__((always_inline)) void FN(panel_micro_narrow)(
-    T *C, size_t ldc, const T *Xp, const T *Ph, const char *pf, size_t kc, int MR, size_t mr,
-    size_t nr) {
-    FN(hvec) acc[6][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = (FN(hvec)){0};
-    for (size_t k = 0; k < kc; k++) {
-        __builtin_prefetch(Ph + (k + LORA_PANEL_AHEAD) * PNR, 0, 3); /* its half: one line */
-        if (pf) {
-            __builtin_prefetch(pf + k * LORA_PANEL_BYTES, 0, 2);
-            __builtin_prefetch(pf + k * LORA_PANEL_BYTES + 64, 0, 2);
-        }
-        const FN(hvec) w0 = FN(hload)(Ph + k * PNR), w1 = FN(hload)(Ph + k * PNR + HVL);
-        for (int i = 0; i < MR; i++) {
-            const T xk = Xp[k * MR + i];
-            acc[i][0] += xk * w0;
-            acc[i][1] += xk * w1;
-        }
-    }
-    for (size_t i = 0; i < mr; i++) {
-        T out[2 * HVL];
-        memcpy(out, &acc[i][0], sizeof acc[i][0]);
-        memcpy(out + HVL, &acc[i][1], sizeof acc[i][1]);
-        for (size_t j = 0; j < nr; j++) C[i * ldc + j] += out[j];
-    }
-}
-
-/* Both halves of the panel (the second only if any of its columns are real); the first
- * prefetches the next block, if asked. */
-static inline __attribute__((always_inline)) void FN(panel_halves)(
-    T *C, size_t ldc, const T *Xp, const T *Pp, const char *pf, size_t kc, int MR, size_t mr,
-    size_t nr) {
-    FN(panel_micro_narrow)(C, ldc, Xp, Pp, pf, kc, MR, mr, nr < 2 * HVL ? nr : 2 * HVL);
-    if (nr > 2 * HVL)
-        FN(panel_micro_narrow)(C + 2 * HVL, ldc, Xp, Pp + 2 * HVL, NULL, kc, MR, mr,
-                               nr - 2 * HVL);
-}
-#undef HVL
-
-static LORA_CLONES LORA_FMA void FN(panel_tile)(T *C, size_t ldc, const T *Xp, const T *Pp,
-                                                const char *pf, size_t kc, int MR, size_t mr,
-                                                size_t nr) {
-    if (lora_panel_mr() == 6) { /* no AVX-512: tiles of 6, 4, 2 and 1 rows */
-        if (MR == 6)
-            FN(panel_halves)(C, ldc, Xp, Pp, pf, kc, 6, mr, nr);
-        else if (MR == 4)
-            FN(panel_halves)(C, ldc, Xp, Pp, pf, kc, 4, mr, nr);
-        else if (MR == 2)
-            FN(panel_halves)(C, ldc, Xp, Pp, pf, kc, 2, mr, nr);
-        else
-            FN(panel_halves)(C, ldc, Xp, Pp, pf, kc, 1, mr, nr);
-        return;
-    }
-    if (!pf && MR == 12) /* most tiles: no prefetch test in their loop */
-        FN(panel_micro)(C, ldc, Xp, Pp, NULL, kc, 12, mr, nr);
-    else if (MR == 12)
-        FN(panel_micro)(C, ldc, Xp, Pp, pf, kc, 12, mr, nr);
-    else if (MR == 8)
-        FN(panel_micro)(C, ldc, Xp, Pp, pf, kc, 8, mr, nr);
-    else if (MR == 4)
-        FN(panel_micro)(C, ldc, Xp, Pp, pf, kc, 4, mr, nr);
-    else if (MR == 2)
-        FN(panel_micro)(C, ldc, Xp, Pp, pf, kc, 2, mr, nr);
-    else
-        FN(panel_micro)(C, ldc, Xp, Pp, pf, kc, 1, mr, nr);
-}
-
-/* The height of the micro-tile for `left` rows: mr_max, or for the last rows of a block the
- * smallest power of two that holds them, capped at mr_max (64 rows at mr_max = 12: five tiles
- * of 12 and one of 4). At most 3 rows of padding. */
-static inline int FN(tile_rows)(size_t left, int mr_max) {
-    int m = 1;
-    while ((size_t)m < left && m < mr_max) m *= 2;
-    return m < mr_max ? m : mr_max;
-}
-
-typedef struct {
-    T *C, *xp;
-    const T *X, *P;
-    size_t n, K, N, parts;
-    int mr_max, whole; /* whole: lora_panel_whole(n, K), x copied whole before the parts */
-    size_t mc, kc, nc; /* else rows and steps per block, panels per chunk */
-} FN(PanelGemm);
-
-/* One tile into xp: `rows` rows of X (row stride K) and mr - rows of zeros, kc steps, step k
- * of row ii at dst[k * mr + ii]. Step by step, so the writes run along xp: at 512 rows the
- * copy went from 3% of the GEMM's time to 1.5% (row by row before). */
-static inline __attribute__((always_inline)) void FN(pack_tile)(T *dst, const T *src, size_t K,
-                                                                 size_t kc, size_t mr,
-                                                                 size_t rows) {
-    for (size_t k = 0; k < kc; k++) {
-        for (size_t ii = 0; ii < rows; ii++) dst[k * mr + ii] = src[ii * K + k];
-        for (size_t ii = rows; ii < mr; ii++) dst[k * mr + ii] = 0;
-    }
-}
-
-/* Rows [i0, i0 + mc) and the first kc steps of X (row stride K) into xp, tile by tile: the
- * tile at row i (mr rows, zero past mc) goes to xp + i * ld. */
-static void FN(pack_rows)(T *xp, size_t ld, const T *X, size_t K, size_t i0, size_t mc,
-                          size_t kc, int mr_max) {
-    for (size_t i = 0, mr; i < mc; i += mr) {
-        mr = (size_t)FN(tile_rows)(mc - i, mr_max);
-        const size_t rows = mc - i < mr ? mc - i : mr;
-        if (rows == 12) /* the usual tile, its loop unrolled */
-            FN(pack_tile)(xp + i * ld, X + (i0 + i) * K, K, kc, 12, 12);
-        else
-            FN(pack_tile)(xp + i * ld, X + (i0 + i) * K, K, kc, mr, rows);
-    }
-}
-
-/* The tiles of rows [0, mc) of xp (as pack_rows laid them out) against one block of kc steps
- * of one panel, Pp; next: the block to prefetch meanwhile, or NULL. */
-static void FN(panel_block)(T *C, size_t N, const T *xp, size_t ld, size_t k0, const T *Pp,
-                            const char *next, size_t mc, size_t kc, size_t nr, int mr_max) {
-    for (size_t i = 0, mr; i < mc; i += mr) {
-        mr = (size_t)FN(tile_rows)(mc - i, mr_max);
-        FN(panel_tile)(C + i * N, N, xp + i * ld + k0 * mr, Pp, i == 0 ? next : NULL, kc,
-                       (int)mr, mc - i < mr ? mc - i : mr, nr);
-    }
-}
-
-/* Part q of panel_gemm: panels [q P / parts, (q + 1) P / parts), every row of X.
- * A small batch (lora_panel_whole) was copied whole into xp before the parts started: each
- * part reads its panels front to back, one stream through memory, each block of
- * LORA_PANEL_WHOLE_KC steps (32 KB) staying in L1 while every tile of rows uses it.
- * A larger one goes by blocks of a->mc rows by a->kc steps, copied by each part into its own
- * xp (about half the L2); each tile of rows of the block then meets a->nc panels' blocks in
- * turn (lora_panel_chunk, lora_panel_kc_bytes), so every panel's block is read once per
- * block of rows and C's tiles once per block of steps. A chunk of one panel keeps its block
- * in L1 for all the tiles and prefetches the next panel's into L2 meanwhile. */
-static void FN(panel_part)(void *arg, size_t q0, size_t q1) {
-    const FN(PanelGemm) *a = arg;
-    const size_t n = a->n, K = a->K, N = a->N, panels = (N + PNR - 1) / PNR;
-    const int mr_max = a->mr_max;
-    for (size_t q = q0; q < q1; q++) {
-        const size_t p0 = q * panels / a->parts, p1 = (q + 1) * panels / a->parts;
-        if (a->whole) {
-            for (size_t p = p0; p < p1; p++) {
-                const size_t j0 = p * PNR, nr = N - j0 < PNR ? N - j0 : PNR;
-                const T *Pp = a->P + p * K * PNR;
-                for (size_t k0 = 0; k0 < K; k0 += LORA_PANEL_WHOLE_KC) {
-                    const size_t kc = K - k0 < LORA_PANEL_WHOLE_KC ? K - k0 : LORA_PANEL_WHOLE_KC;
-                    /* the next block in memory: this panel's, or the next panel's first */
-                    const int last = p + 1 == p1 && k0 + kc == K;
-                    const char *next = last ? NULL : (const char *)(Pp + (k0 + kc) * PNR);
-                    FN(panel_block)(a->C + j0, N, a->xp, K, k0, Pp + k0 * PNR, next, n, kc, nr,
-                                    mr_max);
-                }
-            }
-            continue;
-        }
-        T *xp = a->xp + q * a->mc * a->kc;
-        for (size_t i0 = 0; i0 < n; i0 += a->mc) {
-            const size_t mc = n - i0 < a->mc ? n - i0 : a->mc;
-            for (size_t k0 = 0; k0 < K; k0 += a->kc) {
-                const size_t kc = K - k0 < a->kc ? K - k0 : a->kc;
-                FN(pack_rows)(xp, kc, a->X + k0, K, i0, mc, kc, mr_max);
-                for (size_t pc = p0; pc < p1; pc += a->nc) {
-                    const size_t pe = p1 - pc < a->nc ? p1 : pc + a->nc;
-                    for (size_t i = 0, mr; i < mc; i += mr) {
-                        mr = (size_t)FN(tile_rows)(mc - i, mr_max);
-                        for (size_t p = pc; p < pe; p++) {
-                            const size_t j0 = p * PNR, nr = N - j0 < PNR ? N - j0 : PNR;
-                            const T *Pp = a->P + (p * K + k0) * PNR;
-                            const int first = a->nc == 1 && i == 0 && p + 1 < p1;
-                            FN(panel_tile)(a->C + (i0 + i) * N + j0, N, xp + i * kc, Pp,
-                                           first ? (const char *)(Pp + K * PNR) : NULL, kc,
-                                           (int)mr, mc - i < mr ? mc - i : mr, nr);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* pack_rows for the tiles [t0, t1) of a small batch, all K steps (panel_gemm's first pass). */
-static void FN(pack_whole)(void *arg, size_t t0, size_t t1) {
-    const FN(PanelGemm) *a = arg;
-    const size_t step = (size_t)a->mr_max, i0 = t0 * step;
-    const size_t i1 = t1 * step < a->n ? t1 * step : a->n;
-    FN(pack_rows)(a->xp + i0 * a->K, a->K, a->X, a->K, i0, i1 - i0, a->K, a->mr_max);
-}
-
-/* C (n, N) += X (n, K) M with M as panels (pack_panels), on `parts` threads (lora_panel_parts),
- * xp: lora_panel_scratch_elems(parts, n, K, sizeof(T)) elements of scratch. */
-static void FN(panel_gemm)(T *C, T *xp, const T *X, const T *P, size_t n, size_t K, size_t N,
-                           size_t parts) {
-    FN(PanelGemm) a = {C, xp, X, P, n, K, N, parts, lora_panel_mr(),
-                       lora_panel_whole(n, K, sizeof(T)), lora_panel_block_rows(n),
-                       lora_panel_kc_bytes() / sizeof(T), lora_panel_chunk()};
-    if (a.whole) {
-        const size_t tiles = (n + a.mr_max - 1) / a.mr_max;
-        lora_parallel_for(tiles, (1 << 16) / (K * a.mr_max) + 1, 1, FN(pack_whole), &a);
-    }
-    lora_parallel_for(parts, 1, 1, FN(panel_part), &a);
-}
-#undef PVL
-#undef PNR
 
 /* The base layer's products with W (d_out, d_in), or with W stored (d_in, d_out) when wt
  * (PEFT's fan_in_fan_out, GPT-2's Conv1D), read in place either way:
@@ -590,7 +258,7 @@ static void FN(base_backward)(T *dx, const T *dy, const T *W, int wt, T beta, si
  * of LORA_BWD_TILE rows, xa = x A^T (row_dots) and then y = init + scale * xa B^T
  * (rank_update, Bt = B^T), where init is the bias, or res + bias filled into the tile just
  * before, while it is in cache. One pass over x and y on lora's threads, in place of a skinny
- * OpenBLAS GEMM (~100 GFLOP/s at r = 8-16) and a pass of its own for the residual. */
+ * OpenBLAS GEMM (far below its peak at small r) and a pass of its own for the residual. */
 typedef struct {
     T *y, *xa;
     const T *x, *A, *Bt, *bias, *res;
@@ -621,14 +289,11 @@ static void FN(forward_rows)(void *arg, size_t begin, size_t end) {
  * For r < LORA_GEMM_RANK the LoRA branch is written first, y = bias + scale * xa B^T (the
  * pass that fills the bias anyway), and the base GEMM accumulates onto it with beta = 1:
  * beyond the base GEMM the layer costs one read of x and r FMAs per element of y. Without
- * dropout, xa is computed in that same threaded pass (forward_rows; measured at n = 2048,
- * d = 1024: 1.059-1.068 -> 1.033-1.046x the base), on two threads from ~16k elements of x and
- * y and a tile of rows each: at n = 64-128 that took the branch's cost over the base GEMM from
- * 5-8.5% to 1.5-5.8% at d = 1024, from 2.0-3.3% to 0.4-2.3% at d = 4096 (n = 64), where
- * OpenBLAS's x A^T (its threads woken for a 64 x 16 result) and a thread per 256k elements
- * had been.
+ * dropout, xa is computed in that same threaded pass (forward_rows), at every batch size, on
+ * two threads from ~16k elements of x and y and a tile of rows each: x is read once, while
+ * it is in cache, and no OpenBLAS threads are woken for a skinny x A^T.
  * scratch: lora_scratch_elems(n, d_in, d_out, r, p > 0, 1) elements. n = 1 goes through gemv,
- * which OpenBLAS does not do on its own for a one-row gemm (3x slower at d = 4096). */
+ * which OpenBLAS does not do on its own for a one-row gemm (its gemm is much slower there). */
 void FN(lora_forward)(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,
                       const T *res, const T *A, const T *B, T scale, double p, uint64_t seed,
                       size_t n, size_t d_in, size_t d_out, size_t r, int wt,
@@ -692,8 +357,8 @@ void FN(lora_forward)(T *y, T *xa, T *scratch, const T *x, const T *W, const T *
  *   dA  += g^T drop(x)               (this part's (r, d_in) sum, unscaled)
  *   dx   = scale drop'(g A)          (overwritten, or added with acc; the base GEMM adds
  *                                    dy W afterwards)
- * OpenBLAS runs these skinny products far below bandwidth (x A^T reads x at ~8 GB/s) and does
- * not split the long n dimension over threads; here each thread takes a range of rows. */
+ * OpenBLAS runs these skinny products far below bandwidth and does not split the long n
+ * dimension over threads; here each thread takes a range of rows. */
 typedef struct {
     T *dx, *g, *parts;
     const T *dy, *x, *xa, *A, *Bt;
@@ -748,9 +413,7 @@ static void FN(backward_part)(void *arg, size_t part0, size_t part1) {
  * For r < LORA_GEMM_RANK and n >= LORA_BWD_ROW_PASS_MIN the LoRA terms are one pass over the
  * rows of dy and x split into `parts` ranges over lora's threads (backward_part;
  * lora_backward_parts says how many), whose partial dA and dB are then summed. Otherwise
- * OpenBLAS GEMMs, as fast for small batches (measured at d = 1024: even at n = 64; at
- * n = 512 the row pass takes 0.12-0.28 ms over the dx GEMM, the GEMMs 0.42-0.51; at n = 2048
- * 6 points of overhead less).
+ * OpenBLAS GEMMs, which are as fast for small batches (docs/performance.md).
  * scratch: lora_scratch_elems(n, d_in, d_out, r, p > 0, parts) elements. */
 void FN(lora_backward)(T *dx, T *dA, T *dB, T *scratch, const T *dy, const T *x, const T *xa,
                        const T *W, const T *A, const T *B, T scale, double p, uint64_t seed,
@@ -905,155 +568,6 @@ void FN(dense_backward)(T *dx, T *dW, const T *dy, const T *x, const T *W, size_
              (int)d_out);
 }
 
-/* One Adam/AdamW step in place on param, m and v (grad is read only), exactly the update of
- * torch.optim.Adam / torch.optim.AdamW (PyTorch docs, "Algorithm"; Kingma & Ba 2015, Alg. 1;
- * Loshchilov & Hutter 2019 for the decoupled decay):
- *   AdamW: p *= 1 - lr wd            Adam: g += wd p (L2 in the gradient)
- *   m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
- *   p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
- * The bias corrections are computed once per call in double. eps sits outside the square
- * root after the correction, as PyTorch has it; the build's -ffp-contract=off keeps each
- * product rounded as PyTorch rounds it, so trajectories match torch.optim to rounding. */
-typedef struct {
-    T *param, *m, *v;
-    const T *grad;
-    T step_size, bc2_sqrt, w1, b2, w2, eps, decay, l2;
-} FN(Adam);
-
-static LORA_CLONES void FN(adam_range)(void *arg, size_t begin, size_t end) {
-    const FN(Adam) *a = arg;
-    T *restrict param = a->param, *restrict m = a->m, *restrict v = a->v;
-    const T *restrict grad = a->grad;
-    const T step_size = a->step_size, bc2_sqrt = a->bc2_sqrt, w1 = a->w1, b2 = a->b2,
-            w2 = a->w2, eps = a->eps, decay = a->decay, l2 = a->l2;
-    for (size_t i = begin; i < end; i++) {
-        const T g = grad[i] + l2 * param[i];
-        const T mi = m[i] + w1 * (g - m[i]); /* torch.lerp(m, g, w1) for w1 < 0.5 */
-        const T vi = v[i] * b2 + w2 * g * g;
-        const T denom = SQRT(vi) / bc2_sqrt + eps;
-        param[i] = param[i] * decay - step_size * (mi / denom);
-        m[i] = mi;
-        v[i] = vi;
-    }
-}
-
-void FN(adam_step)(T *param, T *m, T *v, const T *grad, size_t numel, long long step, double lr,
-                   double beta1, double beta2, double eps, double weight_decay, int decoupled) {
-    const double bc1 = 1.0 - pow(beta1, (double)step);
-    const double bc2 = 1.0 - pow(beta2, (double)step);
-    FN(Adam) a = {param,
-                  m,
-                  v,
-                  grad,
-                  (T)(lr / bc1),
-                  (T)sqrt(bc2),
-                  (T)(1.0 - beta1),
-                  (T)beta2,
-                  (T)(1.0 - beta2),
-                  (T)eps,
-                  decoupled ? (T)(1.0 - lr * weight_decay) : (T)1,
-                  decoupled ? (T)0 : (T)weight_decay};
-    lora_parallel_for(numel, 1 << 17, 64, FN(adam_range), &a);
-}
-
-/* LayerNorm over rows of d, as torch.nn.LayerNorm (biased variance, eps inside the root):
- *   y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps)
- * x, y are (rows, d), w and b (d) (b may be NULL); mean and rstd (rows) are written for the
- * backward. Overwrites y, mean, rstd. Rows are split over lora's threads; the row sums run
- * as SIMD partial sums (OpenMP simd reduction), which reorders the sums within a row. */
-typedef struct {
-    T *y, *mean, *rstd;
-    const T *x, *w, *b;
-    double eps;
-    size_t d;
-} FN(LayerNormArgs);
-
-static LORA_CLONES void FN(layer_norm_rows)(void *arg, size_t begin, size_t end) {
-    const FN(LayerNormArgs) *a = arg;
-    const size_t d = a->d;
-    const T *restrict w = a->w, *restrict b = a->b;
-    for (size_t i = begin; i < end; i++) {
-        const T *restrict xi = a->x + i * d;
-        T *restrict yi = a->y + i * d;
-        T sum = 0, sq = 0;
-#pragma omp simd reduction(+ : sum)
-        for (size_t j = 0; j < d; j++) sum += xi[j];
-        const T mu = sum / (T)d;
-#pragma omp simd reduction(+ : sq)
-        for (size_t j = 0; j < d; j++) sq += (xi[j] - mu) * (xi[j] - mu);
-        const T rs = (T)1 / SQRT(sq / (T)d + (T)a->eps);
-        a->mean[i] = mu;
-        a->rstd[i] = rs;
-        if (b)
-            for (size_t j = 0; j < d; j++) yi[j] = (xi[j] - mu) * rs * w[j] + b[j];
-        else
-            for (size_t j = 0; j < d; j++) yi[j] = (xi[j] - mu) * rs * w[j];
-    }
-}
-
-void FN(layer_norm_forward)(T *y, T *mean, T *rstd, const T *x, const T *w, const T *b,
-                            double eps, size_t rows, size_t d) {
-    FN(LayerNormArgs) a = {y, mean, rstd, x, w, b, eps, d};
-    lora_parallel_for(rows, (1 << 16) / (d + 1) + 1, 1, FN(layer_norm_rows), &a);
-}
-
-/* Backward of layer_norm_forward: with xhat = (x - mean) rstd and g = dy w,
- *   dx = rstd (g - mean(g) - xhat mean(g xhat))     (overwritten)
- *   dw += sum over rows of dy xhat,  db += sum over rows of dy   (accumulated; either NULL)
- * dx goes by rows and dw, db by columns, each split over lora's threads. */
-typedef struct {
-    T *dx, *dw, *db;
-    const T *dy, *x, *mean, *rstd, *w;
-    size_t rows, d;
-} FN(LayerNormGrad);
-
-static LORA_CLONES void FN(layer_norm_dx_rows)(void *arg, size_t begin, size_t end) {
-    const FN(LayerNormGrad) *a = arg;
-    const size_t d = a->d;
-    const T *restrict w = a->w;
-    for (size_t i = begin; i < end; i++) {
-        const T *restrict xi = a->x + i * d, *restrict gi = a->dy + i * d;
-        T *restrict dxi = a->dx + i * d;
-        const T mu = a->mean[i], rs = a->rstd[i];
-        T sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (size_t j = 0; j < d; j++) {
-            const T g = gi[j] * w[j];
-            sum_g += g;
-            sum_gx += g * ((xi[j] - mu) * rs);
-        }
-        const T mg = sum_g / (T)d, mgx = sum_gx / (T)d;
-        for (size_t j = 0; j < d; j++)
-            dxi[j] = rs * (gi[j] * w[j] - mg - ((xi[j] - mu) * rs) * mgx);
-    }
-}
-
-static LORA_CLONES void FN(layer_norm_dw_cols)(void *arg, size_t begin, size_t end) {
-    const FN(LayerNormGrad) *a = arg;
-    const size_t d = a->d;
-    T *restrict dw = a->dw, *restrict db = a->db;
-    for (size_t i = 0; i < a->rows; i++) {
-        const T *restrict xi = a->x + i * d, *restrict gi = a->dy + i * d;
-        const T mu = a->mean[i], rs = a->rstd[i];
-        if (dw)
-            for (size_t j = begin; j < end; j++) dw[j] += gi[j] * ((xi[j] - mu) * rs);
-        if (db)
-            for (size_t j = begin; j < end; j++) db[j] += gi[j];
-    }
-}
-
-void FN(layer_norm_backward)(T *dx, T *dw, T *db, const T *dy, const T *x, const T *mean,
-                             const T *rstd, const T *w, size_t rows, size_t d) {
-    FN(LayerNormGrad) a = {dx, dw, db, dy, x, mean, rstd, w, rows, d};
-    lora_parallel_for(rows, (1 << 16) / (d + 1) + 1, 1, FN(layer_norm_dx_rows), &a);
-    if (dw || db)
-        lora_parallel_for(d, rows >= (1 << 16) / (d + 1) ? 64 : d, 16, FN(layer_norm_dw_cols),
-                          &a);
-}
-
-#undef CAT_
-#undef CAT
-#undef FN
 #undef ROW
 #undef NT
 #undef TR

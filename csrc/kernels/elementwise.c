@@ -1,0 +1,189 @@
+/* kernels/elementwise.c: the passes that touch each element a fixed number of times:
+ * the dropout mask, exact GELU, LayerNorm and the Adam/AdamW step, for float32 and float64.
+ *
+ * GELU's float32 path is written here by hand (a portable loop and an AVX-512 one); dropout's
+ * rows, Adam and LayerNorm are type-generic, in elementwise_impl.h. This file deliberately
+ * calls no BLAS and splits its loops over threads only through lora_parallel_for.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define LORA_AVX512_GELU 1
+#else
+#define LORA_AVX512_GELU 0
+#endif
+
+uint64_t lora_dropout_key(uint64_t seed) { return mix64(seed ^ 0x6a09e667f3bcc909ULL); }
+
+/* An element is dropped when the top 24 bits of its hash fall below p * 2^24. */
+uint32_t lora_dropout_threshold(double p) { return (uint32_t)(p * 16777216.0); }
+
+#define LORA_IMPL "elementwise_impl.h"
+#include "instantiate.h"
+
+/* ------------------------------------------------------------------ GELU
+ * Exact GELU, y = x Phi(x) with Phi the standard normal CDF (torch.nn.GELU(approximate=
+ * "none"), transformers' "gelu"); backward dx = dy (Phi(x) + x phi(x)).
+ * float32 evaluates Phi without libm, so the loop vectorises: Phi(x) = (1 + tanh(x Q(x^2)))/2
+ * with x clamped to [-5.5, 5.5], Q a degree-6 least-squares fit of atanh(2 Phi(x) - 1) / x
+ * (absolute error in Phi below 1.2e-7 for every float32 x), and tanh and exp written out
+ * (Cody-Waite reduction, degree-6 polynomial, 2^k by exponent bits). float64 uses libm's erf
+ * and exp. */
+
+static const float PHI_Q[7] = {1.4837265769573214e-09f, -1.2236445995753297e-07f,
+                               3.839070739526135e-06f,  -5.461685385149854e-05f,
+                               -3.4230931419704096e-05f, 0.0363345452933773f,
+                               0.7978846199095683f};
+
+static inline __attribute__((always_inline)) float normal_cdf_f32(float x) {
+    const float xc = x < -5.5f ? -5.5f : x > 5.5f ? 5.5f : x;
+    const float x2 = xc * xc;
+    const float q = (((((PHI_Q[0] * x2 + PHI_Q[1]) * x2 + PHI_Q[2]) * x2 + PHI_Q[3]) * x2 +
+                      PHI_Q[4]) * x2 + PHI_Q[5]) * x2 + PHI_Q[6];
+    /* tanh(u) = 1 - 2 / (1 + e^{2u}); |u| <= 5.5 * 0.8 keeps e^{2u} finite */
+    const float u = xc * q;
+    const float t = 1.0f - 2.0f / (1.0f + exp_f32(2.0f * u));
+    return 0.5f + 0.5f * t;
+}
+
+typedef struct {
+    float *out;
+    const float *dy, *x;
+} GeluArgs;
+
+#if LORA_AVX512_GELU
+/* The same GELU written with AVX-512 intrinsics, for what GCC cannot do on its own: the
+ * reciprocal as rcp14 and one Newton step instead of a divide (which holds one of the two
+ * vector ports for ~10 cycles), 2^k by vscalefps, and Phi as 1 / (1 + e^{-2u}) (= 1/2 +
+ * tanh(u)/2 with one operation less). min/max take the constant first so a NaN x stays NaN.
+ * Same u = x Q(x^2) as the loop above, so the same absolute error in Phi (1.2e-7, the fit's),
+ * tested against erf in float64. */
+#define LORA_AVX512 __attribute__((target("avx512f,fma")))
+
+/* e^x for x in [-87, 87], which the callers guarantee (Phi's argument is within +-18, phi's
+ * is clamped): no clamp here, and k = round(x / ln 2) by adding and subtracting 1.5 * 2^23
+ * instead of vrndscaleps (two uops on one port). */
+static LORA_AVX512 inline __m512 exp_512(__m512 x) {
+    const __m512 shift = _mm512_set1_ps(12582912.0f);
+    const __m512 k = _mm512_sub_ps(
+        _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift), shift);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+static LORA_AVX512 inline __m512 normal_cdf_512(__m512 x) {
+    const __m512 xc =
+        _mm512_max_ps(_mm512_set1_ps(-5.5f), _mm512_min_ps(_mm512_set1_ps(5.5f), x));
+    const __m512 x2 = _mm512_mul_ps(xc, xc);
+    __m512 q = _mm512_set1_ps(-2.0f * PHI_Q[0]); /* -2 Q(x^2): the -2 folded in */
+    for (int j = 1; j < 7; j++) q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-2.0f * PHI_Q[j]));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_512(_mm512_mul_ps(xc, q)));
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+static LORA_AVX512 void gelu_forward_512(float *y, const float *x, size_t begin, size_t end) {
+    for (size_t i = begin; i < end; i += 16) {
+        const __mmask16 m = end - i >= 16 ? 0xffff : (__mmask16)((1u << (end - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(v, normal_cdf_512(v)));
+    }
+}
+
+static LORA_AVX512 void gelu_backward_512(float *dx, const float *dy, const float *x,
+                                          size_t begin, size_t end) {
+    for (size_t i = begin; i < end; i += 16) {
+        const __mmask16 m = end - i >= 16 ? 0xffff : (__mmask16)((1u << (end - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __m512 half_x2 = _mm512_mul_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(-0.5f));
+        const __m512 phi = _mm512_mul_ps(
+            _mm512_set1_ps(0.3989422804014327f),
+            exp_512(_mm512_max_ps(_mm512_set1_ps(-87.0f), half_x2))); /* NaN stays NaN */
+        const __m512 dphi = _mm512_fmadd_ps(v, phi, normal_cdf_512(v));
+        _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), dphi));
+    }
+}
+
+/* Whether to take the intrinsics path: the CPU has AVX-512F and FMA, and LORA_PORTABLE_GELU
+ * is not set in the environment (set, it forces the portable loop that other CPUs run, so
+ * that the tests check that loop on an AVX-512 machine too). Read once. */
+static int have_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        const char *portable = getenv("LORA_PORTABLE_GELU");
+        cached = !(portable && *portable && *portable != '0') &&
+                 __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+}
+#endif
+
+static LORA_CLONES LORA_FMA void gelu_forward_range(void *arg, size_t begin, size_t end) {
+    const GeluArgs *g = arg;
+    float *restrict y = g->out;
+    const float *restrict x = g->x;
+#if LORA_AVX512_GELU
+    if (have_avx512()) {
+        gelu_forward_512(y, x, begin, end);
+        return;
+    }
+#endif
+    for (size_t i = begin; i < end; i++) y[i] = x[i] * normal_cdf_f32(x[i]);
+}
+
+void gelu_forward_f32(float *y, const float *x, size_t n) {
+    GeluArgs g = {y, NULL, x};
+    lora_parallel_for(n, 1 << 16, 16, gelu_forward_range, &g);
+}
+
+static LORA_CLONES LORA_FMA void gelu_backward_range(void *arg, size_t begin, size_t end) {
+    const GeluArgs *g = arg;
+    float *restrict dx = g->out;
+    const float *restrict dy = g->dy, *restrict x = g->x;
+    /* Two loops, phi then the rest, over blocks that stay in L1: as one loop GCC gives up
+     * if-converting the clamps and does not vectorise it. exp_f32 clamps its argument at
+     * -87, where phi is below 1e-38 anyway. */
+#if LORA_AVX512_GELU
+    if (have_avx512()) {
+        gelu_backward_512(dx, dy, x, begin, end);
+        return;
+    }
+#endif
+    float phi[1024];
+    for (size_t i0 = begin; i0 < end; i0 += 1024) {
+        const size_t m = end - i0 < 1024 ? end - i0 : 1024;
+        const float *xb = x + i0;
+        for (size_t i = 0; i < m; i++) phi[i] = 0.3989422804014327f * exp_f32(-0.5f * xb[i] * xb[i]);
+        for (size_t i = 0; i < m; i++)
+            dx[i0 + i] = dy[i0 + i] * (normal_cdf_f32(xb[i]) + xb[i] * phi[i]);
+    }
+}
+
+void gelu_backward_f32(float *dx, const float *dy, const float *x, size_t n) {
+    GeluArgs g = {dx, dy, x};
+    lora_parallel_for(n, 1 << 16, 16, gelu_backward_range, &g);
+}
+
+void gelu_forward_f64(double *y, const double *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = 0.5 * x[i] * (1.0 + erf(x[i] * 0.70710678118654752));
+}
+
+void gelu_backward_f64(double *dx, const double *dy, const double *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        const double cdf = 0.5 * (1.0 + erf(x[i] * 0.70710678118654752));
+        const double pdf = 0.3989422804014327 * exp(-0.5 * x[i] * x[i]);
+        dx[i] = dy[i] * (cdf + x[i] * pdf);
+    }
+}

@@ -1,0 +1,43 @@
+/* packed.h: the PackedWeight type and the `weight` argument of the linear and dense
+ * bindings, which takes an array or a PackedWeight (packed.c). The packing and the GEMM that
+ * reads the panels are kernels (csrc/kernels/panel_gemm.c), deliberately not here. */
+#ifndef LORA_PACKED_H
+#define LORA_PACKED_H
+
+#include "args.h"
+#include "kernels.h"
+
+/* A frozen weight copied once into the panels of lora's packed GEMM: W^T's for forwards
+ * and, when packed with backward=True, W's for input gradients. */
+typedef struct {
+    PyObject_HEAD
+    PyArrayObject *fwd, *bwd; /* bwd NULL when packed without backward */
+    npy_intp d_out, d_in;
+    int type;
+} PackedWeight;
+
+extern PyTypeObject PackedWeightType;
+
+/* The `weight` argument: an array (held by the Call, fan_in_fan_out = wt) or a PackedWeight
+ * (held by the Call, wt must be False), with d_out and d_in from either. `direction` names
+ * the panels the call needs: 0 forward, 1 backward, -1 none. */
+typedef struct {
+    PyArrayObject *array;
+    PackedWeight *packed;
+    int direction;
+    npy_intp d_out, d_in;
+    LoraPacked pk;            /* the kernels' view of the panels, once weight_panels ran */
+    const LoraPacked *kernel; /* &pk for a PackedWeight, NULL for an array */
+} WeightArg;
+
+int arg_weight(Call *c, PyObject *obj, int wt, int direction, WeightArg *w);
+
+/* After validation: the panels' scratch for n rows, from the Call (nothing for an array). */
+int weight_panels(Call *c, WeightArg *w, npy_intp n);
+
+/* The weight's data for the kernels: the array's, or NULL for a PackedWeight. */
+static inline const void *weight_data(const WeightArg *w) {
+    return w->array ? PyArray_DATA(w->array) : NULL;
+}
+
+#endif /* LORA_PACKED_H */
