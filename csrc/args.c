@@ -6,6 +6,7 @@
  */
 #include "py_common.h"
 
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <string.h>
@@ -228,6 +229,8 @@ int arg_real(const Call *c, const char *name, PyObject *obj, int range, double *
     const char *expected = NULL;
     if (!isfinite(v))
         expected = "a finite number";
+    else if (c->type == NPY_FLOAT32 && fabs(v) > FLT_MAX) /* float32 kernels take it so */
+        expected = "a number float32 holds (at most 3.4e38 in size) for float32 arrays";
     else if (range == REAL_NONNEG && v < 0)
         expected = "a number >= 0";
     else if (range == REAL_UNIT && !(v >= 0 && v < 1))
@@ -235,6 +238,29 @@ int arg_real(const Call *c, const char *name, PyObject *obj, int range, double *
     if (expected) {
         PyErr_Format(PyExc_ValueError, PREFIX "%s: argument '%s' must be %s, got %R", c->func,
                      name, expected, obj);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int arg_int(const char *prefix, const char *func, const char *name, PyObject *obj,
+            long long lo, long long hi, long long *out) {
+    PyObject *as_int = PyLong_Check(obj) ? Py_NewRef(obj)
+                       : PyIndex_Check(obj) && !PyFloat_Check(obj) ? PyNumber_Index(obj) : NULL;
+    if (!as_int) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s%s: argument '%s' must be an int, got %R", prefix, func,
+                     name, obj);
+        return -1;
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(as_int, &overflow);
+    Py_DECREF(as_int);
+    if (v == -1 && !overflow && PyErr_Occurred()) return -1;
+    if (overflow || v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s%s: argument '%s' must be an int in [%lld, %lld], got %R",
+                     prefix, func, name, lo, hi, obj);
         return -1;
     }
     *out = v;
@@ -261,7 +287,11 @@ static int get_seed(const Call *c, PyObject *obj, double p, uint64_t *out) {
         return -1;
     }
     PyObject *as_int = PyNumber_Index(obj);
-    if (!as_int) return -1;
+    if (!as_int) { /* e.g. a float array, whose __index__ refuses */
+        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument 'seed' must be an int, got %R", func,
+                     obj);
+        return -1;
+    }
     unsigned long long s = PyLong_AsUnsignedLongLong(as_int);
     Py_DECREF(as_int);
     if (s == (unsigned long long)-1 && PyErr_Occurred()) {

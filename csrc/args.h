@@ -51,6 +51,11 @@ enum { REAL_ANY = 0, REAL_NONNEG = 1, REAL_UNIT = 2 /* in [0, 1) */ };
 
 /* A finite real number in the stated range into *out; obj NULL (not given) leaves *out. */
 int arg_real(const Call *c, const char *name, PyObject *obj, int range, double *out);
+/* An int in [lo, hi]: an int or an integer scalar (__index__), never a float; TypeError for
+ * another type, ValueError naming the range for one outside it (too large for C included).
+ * `prefix` + `func` is the function as the user calls it. */
+int arg_int(const char *prefix, const char *func, const char *name, PyObject *obj,
+            long long lo, long long hi, long long *out);
 /* `dropout` (a real in [0, 1), NULL: 0) and `seed`, required (an int in [0, 2**64)) when
  * dropout > 0 and ignored otherwise. */
 int arg_dropout(const Call *c, PyObject *drop_o, PyObject *seed_o, double *p, uint64_t *seed);

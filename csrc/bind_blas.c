@@ -3,6 +3,7 @@
  * also the one lora's own thread pool uses (csrc/kernels/threads.c). */
 #include "py_common.h"
 
+#include "args.h"
 #include "bindings.h"
 #include "blas.h"
 
@@ -11,13 +12,8 @@ LORA_DOC(set_num_threads,
 
 PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
     (void)self;
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "lora.set_num_threads: argument 'n' must be in [1, 4096], "
-                                       "got %ld", n);
-        return NULL;
-    }
+    long long n;
+    if (arg_int("lora.", "set_num_threads", "n", arg, 1, 4096, &n)) return NULL;
     CBLAS_FUNC(openblas_set_num_threads)((int)n);
     Py_RETURN_NONE;
 }

@@ -7,6 +7,8 @@
  */
 #include "py_common.h"
 
+#include <limits.h>
+
 #include "args.h"
 #include "bindings.h"
 #include "kernels.h"
@@ -58,18 +60,7 @@ PyObject *py_adam_step(PyObject *self, PyObject *args, PyObject *kwds) {
         check_no_overlap(&c, "param", param, "grad", grad) ||
         check_no_overlap(&c, "m", m, "grad", grad) || check_no_overlap(&c, "v", v, "grad", grad))
         goto done;
-    if (!PyLong_Check(step_o)) {
-        PyErr_Format(PyExc_TypeError, PREFIX "%s: argument 'step' must be an int, got %s", func,
-                     Py_TYPE(step_o)->tp_name);
-        goto done;
-    }
-    step = PyLong_AsLongLong(step_o);
-    if (step == -1 && PyErr_Occurred()) goto done;
-    if (step < 1) {
-        PyErr_Format(PyExc_ValueError, PREFIX "%s: argument 'step' must be >= 1, got %lld", func,
-                     step);
-        goto done;
-    }
+    if (arg_int(PREFIX, func, "step", step_o, 1, LLONG_MAX, &step)) goto done;
     if (arg_real(&c, "lr", lr_o, REAL_NONNEG, &lr) ||
         arg_real(&c, "beta1", b1_o, REAL_UNIT, &beta1) ||
         arg_real(&c, "beta2", b2_o, REAL_UNIT, &beta2) ||

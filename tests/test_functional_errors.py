@@ -453,3 +453,50 @@ def test_property_never_crashes_and_matches_twin(c):
     tol = 1e-3 if c["dtype"] == np.float32 else 1e-10
     for got, want in zip((y, xa, dx, dA, dB), (y_ref, xa_ref, *g_ref), strict=True):
         np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max(initial=0)))
+
+
+# ---------------------------------------------------------------- integers and float32 range
+
+def _adam_arrays(dtype=np.float32):
+    return [np.ones(4, dtype) for _ in range(4)]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: F.adam_step(*_adam_arrays(), step=2**70, lr=0.1), ValueError,
+     r"adam_step: argument 'step' must be an int in \[1, "),
+    (lambda: F.adam_step(*_adam_arrays(), step=1.0, lr=0.1), TypeError,
+     "adam_step: argument 'step' must be an int, got 1.0"),
+    (lambda: F.set_num_threads(2**70), ValueError,
+     r"set_num_threads: argument 'n' must be an int in \[1, 4096\]"),
+    (lambda: F.set_num_threads(1.0), TypeError, "set_num_threads: argument 'n' must be an int"),
+    (lambda: F.linear_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32),
+                              np.ones((1, 3), np.float32), np.ones((4, 1), np.float32), 1.0,
+                              dropout=0.1, seed=np.array(0.5)), TypeError,
+     "linear_forward: argument 'seed' must be an int"),
+    (lambda: F.merge(np.ones((4, 3), np.float32), np.ones((1, 3), np.float32),
+                     np.ones((4, 1), np.float32), 1e39), ValueError,
+     "merge: argument 'scale' must be a number float32 holds"),
+    (lambda: F.adam_step(*_adam_arrays(), step=1, lr=1e39), ValueError,
+     "adam_step: argument 'lr' must be a number float32 holds"),
+])
+def test_integer_and_float32_range_arguments_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_float64_takes_what_float32_cannot():
+    w = np.zeros((4, 3))
+    F.merge(w, np.ones((1, 3)), np.full((4, 1), 1e-300), 1e39)
+    assert np.isfinite(w).all() and w[0, 0] == pytest.approx(1e-261)
+    F.adam_step(*_adam_arrays(np.float64), step=np.int64(3), lr=0.1)  # NumPy ints are ints
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_adam_keeps_moments_finite_for_an_infinite_parameter(decoupled):
+    """Without weight decay the L2 term is not computed (torch skips it), so an infinite
+    parameter does not make m and v NaN (0 * inf)."""
+    p = np.array([np.inf, -np.inf, 1.0], np.float32)
+    g, m, v = np.ones(3, np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32)
+    F.adam_step(p, g, m, v, step=1, lr=0.1, weight_decay=0.0, decoupled=decoupled)
+    assert np.isfinite(m).all() and np.isfinite(v).all()
+    np.testing.assert_array_equal(p[:2], [np.inf, -np.inf])

@@ -34,6 +34,16 @@ uint32_t lora_dropout_threshold(double p) { return (uint32_t)(p * 16777216.0); }
  * (Cody-Waite reduction, degree-6 polynomial, 2^k by exponent bits). float64 uses libm's erf
  * and exp. */
 
+/* d/dx [x Phi(x)] = Phi(x) + x phi(x) for x < -5.5, where Phi's fit is clamped: with
+ * Phi(x) = phi(x) / |x| (1 - 1/x^2 + 3/x^4 - 15/x^6 + ...) (the asymptotic series of Mills'
+ * ratio, relative error below 1e-4 from 5.5 on), the sum is phi(x) (s - x^2) / |x|. phi is 0
+ * once e^{-x^2/2} underflows, so the gradient is 0 there, as in float64. */
+static inline __attribute__((always_inline)) float gelu_grad_tail_f32(float x, float phi) {
+    const float x2 = fminf(x * x, 1e30f), t = 1.0f / x2; /* finite where phi is 0 */
+    const float s = 1.0f + t * (-1.0f + t * (3.0f - 15.0f * t));
+    return phi * (s - x2) / -x;
+}
+
 static const float PHI_Q[7] = {1.4837265769573214e-09f, -1.2236445995753297e-07f,
                                3.839070739526135e-06f,  -5.461685385149854e-05f,
                                -3.4230931419704096e-05f, 0.0363345452933773f,
@@ -108,10 +118,22 @@ static LORA_AVX512 void gelu_backward_512(float *dx, const float *dy, const floa
         const __mmask16 m = end - i >= 16 ? 0xffff : (__mmask16)((1u << (end - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         const __m512 half_x2 = _mm512_mul_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(-0.5f));
-        const __m512 phi = _mm512_mul_ps(
-            _mm512_set1_ps(0.3989422804014327f),
-            exp_512(_mm512_max_ps(_mm512_set1_ps(-87.0f), half_x2))); /* NaN stays NaN */
-        const __m512 dphi = _mm512_fmadd_ps(v, phi, normal_cdf_512(v));
+        /* phi is 0 where e^{-x^2/2} underflows (|x| > 13.2), not the clamped e^-87 */
+        const __m512 phi = _mm512_maskz_mul_ps(
+            _mm512_cmp_ps_mask(half_x2, _mm512_set1_ps(-87.0f), _CMP_GE_OQ),
+            _mm512_set1_ps(0.3989422804014327f), exp_512(half_x2));
+        __m512 dphi = _mm512_fmadd_ps(v, phi, normal_cdf_512(v)); /* NaN stays NaN */
+        /* below -5.5, where Phi is clamped: Phi + x phi = phi (s - x^2) / |x| (tail_f32) */
+        const __mmask16 tail = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-5.5f), _CMP_LT_OQ);
+        if (tail) {
+            const __m512 x2 = _mm512_min_ps(_mm512_set1_ps(1e30f), _mm512_mul_ps(v, v));
+            const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), x2);
+            __m512 sr = _mm512_fmadd_ps(_mm512_set1_ps(-15.0f), t, _mm512_set1_ps(3.0f));
+            sr = _mm512_fmadd_ps(sr, t, _mm512_set1_ps(-1.0f));
+            sr = _mm512_fmadd_ps(sr, t, _mm512_set1_ps(1.0f));
+            dphi = _mm512_mask_div_ps(dphi, tail, _mm512_mul_ps(phi, _mm512_sub_ps(sr, x2)),
+                                      _mm512_sub_ps(_mm512_setzero_ps(), v));
+        }
         _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), dphi));
     }
 }
@@ -165,9 +187,15 @@ static LORA_CLONES LORA_FMA void gelu_backward_range(void *arg, size_t begin, si
     for (size_t i0 = begin; i0 < end; i0 += 1024) {
         const size_t m = end - i0 < 1024 ? end - i0 : 1024;
         const float *xb = x + i0;
-        for (size_t i = 0; i < m; i++) phi[i] = 0.3989422804014327f * exp_f32(-0.5f * xb[i] * xb[i]);
-        for (size_t i = 0; i < m; i++)
-            dx[i0 + i] = dy[i0 + i] * (normal_cdf_f32(xb[i]) + xb[i] * phi[i]);
+        for (size_t i = 0; i < m; i++) {
+            const float h = -0.5f * xb[i] * xb[i];
+            phi[i] = h >= -87.0f ? 0.3989422804014327f * exp_f32(h) : 0.0f; /* 0 on underflow */
+        }
+        for (size_t i = 0; i < m; i++) {
+            const float d = xb[i] < -5.5f ? gelu_grad_tail_f32(xb[i], phi[i])
+                                          : normal_cdf_f32(xb[i]) + xb[i] * phi[i];
+            dx[i0 + i] = dy[i0 + i] * d;
+        }
     }
 }
 

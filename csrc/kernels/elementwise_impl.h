@@ -45,15 +45,24 @@ static LORA_CLONES void FN(adam_range)(void *arg, size_t begin, size_t end) {
     const T *restrict grad = a->grad;
     const T step_size = a->step_size, bc2_sqrt = a->bc2_sqrt, w1 = a->w1, b2 = a->b2,
             w2 = a->w2, eps = a->eps, decay = a->decay, l2 = a->l2;
-    for (size_t i = begin; i < end; i++) {
-        const T g = grad[i] + l2 * param[i];
-        const T mi = m[i] + w1 * (g - m[i]); /* torch.lerp(m, g, w1) for w1 < 0.5 */
-        const T vi = v[i] * b2 + w2 * g * g;
-        const T denom = SQRT(vi) / bc2_sqrt + eps;
-        param[i] = param[i] * decay - step_size * (mi / denom);
-        m[i] = mi;
-        v[i] = vi;
+    /* Two copies of the loop: without the L2 term it is not computed at all, as torch skips
+     * it, so an infinite parameter does not turn g (and m, v) into 0 * inf = NaN. */
+#define LORA_ADAM_LOOP(G)                                                                      \
+    for (size_t i = begin; i < end; i++) {                                                     \
+        const T g = (G);                                                                       \
+        const T mi = m[i] + w1 * (g - m[i]); /* torch.lerp(m, g, w1) for w1 < 0.5 */           \
+        const T vi = v[i] * b2 + w2 * g * g;                                                   \
+        const T denom = SQRT(vi) / bc2_sqrt + eps;                                             \
+        param[i] = param[i] * decay - step_size * (mi / denom);                                \
+        m[i] = mi;                                                                             \
+        v[i] = vi;                                                                             \
     }
+    if (l2 == 0) {
+        LORA_ADAM_LOOP(grad[i])
+    } else {
+        LORA_ADAM_LOOP(grad[i] + l2 * param[i])
+    }
+#undef LORA_ADAM_LOOP
 }
 
 void FN(adam_step)(T *param, T *m, T *v, const T *grad, size_t numel, long long step, double lr,
