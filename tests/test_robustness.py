@@ -259,6 +259,7 @@ CORRUPT = {
     "rank mismatch": _rank_mismatch, "missing half": _missing_half,
     "config types": _config_types, "config not an object": _config_not_object,
     "unknown peft_type": _unknown_peft_type, "pickle .bin only": _pickle_only,
+    "path separators in names": _path_separator,
 }
 
 

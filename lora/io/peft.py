@@ -110,6 +110,9 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
             others[key] = value
     pairs = {}
     for (path, kind), ab in halves.items():
+        if not path or any(not part or set(part) & set("/\\\0") for part in path.split(".")):
+            raise AdapterFormatError(f"tensor key {KEY_PREFIX + path!r}: {path!r} is not a "
+                                     "module path (dot-separated names, no slashes)")
         if set(ab) != {"A", "B"}:
             missing = "B" if "A" in ab else "A"
             raise AdapterFormatError(f"module {path!r}: lora_{missing} is missing from the file")
