@@ -15,7 +15,10 @@ static PyObject *merge_impl(const char *func, double sign, PyObject *args, PyObj
     static char *kwlist[] = {"weight", "A", "B", "scale", "fan_in_fan_out", NULL};
     PyObject *w_o, *a_o, *b_o, *scale_o;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$p", kwlist, &w_o, &a_o, &b_o, &scale_o,
+    /* the format names the function in PyArg's own errors: "OOOO|$p:merge" */
+    char format[32];
+    snprintf(format, sizeof format, "OOOO|$p:%s", func);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, format, kwlist, &w_o, &a_o, &b_o, &scale_o,
                                      &fan_in_fan_out))
         return NULL;
     Call c = CALL_INIT(func, "weight");

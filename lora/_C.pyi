@@ -1,4 +1,4 @@
-"""Type stubs of the C extension lora._C (bound in csrc/module.c; see lora.functional)."""
+"""Type stubs of the C extension lora._C (bound in csrc/bind_*.c; see lora.functional)."""
 
 import numpy as np
 from numpy.typing import NDArray

@@ -8,7 +8,7 @@ RTLD_GLOBAL) and the import retried. A build against a system OpenBLAS never nee
 package.
 
 Its idle threads: lora._C has OpenBLAS run its parallel jobs on lora's own thread pool (see
-csrc/kernels.c), so OpenBLAS's workers sit idle; what follows matters for a build against a
+csrc/kernels/threads.c), so OpenBLAS's workers sit idle; what follows matters for a build against a
 system OpenBLAS, which keeps them. OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when it
 loads; after each multithreaded call its workers spin for 2**N cycles before sleeping. The
 default, N = 28 (~70 ms), keeps the second core busy spinning long after every GEMM, so

@@ -17,7 +17,8 @@ def _mix64(z):
 
 
 def dropout_mask(seed, n, d_in, p):
-    """Boolean (n, d_in) keep-mask of element index i*d_in + j, as csrc/kernels.c draws it."""
+    """Boolean (n, d_in) keep-mask of element index i*d_in + j, as the kernels draw it
+    (csrc/kernels/elementwise.c)."""
     with np.errstate(over="ignore"):
         key = _mix64(np.uint64(seed) ^ np.uint64(0x6A09E667F3BCC909))
         index = np.arange(n * d_in, dtype=np.uint64)

@@ -1,7 +1,7 @@
 """lora.functional: the LoRA kernels on NumPy arrays, stateless.
 
-Each function is the C kernel in csrc/kernels_impl.inc, bound in csrc/module.c; their
-pure-NumPy twins, the readable spec and test oracle, are in lora/_reference.py.
+Each function is a C kernel in csrc/kernels/, bound in csrc/bind_*.c (csrc/README.md maps
+them); their pure-NumPy twins, the readable spec and test oracle, are in lora/_reference.py.
 
 Shapes follow PyTorch/PEFT: weight (d_out, d_in), A (r, d_in), B (d_out, r), x (..., d_in).
 All arrays of a call share one dtype, float32 or float64. Every argument is validated

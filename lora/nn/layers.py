@@ -29,7 +29,7 @@ class _Packable:
     LoRALinear. A packed layer keeps its weight as it was and, beside it, a
     lora.functional.PackedWeight (one copy of the weight with backward=False, two with),
     used for batches of up to its max_rows rows (set by the extension for the CPU and the
-    dtype, lora_panel_max_rows in csrc/kernels.c: beyond it OpenBLAS on the weight itself
+    dtype, lora_panel_max_rows in csrc/kernels/panel_gemm.c: beyond it OpenBLAS on the weight itself
     is as fast)."""
 
     _packed = None
