@@ -31,7 +31,8 @@ def kernel_dtype(dtype, where: str) -> np.dtype:
     try:
         dt = np.dtype(dtype)
     except TypeError as e:
-        raise TypeError(f"{where}: {dtype!r} is not a dtype ({e})") from None
+        raise TypeError(f"{where}: {dtype!r} is not a NumPy dtype ({e}); "
+                        "use float32 or float64") from None
     if dt not in KERNEL_DTYPES:
         raise TypeError(
             f"{where}: dtype must be float32 or float64 (the C kernels' types), got {dt}; "
