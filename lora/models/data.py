@@ -48,7 +48,8 @@ class Tokenizer:
         if max_length is None:
             max_length = model_max_length(directory)
         if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 1):
-            raise ValueError(f"Tokenizer: max_length must be a positive integer, got {max_length!r}")
+            raise ValueError(
+                f"Tokenizer: max_length must be a positive integer, got {max_length!r}")
         self.max_length = None if max_length is None else int(max_length)
         self.pad_token_id = self._tok.token_to_id(self.pad_token) or 0
         self._tok.no_padding()
