@@ -135,8 +135,19 @@ def _entry(module_name: str, name: str, obj) -> list[str]:
             out += [f"*function*{note}", ""]
         out += [_indent_doc(_doc(obj)), ""]
         return out
-    out += [f"### `{qual}`", "", f"Value: `{obj!r}`", ""]
+    out += [f"### `{qual}`", "", f"Value: `{_value(obj)}`", ""]
     return out
+
+
+def _value(obj) -> str:
+    """repr(obj), except that a path inside the installed package (lora.data.DATA_DIR, say)
+    is shown relative to it: where the package sits is the building machine's business."""
+    if isinstance(obj, str) and os.path.isabs(obj):
+        package = os.path.dirname(os.path.abspath(importlib.import_module("lora").__file__))
+        if os.path.commonpath([package, os.path.abspath(obj)]) == package:
+            rel = os.path.relpath(obj, package).replace(os.sep, "/")
+            return "<lora package>" + ("" if rel == "." else "/" + rel)
+    return repr(obj)
 
 
 def _first_line(obj) -> str:

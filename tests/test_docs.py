@@ -101,3 +101,27 @@ def test_readme_states_the_two_setup_commands():
     assert "pip install . && lora demo" in text
     assert "bash .ci/run" in text
     assert (ROOT / ".ci" / "run").is_file()
+
+
+def test_no_path_of_this_machine_in_the_docs():
+    """docs/api.md is generated on some machine; where the package or the clone sits there
+    must not show (lora.data.DATA_DIR was rendered as an absolute path), nor in any page."""
+    import sys
+
+    import lora
+
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import gen_api
+    finally:
+        sys.path.pop(0)
+    package = str(pathlib.Path(lora.__file__).resolve().parent)
+    generated = gen_api.generate()
+    assert "`<lora package>/data/digits.csv.gz`" in generated
+    for name, text in [("generated api.md", generated)] + [
+            (p.name, p.read_text(encoding="utf-8")) for p in PAGES]:
+        for path in (package, str(ROOT), str(pathlib.Path.home())):
+            if len(path) < 5:  # a home of "/" says nothing
+                continue
+            assert path not in text, f"{name} shows {path}"
+        assert not re.search(r"(?<![\w.])/(home|work|Users|tmp)/\w", text), name

@@ -286,11 +286,11 @@ def test_lora_fine_tune_beats_frozen_baseline(tok):
         enc = tok(xte)
         return float((model(enc["input_ids"], enc["attention_mask"]).argmax(1) == yte).mean())
 
-    frozen = BertForSequenceClassification.from_pretrained(MODEL_DIR, 2, seed=0)
+    frozen = BertForSequenceClassification.from_pretrained(MODEL_DIR, 2, pooling="mean", seed=0)
     frozen.bert.requires_grad_(False)
     base_acc = run(frozen, frozen.classifier.parameters(), epochs=4)
 
-    tuned = BertForSequenceClassification.from_pretrained(MODEL_DIR, 2, seed=0)
+    tuned = BertForSequenceClassification.from_pretrained(MODEL_DIR, 2, pooling="mean", seed=0)
     lora.wrap(tuned.bert, r=8, lora_alpha=16, target_modules=["query", "value"], seed=0)
     lora_acc = run(tuned, [p for p in tuned.parameters() if p.requires_grad], epochs=4)
     assert lora_acc > base_acc + 0.1, (base_acc, lora_acc)

@@ -128,8 +128,12 @@ def test_modules_to_save_trains_a_copy():
     with lora.disable_adapters(model):
         np.testing.assert_array_equal(model.eval()(IDS), Net().eval()(IDS))
     np.testing.assert_array_equal(wrapper.original_module.weight.data, head)
-    with pytest.raises(ValueError, match="nothead"):
+    # A name the model does not have is absent, as in PEFT (task_type="SEQ_CLS" lists
+    # "classifier" and "score"); a list of which nothing matches is said out loud.
+    with pytest.warns(UserWarning, match="nothead"):
         lora.wrap(Net(), target_modules=["q_proj"], modules_to_save=["nothead"])
+    wrapped = lora.wrap(Net(), target_modules=["q_proj"], modules_to_save=["lm_head", "score"])
+    assert isinstance(wrapped.lm_head, ModulesToSaveWrapper)
 
 
 def test_print_trainable_parameters(capsys):

@@ -159,6 +159,12 @@ def _layer_shapes(model) -> list[tuple[str, int, int]]:
             if isinstance(m, nn.Linear)]
 
 
+# What the demo says instead of the loss-curve PNG when matplotlib is missing: the extra that
+# brings it (README and docs/getting-started.md list the extras).
+PLOT_SKIPPED = ("loss curves: not drawn, matplotlib is not installed; for loss_curves.png "
+                "install the plot extra: pip install 'lora[plot]' (or pip install matplotlib)")
+
+
 def plot_losses(results: list[RunResult], path: str) -> bool:
     """Write a PNG of the training and validation loss curves; False when matplotlib is not
     installed. Uses the Agg canvas directly, so it never changes a notebook's backend."""
@@ -283,7 +289,7 @@ def _run(ranks, epochs, seed, output_dir, progress, out) -> list[RunResult]:
     if plot_losses(results, png):
         say(f"loss curves: {png}")
     else:
-        say("loss curves: skipped, matplotlib is not installed (pip install matplotlib)")
+        say(PLOT_SKIPPED)
 
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"epochs": epochs, "seed": seed, "ranks": ranks, "best": best.name,

@@ -4,7 +4,12 @@
 plus model.safetensors) into modules named exactly as in transformers
 (`encoder.layer.0.attention.self.query`, ...), so `lora.wrap(model, target_modules=["query",
 "value"])` and PEFT adapter files made for a transformers BertModel apply by name.
-`BertForSequenceClassification` adds mean / CLS / pooler pooling and a linear head.
+`BertForSequenceClassification` is transformers' classifier (the pooler, dropout and a linear
+`classifier`; mean or CLS pooling by name), loaded head included from a transformers
+checkpoint. Loaded models come back in eval mode, as transformers returns them; a training
+loop calls `model.train()`. `save_pretrained` writes a (fine-tuned, LoRA merged) model back in
+transformers' layout; `encode` gives sentence embeddings as sentence-transformers does and
+`predict_proba` class probabilities, both from texts.
 
 The Linear, Embedding, GELU and LayerNorm layers are lora.nn's (LoRA wraps the Linear ones;
 GELU and LayerNorm run the C kernels in lora.functional). What lora.nn has no layer for lives
@@ -24,8 +29,16 @@ import numpy as np
 
 from .. import functional as F
 from .. import nn
+from .._checks import check_fields
 from ..nn import Module
-from .hf import Weights, load_safetensors_dir, read_config
+from ..tuners.wrap import merged_state_dict
+from .hf import (
+    Weights,
+    check_model_type,
+    load_safetensors_dir,
+    read_config,
+)
+from .hf import save_pretrained as _save_pretrained
 from .memory import keep_freed_memory
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "mean_pool", "cls_pool"]
@@ -50,21 +63,51 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     position_embedding_type: str = "absolute"
+    classifier_dropout: float | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BertConfig: {name} must be a positive integer, got {value!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is None and name == "classifier_dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value < 1.0:
+                raise ValueError(f"BertConfig: {name} must be a probability in [0, 1), "
+                                 f"got {value!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+            raise ValueError(f"BertConfig: layer_norm_eps must be positive, got "
+                             f"{self.layer_norm_eps!r}")
+        if self.pad_token_id is not None and not (
+                isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"BertConfig: pad_token_id must be in [0, vocab_size="
+                             f"{self.vocab_size}), got {self.pad_token_id!r}")
+        if self.position_embedding_type != "absolute":
+            raise NotImplementedError(
+                f"position_embedding_type={self.position_embedding_type!r}: only 'absolute'")
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise NotImplementedError(f"hidden_act={self.hidden_act!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig: hidden_size {self.hidden_size} must be a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
     @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.position_embedding_type != "absolute":
-            raise NotImplementedError(
-                f"position_embedding_type={cfg.position_embedding_type!r}: only 'absolute'")
-        if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-            raise NotImplementedError(f"hidden_act={cfg.hidden_act!r}")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        return cfg
+        """From a config.json dict: the fields above are read, its other keys (transformers'
+        bookkeeping, `architectures`, `id2label`, ...) are ignored. ValueError for an impossible
+        value (a zero size, a dropout of 1)."""
+        names = set(cls.field_names())
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> BertConfig:
@@ -320,20 +363,95 @@ class BertModel(Module):
         has_pooler = _tensors is None or "pooler.dense.weight" in _tensors
         self.pooler = BertPooler(config, init) if add_pooling_layer and has_pooler else None
         self._init_used = init.used
+        self.name_or_path: str | None = None  # the checkpoint directory, set by from_pretrained
+        self.hf_config: dict = {}  # its config.json, for save_pretrained
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, add_pooling_layer: bool = True,
                         seed: int | None = None, **config_overrides) -> BertModel:
         """Load `<directory>/config.json` and `model.safetensors` (a transformers BertModel or
-        a Bert*For* task checkpoint, whose `bert.` prefix is dropped). `seed` seeds the
-        dropout masks; `config_overrides` replace config fields, e.g.
-        `hidden_dropout_prob=0.0`."""
+        a Bert*For* task checkpoint, whose `bert.` prefix is dropped), in eval mode (dropout
+        off, as transformers returns it; call `model.train()` to fine-tune). `seed` seeds the
+        dropout masks; `config_overrides` replace BertConfig fields, e.g.
+        `hidden_dropout_prob=0.0`: TypeError for a name that is not one (naming the closest),
+        ValueError for an impossible value. ValueError naming the model_type and its loader for
+        a checkpoint of another architecture (a Llama, a GPT-2)."""
+        model, _ = cls._load(directory, add_pooling_layer, seed, config_overrides,
+                             "BertModel.from_pretrained")
+        return model.eval()
+
+    @classmethod
+    def _load(cls, directory, add_pooling_layer, seed, overrides, where):
+        """(model, tensors): the encoder of the checkpoint in `directory`, and every tensor of
+        it under transformers' BertModel names (a task model's head keeps its own)."""
         raw = read_config(directory)
-        raw.update(config_overrides)
+        check_model_type(raw, directory, where, ("bert",))
+        check_fields(where, overrides, BertConfig.field_names())
+        raw.update(overrides)
         config = BertConfig.from_dict(raw)
         tensors = _hf_names(load_safetensors_dir(directory))
         model = cls(config, add_pooling_layer=add_pooling_layer, seed=seed, _tensors=tensors)
-        return model
+        model.name_or_path, model.hf_config = os.fspath(directory), raw
+        return model, tensors
+
+    def config_dict(self) -> dict:
+        """config.json for this model: the checkpoint's (when loaded from one) with the
+        config's fields as they are now."""
+        d = {k: v for k, v in self.hf_config.items() if k not in ("architectures", "_name_or_path")}
+        d.update({f.name: getattr(self.config, f.name) for f in fields(self.config)})
+        d.update(model_type="bert", architectures=["BertModel"])
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the model in transformers' layout: config.json and model.safetensors (LoRA
+        layers merged into the saved weights; the model itself is left as it is), plus the
+        tokenizer files of the checkpoint it came from, so that `from_pretrained` here and
+        transformers' `BertModel.from_pretrained` load it."""
+        _save_pretrained(directory, self.config_dict(), merged_state_dict(self),
+                         source=self.name_or_path)
+
+    @property
+    def tokenizer(self):
+        """A lora.models.data.Tokenizer for the checkpoint directory (made on first use;
+        needs the `tokenizers` package and the directory's tokenizer.json)."""
+        tok = self.__dict__.get("_tokenizer")
+        if tok is None:
+            if self.name_or_path is None:
+                raise ValueError("the model was not loaded from a directory: pass tokenizer=")
+            from .data import Tokenizer
+
+            tok = Tokenizer(self.name_or_path)
+            object.__setattr__(self, "_tokenizer", tok)
+        return tok
+
+    def encode(self, texts, *, batch_size: int = 32, normalize_embeddings: bool | None = None,
+               tokenizer=None) -> np.ndarray:
+        """Sentence embeddings (len(texts), hidden_size) float32, as sentence-transformers'
+        `SentenceTransformer(directory).encode(texts)` gives them: the pooling its
+        1_Pooling/config.json names (mean over tokens when there is none), L2-normalised when
+        its modules.json has a Normalize step (or as `normalize_embeddings` says), texts
+        truncated at sentence_bert_config.json's max_seq_length (else the tokenizer's limit).
+        Runs in eval mode and leaves the mode as it was."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        pooling, normalize, max_length = _sentence_transformers_setup(self.name_or_path)
+        if normalize_embeddings is not None:
+            normalize = normalize_embeddings
+        was_training = self.training
+        self.eval()
+        try:
+            out = []
+            for i in range(0, len(texts), batch_size):
+                enc = tok(list(texts[i:i + batch_size]), max_length=max_length)
+                h = self(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+                out.append(cls_pool(h) if pooling == "cls" else mean_pool(h, enc["attention_mask"]))
+        finally:
+            self.train(was_training)
+        e = np.concatenate(out) if out else np.zeros((0, self.config.hidden_size), np.float32)
+        if normalize:
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), np.float32(1e-12))
+        return e.astype(np.float32, copy=False)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
         input_ids = np.asarray(input_ids)
@@ -389,35 +507,132 @@ def cls_pool(h: np.ndarray) -> np.ndarray:
     return h[:, 0]
 
 
+def _sentence_transformers_setup(directory) -> tuple[str, bool, int | None]:
+    """(pooling "mean" or "cls", normalize, max_seq_length) from a sentence-transformers model
+    directory's modules.json, 1_Pooling/config.json and sentence_bert_config.json; ("mean",
+    False, None) for a plain transformers checkpoint, as sentence-transformers builds it."""
+    pooling, normalize, max_length = "mean", False, None
+    if directory is None:
+        return pooling, normalize, max_length
+
+    def read(*parts):
+        path = os.path.join(os.fspath(directory), *parts)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    for module in read("modules.json") or []:
+        kind = str(module.get("type", ""))
+        if kind.endswith(".Normalize"):
+            normalize = True
+        elif kind.endswith(".Pooling"):
+            cfg = read(module.get("path", ""), "config.json") or {}
+            if cfg.get("pooling_mode_cls_token") and not cfg.get("pooling_mode_mean_tokens"):
+                pooling = "cls"
+            elif not cfg.get("pooling_mode_mean_tokens", True):
+                raise NotImplementedError(f"{directory}: sentence-transformers pooling {cfg}; "
+                                          "encode supports mean and CLS pooling")
+    max_length = (read("sentence_bert_config.json") or {}).get("max_seq_length")
+    return pooling, normalize, max_length
+
+
+POOLINGS = ("pooler", "mean", "cls")
+
+
 class BertForSequenceClassification(Module):
     """`bert` (a BertModel), pooling, dropout and a `classifier` Linear: logits (batch,
-    num_labels). Paths match transformers' BertForSequenceClassification (`bert.encoder...`,
-    `classifier`). pooling: "mean" (sentence-transformers), "cls" (the raw [CLS] state) or
-    "pooler" (tanh(dense([CLS])), transformers' choice)."""
+    num_labels), as transformers' BertForSequenceClassification, whose module paths it has
+    (`bert.encoder...`, `classifier`), so its checkpoints and PEFT's SEQ_CLS adapters load by
+    name. pooling: "pooler" (tanh(dense([CLS])), transformers' and the default), "mean"
+    (sentence-transformers') or "cls" (the raw [CLS] state). The dropout before the
+    classifier is config.classifier_dropout, else hidden_dropout_prob, as in transformers;
+    the head starts N(0, 0.02) with zero bias."""
 
-    def __init__(self, bert: BertModel, num_labels: int, *, pooling: str = "mean",
-                 classifier_dropout: float | None = None, seed: int | None = None):
+    def __init__(self, bert: BertModel, num_labels: int = 2, *, pooling: str = "pooler",
+                 classifier_dropout: float | None = None, seed: int | None = None,
+                 _head: tuple | None = None):
         super().__init__()
-        if pooling not in ("mean", "cls", "pooler"):
-            raise ValueError(f"pooling must be 'mean', 'cls' or 'pooler', got {pooling!r}")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) \
+                or num_labels < 1:
+            raise ValueError(f"BertForSequenceClassification: num_labels must be a positive "
+                             f"integer, got {num_labels!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be 'pooler', 'mean' or 'cls', got {pooling!r}")
         if pooling == "pooler" and bert.pooler is None:
-            raise ValueError("pooling='pooler' needs a model with its pooler layer")
+            raise ValueError("pooling='pooler' needs a model with its pooler layer (this "
+                             "checkpoint has none): pass pooling='mean' or 'cls'")
         self.bert = bert
         self.pooling = pooling
-        self.num_labels = num_labels
+        self.num_labels = int(num_labels)
+        if classifier_dropout is None:
+            classifier_dropout = bert.config.classifier_dropout
         p = bert.config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
         self.dropout = nn.Dropout(p, rng=np.random.default_rng(seed))
-        self.classifier = nn.Linear(bert.config.hidden_size, num_labels,
+        self.classifier = nn.Linear(bert.config.hidden_size, self.num_labels,
                                     rng=np.random.default_rng(seed))
-        self.classifier.weight.data[...] = 0.02 * np.random.default_rng(seed).standard_normal(
-            self.classifier.weight.shape)
-        self.classifier.bias.data[...] = 0
+        if _head is not None:
+            self.classifier.weight.data[...], self.classifier.bias.data[...] = _head
+        else:
+            self.classifier.weight.data[...] = 0.02 * np.random.default_rng(seed).standard_normal(
+                self.classifier.weight.shape)
+            self.classifier.bias.data[...] = 0
 
     @classmethod
-    def from_pretrained(cls, directory, num_labels: int, *, pooling: str = "mean",
-                        seed: int | None = None, **config_overrides):
-        bert = BertModel.from_pretrained(directory, seed=seed, **config_overrides)
-        return cls(bert, num_labels, pooling=pooling, seed=seed)
+    def from_pretrained(cls, directory, num_labels: int | None = None, *,
+                        pooling: str | None = None, seed: int | None = None,
+                        **config_overrides) -> BertForSequenceClassification:
+        """The encoder of `directory` (any BERT checkpoint, see BertModel.from_pretrained) and
+        a classifier head: the checkpoint's own `classifier` when it has one (a transformers
+        BertForSequenceClassification, or one saved by save_pretrained), else a new one of
+        `num_labels` classes (default: config.json's id2label count, else 2). `pooling`
+        defaults to the one the checkpoint was saved with (save_pretrained records it), else
+        "pooler". In eval mode; TypeError/ValueError for unknown or impossible overrides."""
+        where = "BertForSequenceClassification.from_pretrained"
+        bert, tensors = BertModel._load(directory, True, seed, config_overrides, where)
+        raw = bert.hf_config
+        head = None
+        if "classifier.weight" in tensors:
+            w, b = tensors["classifier.weight"], tensors.get("classifier.bias")
+            if w.ndim != 2 or w.shape[1] != bert.config.hidden_size or b is None \
+                    or b.shape != (w.shape[0],):
+                raise ValueError(f"{where}: the checkpoint's classifier has shape {w.shape} "
+                                 f"(bias {None if b is None else b.shape}); expected "
+                                 f"(num_labels, {bert.config.hidden_size})")
+            if num_labels is not None and num_labels != w.shape[0]:
+                raise ValueError(f"{where}: the checkpoint's classifier has {w.shape[0]} "
+                                 f"labels, num_labels={num_labels} was asked for")
+            num_labels, head = w.shape[0], (w, b)
+        elif num_labels is None:
+            num_labels = len(raw["id2label"]) if raw.get("id2label") else raw.get("num_labels", 2)
+        model = cls(bert, num_labels, pooling=pooling or raw.get("lora_pooling", "pooler"),
+                    seed=seed, _head=head)
+        id2label = raw.get("id2label") or {}
+        if len(id2label) == model.num_labels:
+            model.id2label = {int(k): v for k, v in id2label.items()}
+        return model.eval()
+
+    id2label: dict | None = None
+
+    def config_dict(self) -> dict:
+        d = self.bert.config_dict()
+        id2label = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        d.update(architectures=["BertForSequenceClassification"],
+                 id2label={str(k): v for k, v in id2label.items()},
+                 label2id={v: int(k) for k, v in id2label.items()},
+                 classifier_dropout=self.dropout.p, lora_pooling=self.pooling)
+        d.pop("num_labels", None)
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the whole fine-tuned classifier in transformers' BertForSequenceClassification
+        layout: config.json (id2label, classifier_dropout, and `lora_pooling`, which
+        from_pretrained reads back) and model.safetensors with `bert.*` and `classifier.*`
+        (LoRA merged into the weights, a trained modules_to_save head in place of the
+        original; the model itself is left as it is), plus the tokenizer files. transformers
+        loads it and gives the same logits when pooling is "pooler" (its only pooling)."""
+        _save_pretrained(directory, self.config_dict(), merged_state_dict(self),
+                         source=self.bert.name_or_path)
 
     def pool(self, h: np.ndarray, attention_mask) -> np.ndarray:
         if self.pooling == "mean":
@@ -427,9 +642,40 @@ class BertForSequenceClassification(Module):
         return self.bert.pooler(h)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
         h = self.bert(input_ids, attention_mask, token_type_ids)
-        self._save(h.shape, None if attention_mask is None else np.asarray(attention_mask))
+        self._save(h.shape, attention_mask)
         return self.classifier(self.dropout(self.pool(h, attention_mask)))
+
+    def predict_proba(self, texts, *, batch_size: int = 32, tokenizer=None) -> np.ndarray:
+        """Class probabilities (len(texts), num_labels) float32, the softmax of the logits, for
+        a list of texts (tokenized with the checkpoint's tokenizer, or `tokenizer`) or a dict
+        of arrays as a Tokenizer returns them. Runs in eval mode and leaves the mode as it
+        was."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, dict):
+            batches = [texts]
+        else:
+            tok = tokenizer if tokenizer is not None else self.bert.tokenizer
+            texts = list(texts)
+            batches = [tok(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        was_training = self.training
+        self.eval()
+        try:
+            logits = [self(b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
+                      for b in batches]
+        finally:
+            self.train(was_training)
+        z = np.concatenate(logits) if logits else np.zeros((0, self.num_labels), np.float32)
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+    def predict(self, texts, **kwargs) -> np.ndarray:
+        """The most probable class of each text, (len(texts),) int64; see predict_proba."""
+        return self.predict_proba(texts, **kwargs).argmax(axis=1)
 
     def backward(self, dlogits: np.ndarray) -> None:
         shape, mask = self._saved()

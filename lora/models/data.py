@@ -14,7 +14,7 @@ import random
 
 import numpy as np
 
-__all__ = ["Tokenizer", "negation_sentiment", "batches"]
+__all__ = ["Tokenizer", "model_max_length", "negation_sentiment", "batches"]
 
 
 class Tokenizer:
@@ -24,9 +24,12 @@ class Tokenizer:
     `attention_mask` and `token_type_ids`, each int64 of shape (batch, seq): seq is the longest
     sequence in the batch (`padding="longest"`) or `max_length` (`padding="max_length"`).
     Sequences longer than `max_length` are truncated, the way transformers' tokenizer does it.
+    `max_length` defaults to the model's own limit, as transformers' `truncation=True` takes
+    it: tokenizer_config.json's `model_max_length`, capped by config.json's
+    `max_position_embeddings` (None, no truncation, when the directory states neither).
     """
 
-    def __init__(self, directory: str | os.PathLike, max_length: int = 128):
+    def __init__(self, directory: str | os.PathLike, max_length: int | None = None):
         try:
             import tokenizers
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -37,12 +40,17 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file (a tokenizer.json is required)")
         self._tok = tokenizers.Tokenizer.from_file(path)
-        self.max_length = int(max_length)
         self.pad_token = "[PAD]"
-        cfg_path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                self.pad_token = json.load(f).get("pad_token", self.pad_token)
+        tok_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        self.pad_token = tok_config.get("pad_token", self.pad_token)
+        if isinstance(self.pad_token, dict):  # an AddedToken as some tokenizers store it
+            self.pad_token = self.pad_token.get("content", "[PAD]")
+        if max_length is None:
+            max_length = model_max_length(directory)
+        if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 1):
+            raise ValueError(
+                f"Tokenizer: max_length must be a positive integer, got {max_length!r}")
+        self.max_length = None if max_length is None else int(max_length)
         self.pad_token_id = self._tok.token_to_id(self.pad_token) or 0
         self._tok.no_padding()
         self._tok.no_truncation()
@@ -57,13 +65,26 @@ class Tokenizer:
         max_length = self.max_length if max_length is None else int(max_length)
         if padding not in ("longest", "max_length"):
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        if max_length is None:
+            if padding == "max_length":
+                raise ValueError("padding='max_length' needs a max_length (the tokenizer has "
+                                 "no limit of its own)")
+            encs = self._tok.encode_batch(list(texts))
+        else:
+            encs = self._truncated(list(texts), max_length)
+        return self._pad(encs, max_length if padding == "max_length" else None)
+
+    def _truncated(self, texts: list, max_length: int) -> list:
         self._tok.enable_truncation(max_length)
         try:
-            encs = self._tok.encode_batch(list(texts))
+            return self._tok.encode_batch(texts)
         finally:
             self._tok.no_truncation()
+
+    def _pad(self, encs: list, seq: int | None) -> dict:
         n = len(encs)
-        seq = max_length if padding == "max_length" else max((len(e.ids) for e in encs), default=0)
+        if seq is None:
+            seq = max((len(e.ids) for e in encs), default=0)
         ids = np.full((n, seq), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((n, seq), dtype=np.int64)
         types = np.zeros((n, seq), dtype=np.int64)
@@ -76,6 +97,33 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+# transformers' stand-in for "no limit" (tokenization_utils_base.VERY_LARGE_INTEGER, 1e30).
+_NO_LIMIT = int(1e29)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def model_max_length(directory: str | os.PathLike) -> int | None:
+    """The longest sequence the checkpoint in `directory` takes: tokenizer_config.json's
+    `model_max_length` (ignoring transformers' 1e30 "no limit"), capped by config.json's
+    `max_position_embeddings`; None when neither says."""
+    directory = os.fspath(directory)
+    limits = []
+    tok_limit = _read_json(os.path.join(directory, "tokenizer_config.json")).get("model_max_length")
+    if isinstance(tok_limit, (int, float)) and 0 < tok_limit < _NO_LIMIT:
+        limits.append(int(tok_limit))
+    positions = _read_json(os.path.join(directory, "config.json")).get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits) if limits else None
 
 
 # ---------------------------------------------------------------------------------------------

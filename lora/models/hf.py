@@ -3,14 +3,23 @@ weights (model.safetensors or the shards an index lists), and `Weights`, which h
 of a model being built its arrays by name.
 
 Read with lora's own safetensors reader (lora/io/safetensors.py), one tensor at a time, so
-float16 and bfloat16 checkpoints load. Nothing here knows a particular architecture; a model
-file (bert.py, ...) maps transformers' names onto its modules. Nothing is downloaded.
+float16 and bfloat16 checkpoints load. `save_pretrained` writes the same layout back.
+
+Which class loads a directory is one table, LOADERS (config.json's model_type -> class) and
+ARCHITECTURES (its `architectures` entry -> a task model's class), read by
+`from_pretrained(directory)` and by `check_model_type`, which every model's own
+from_pretrained calls so that a checkpoint of another architecture is refused naming what it
+is and what loads it. A new model adds its line to the tables. Beyond those names nothing
+here knows a particular architecture; a model file (bert.py, ...) maps transformers' names
+onto its modules. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -23,10 +32,99 @@ from ..io.safetensors import (
     checkpoint_shards,
     read_array,
     read_header,
+    serialize,
     to_compute,
 )
 
-__all__ = ["Weights", "load_safetensors_dir", "read_config"]
+__all__ = ["ARCHITECTURES", "LOADERS", "Weights", "check_model_type", "from_pretrained",
+           "load_safetensors_dir", "read_config", "save_pretrained"]
+
+# config.json's model_type -> the class whose from_pretrained loads it (imported when used).
+LOADERS = {
+    "bert": "lora.models.bert.BertModel",
+}
+# config.json's `architectures` entry -> the task model that loads it whole, head included.
+ARCHITECTURES = {
+    "BertModel": "lora.models.bert.BertModel",
+    "BertForSequenceClassification": "lora.models.bert.BertForSequenceClassification",
+}
+# Files of a checkpoint directory that describe its tokenizer (and sentence-transformers'
+# pipeline); save_pretrained copies them along, so the saved directory tokenizes and encodes
+# as the original did.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "modules.json", "sentence_bert_config.json",
+                   "1_Pooling/config.json")
+
+
+def _public_name(dotted: str) -> str:
+    """"lora.models.bert.BertModel" -> "lora.models.BertModel", the name users import."""
+    module, _, name = dotted.rpartition(".")
+    return f"lora.models.{name}" if module.startswith("lora.models.") else dotted
+
+
+def _resolve(dotted: str) -> type:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_model_type(config: dict, directory, loader: str, model_types: tuple[str, ...]) -> None:
+    """ValueError unless config.json's model_type (when it has one) is one of `model_types`,
+    naming the model_type found and the loader of lora.models that takes it, if any.
+    `loader` is the function checking ("BertModel.from_pretrained")."""
+    found = config.get("model_type")
+    if found is None or found in model_types:
+        return
+    path = os.path.join(os.fspath(directory), "config.json")
+    wanted = " or ".join(repr(t) for t in model_types)
+    if found in LOADERS:
+        hint = (f"load it with {_public_name(LOADERS[found])}.from_pretrained (or "
+                "lora.models.from_pretrained, which picks the loader from config.json)")
+    else:
+        known = ", ".join(f"{t!r} ({_public_name(c)})" for t, c in LOADERS.items())
+        hint = f"lora.models has no loader for {found!r}; it loads model_type {known}"
+    raise ValueError(f"{loader}: {path} is a {found!r} checkpoint, not {wanted}; {hint}")
+
+
+def from_pretrained(directory: str | os.PathLike, **kwargs):
+    """Load a checkpoint directory with the class its config.json names: the task model of
+    its `architectures` entry when lora.models has one (BertForSequenceClassification, head
+    included), else the model of its model_type (BertModel). `kwargs` go to that class's
+    from_pretrained. ValueError naming the model_type when no loader takes it. The model comes
+    back in eval mode, as every from_pretrained returns it."""
+    config = read_config(directory)
+    for arch in config.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return _resolve(ARCHITECTURES[arch]).from_pretrained(directory, **kwargs)
+    model_type = config.get("model_type")
+    if model_type not in LOADERS:
+        path = os.path.join(os.fspath(directory), "config.json")
+        known = ", ".join(f"{t!r} ({_public_name(c)})" for t, c in LOADERS.items())
+        what = "has no model_type" if model_type is None else f"has model_type {model_type!r}"
+        raise ValueError(f"from_pretrained: {path} {what}; lora.models loads model_type {known}")
+    return _resolve(LOADERS[model_type]).from_pretrained(directory, **kwargs)
+
+
+def save_pretrained(directory: str | os.PathLike, config: dict, tensors: dict[str, np.ndarray],
+                    source: str | os.PathLike | None = None) -> None:
+    """Write `config` as `<directory>/config.json` (sorted keys, 2-space indent) and `tensors`
+    as `model.safetensors` (metadata {"format": "pt"}, as transformers writes it), creating
+    the directory; with `source`, the checkpoint directory the model came from, also copy
+    its tokenizer files (TOKENIZER_FILES) that exist."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    data = serialize({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                     metadata={"format": "pt"})
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+        f.write(data)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if source is not None and os.path.abspath(source) != os.path.abspath(directory):
+        for name in TOKENIZER_FILES:
+            src = os.path.join(os.fspath(source), name)
+            if os.path.isfile(src):
+                os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
+                shutil.copyfile(src, os.path.join(directory, name))
 
 
 def read_config(directory: str | os.PathLike) -> dict:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from .. import functional as F
+from .._checks import kernel_dtype
 from .module import Module, Parameter
 
 
@@ -22,6 +23,27 @@ def _uniform(rng: np.random.Generator, shape, bound: float, dtype) -> np.ndarray
 
 def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
+
+
+def as_input(x, dtype, name: str = "x") -> np.ndarray:
+    """`x` as an array of the layer's `dtype`, the way NumPy functions take their arguments:
+    lists and array-likes (a pandas DataFrame) through np.asarray, numbers of another dtype
+    (float64 for a float32 layer, integers, bools) converted. TypeError naming `name` for
+    anything else (strings, objects); Module.__call__ adds the layer's path to the message."""
+    if type(x) is np.ndarray and x.dtype == dtype:
+        return x
+    a = np.asarray(x)
+    if a.dtype == dtype:
+        return a
+    if a.dtype.kind in "fiub":
+        return a.astype(dtype)
+    raise TypeError(f"input {name!r} must be numbers, got an array of dtype {a.dtype}")
+
+
+def _as_float(x) -> np.ndarray:
+    """`x` as an array, float32 or float64 as it comes; other numbers as float32."""
+    a = np.asarray(x)
+    return a if a.dtype in (np.float32, np.float64) else as_input(a, np.float32)
 
 
 class _Packable:
@@ -110,6 +132,7 @@ class Linear(_Packable, Module):
         rng: np.random.Generator | None = None,
     ):
         super().__init__()
+        dtype = kernel_dtype(dtype, "Linear")
         rng = rng if rng is not None else np.random.default_rng()
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
@@ -127,7 +150,9 @@ class Linear(_Packable, Module):
         return layer
 
     def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """x W^T + b, plus `residual` (a skip connection, added in the same pass) if given."""
+        """x W^T + b, plus `residual` (a skip connection, added in the same pass) if given.
+        x is converted to the weight's dtype (see as_input)."""
+        x = as_input(x, self.weight.dtype)
         self._save(x)
         W, _ = self._weight_arg(x)
         return F.dense_forward(x, W, None if self.bias is None else self.bias.data,
@@ -161,6 +186,7 @@ class Conv1D(_Packable, Module):
         self, nf: int, nx: int, *, dtype=np.float32, rng: np.random.Generator | None = None
     ):
         super().__init__()
+        dtype = kernel_dtype(dtype, "Conv1D")
         rng = rng if rng is not None else np.random.default_rng()
         self.in_features, self.out_features = nx, nf
         self.weight = Parameter((0.02 * rng.standard_normal((nx, nf))).astype(dtype))
@@ -169,6 +195,7 @@ class Conv1D(_Packable, Module):
     fan_in_fan_out = True
 
     def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        x = as_input(x, self.weight.dtype)
         self._save(x)
         W, fifo = self._weight_arg(x)
         return F.dense_forward(x, W, self.bias.data, fan_in_fan_out=fifo, residual=residual)
@@ -205,6 +232,7 @@ class Embedding(Module):
         rng: np.random.Generator | None = None,
     ):
         super().__init__()
+        dtype = kernel_dtype(dtype, "Embedding")
         rng = rng if rng is not None else np.random.default_rng()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         if padding_idx is not None and padding_idx < 0:
@@ -274,6 +302,7 @@ class LayerNorm(Module):
         dtype=np.float32,
     ):
         super().__init__()
+        dtype = kernel_dtype(dtype, "LayerNorm")
         shape = (
             (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         )
@@ -282,6 +311,7 @@ class LayerNorm(Module):
         self.bias = Parameter(np.zeros(shape, dtype)) if elementwise_affine and bias else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = as_input(x, self.weight.dtype) if self.weight is not None else _as_float(x)
         if len(self.normalized_shape) == 1 and self.weight is not None:
             # The usual case, one axis with a weight: the C kernel, one pass per row.
             bias = None if self.bias is None else self.bias.data
@@ -344,6 +374,7 @@ class Dropout(Module):
         return self.training and self.p > 0.0
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x)
         if not self.active:
             self._save(None)
             return x
@@ -371,6 +402,7 @@ class Identity(Module):
 
 class ReLU(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x)
         self._save(x > 0)
         return np.maximum(x, 0)
 
@@ -390,6 +422,7 @@ class GELU(Module):
         self.approximate = approximate
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x)
         self._save(x)
         if self.approximate == "tanh":
             return 0.5 * x * (1.0 + np.tanh(_K0 * (x + 0.044715 * x**3)))
@@ -412,6 +445,7 @@ _K0 = math.sqrt(2.0 / math.pi)
 
 class Tanh(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x)
         y = np.tanh(x)
         self._save(y)
         return y
@@ -425,6 +459,7 @@ class SiLU(Module):
     """x * sigmoid(x)."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x)
         s = _sigmoid(x)
         self._save(x, s)
         return x * s

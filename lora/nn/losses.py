@@ -11,18 +11,38 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+def _float_array(a, name: str) -> np.ndarray:
+    """`a` as a float array (a list or an integer array as float32), keeping float64."""
+    a = np.asarray(a)
+    if np.issubdtype(a.dtype, np.floating):
+        return a
+    if a.dtype.kind in "iub":
+        return a.astype(np.float32)
+    raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
+
+
 def cross_entropy(
     logits: np.ndarray, targets: np.ndarray, *, ignore_index: int = -100, reduction: str = "mean"
 ) -> tuple[float, np.ndarray]:
     """Softmax cross-entropy as torch.nn.functional.cross_entropy.
 
-    logits (..., C), targets integer (...); targets equal to ignore_index contribute nothing.
-    reduction "mean" (over the non-ignored targets) or "sum". Returns (loss, dlogits) with
-    dlogits the gradient of the loss, shaped like logits.
+    logits (..., C), targets integer class indices (...) in [0, C); targets equal to
+    ignore_index contribute nothing. reduction "mean" (over the non-ignored targets) or "sum".
+    Returns (loss, dlogits) with dlogits the gradient of the loss, shaped like logits. Lists
+    are taken as arrays; ValueError for targets that are not integers (float labels) or out
+    of range.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    logits = _float_array(logits, "logits")
     targets = np.asarray(targets)
+    if targets.size and not (np.issubdtype(targets.dtype, np.integer)
+                             or targets.dtype == np.bool_):
+        raise ValueError(
+            f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}"
+            + (" (cast integral float labels with .astype(int))"
+               if np.issubdtype(targets.dtype, np.floating) else "")
+        )
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"cross_entropy: logits {logits.shape} and targets {targets.shape} "
@@ -33,7 +53,11 @@ def cross_entropy(
     keep = t != ignore_index
     tk = np.where(keep, t, 0)
     if np.any((tk < 0) | (tk >= z.shape[1])):
-        raise IndexError(f"cross_entropy: targets must be in [0, {z.shape[1]}) or ignore_index")
+        bad = t[keep][(t[keep] < 0) | (t[keep] >= z.shape[1])]
+        raise ValueError(
+            f"cross_entropy: targets must be in [0, {z.shape[1]}) (logits have {z.shape[1]} "
+            f"classes) or ignore_index={ignore_index}, got {int(bad[0])}"
+        )
     shifted = z - z.max(axis=1, keepdims=True)
     logsumexp = np.log(np.exp(shifted).sum(axis=1))
     logp_t = shifted[np.arange(len(t)), tk] - logsumexp
@@ -49,9 +73,14 @@ def cross_entropy(
 def mse_loss(
     pred: np.ndarray, target: np.ndarray, *, reduction: str = "mean"
 ) -> tuple[float, np.ndarray]:
-    """Squared error, "mean" over all elements or "sum". Returns (loss, dpred)."""
+    """Squared error, "mean" over all elements or "sum". Returns (loss, dpred). Lists are taken
+    as arrays; `target` must have pred's shape."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"mse_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    pred = _float_array(pred, "pred")
+    if np.shape(target) != pred.shape:
+        raise ValueError(f"mse_loss: target {np.shape(target)} must have pred's shape "
+                         f"{pred.shape}")
     diff = pred - np.asarray(target, dtype=pred.dtype)
     n = diff.size if reduction == "mean" else 1
     return float((diff * diff).sum() / n), (2.0 / n) * diff

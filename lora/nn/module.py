@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .._checks import kernel_dtype
+
 __all__ = ["Parameter", "Module", "Sequential", "ModuleList", "ModuleDict"]
 
 
@@ -180,7 +182,9 @@ class Module:
             p.grad = None
 
     def astype(self, dtype) -> Module:
-        """Convert every parameter to `dtype` (float32 or float64) in place; returns self."""
+        """Convert every parameter to `dtype` (float32 or float64) in place; returns self.
+        TypeError for any other dtype (float16, say), before anything is converted."""
+        dtype = kernel_dtype(dtype, f"{type(self).__name__}.astype")
         for p in self.parameters():
             p.data = np.ascontiguousarray(p.data, dtype=dtype)
             p.grad = None
@@ -225,7 +229,11 @@ class Module:
 
     # -- calling -----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        try:
+            return self.forward(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            _locate(e, self)
+            raise
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__}.forward")
@@ -255,6 +263,30 @@ class Module:
             )
         object.__setattr__(self, "_cache", None)
         return cache
+
+
+def _locate(e: BaseException, module: Module) -> None:
+    """Prefix the message of an error raised inside `module`'s forward with the module that
+    raised it and its path from the outermost module called: "Linear at 'encoder.layer.0.
+    attention.self.query': ...". Each enclosing Module.__call__ adds its part of the path as
+    the error passes through it; nothing is done on the way in, so calls cost nothing."""
+    where = e.__dict__.get("_lora_where")
+    if where is None:
+        if len(e.args) != 1 or not isinstance(e.args[0], str) or str(e) != e.args[0]:
+            return  # an error that does not print its args as they are: leave it alone
+        where = {"leaf": type(module).__name__, "path": "", "message": e.args[0]}
+    else:
+        child = where["module"]
+        name = next((n for n, m in module._modules.items() if m is child), None)
+        if name is None:  # called through something that is not a child: search below
+            name = next((p for p, m in module.named_modules() if p and m is child), None)
+        if name is None:
+            return
+        where["path"] = f"{name}.{where['path']}" if where["path"] else name
+    where["module"] = module
+    e._lora_where = where
+    at = f" at {where['path']!r}" if where["path"] else ""
+    e.args = (f"{where['leaf']}{at}: {where['message']}",)
 
 
 class Sequential(Module):

@@ -17,6 +17,19 @@ from dataclasses import asdict, dataclass, field, fields
 
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
 
+# PEFT's task types (peft.TaskType) -> the task heads PEFT trains in full and saves for them
+# (PeftModelForSequenceClassification and ...ForTokenClassification add "classifier", a BERT
+# head's name, and "score", a Llama's; ...ForQuestionAnswering "qa_outputs"). LoraConfig adds
+# them to modules_to_save; names a model does not have are ignored, as in PEFT.
+TASK_HEADS = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+    "CAUSAL_LM": [],
+    "SEQ_2_SEQ_LM": [],
+    "FEATURE_EXTRACTION": [],
+}
+
 
 def scaling_factor(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     """The factor on B @ A: lora_alpha / r, which keeps the update's size independent of r at
@@ -151,7 +164,11 @@ class LoraConfig:
     "gaussian", "pissa" or "olora"; modules_to_save: modules trained in full and saved with the
     adapter; fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D; set
     automatically for Conv1D targets); rank_pattern / alpha_pattern: {module regex: r or
-    alpha}, the first key k with `(.*\\.)?(k)$` matching the path wins.
+    alpha}, the first key k with `(.*\\.)?(k)$` matching the path wins; task_type: PEFT's
+    task type ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
+    "FEATURE_EXTRACTION" or None), whose task head (TASK_HEADS: "classifier" and "score" for
+    SEQ_CLS and TOKEN_CLS) is added to modules_to_save, so it trains and is saved with the
+    adapter, as PEFT does.
     """
 
     r: int = 8
@@ -177,8 +194,20 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, str):
+            raise ValueError("LoraConfig: modules_to_save must be a list of module names, got "
+                             f"the string {self.modules_to_save!r}")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        if self.task_type is not None:
+            self.task_type = getattr(self.task_type, "value", self.task_type)  # a peft.TaskType
+            if self.task_type not in TASK_HEADS:
+                raise ValueError(f"LoraConfig: task_type must be one of {sorted(TASK_HEADS)} or "
+                                 f"None, got {self.task_type!r}")
+            heads = TASK_HEADS[self.task_type]
+            if heads:
+                names = self.modules_to_save or []
+                self.modules_to_save = names + [h for h in heads if h not in names]
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         if self.bias not in ("none", "all", "lora_only"):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import functional as F
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter
-from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows
+from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows, as_input
 from .config import MAX_ALPHA, scaling_factor
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
@@ -128,6 +128,7 @@ class LoRALinear(_Packable, _LoRABase):
     def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """The base layer plus the LoRA branch, plus `residual` (a skip connection, added in
         the same pass) if given."""
+        x = as_input(x, self.weight.dtype)
         if self.disabled and self.merged:
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
         W, fifo = self._weight_arg(x)  # read in place in either layout, or packed

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
+from .._checks import check_fields
 from .config import LoraConfig
 from .lora import LoRAEmbedding, LoRALinear
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter
@@ -82,13 +84,13 @@ def find_targets(model: Module, config: LoraConfig) -> list[tuple[str, Module]]:
 
 
 def _modules_to_save_paths(model: Module, names: list[str] | None) -> list[str]:
+    """The paths of the modules `names` selects (a path equal to a name or ending in "." +
+    name; outermost only). A name that selects nothing is absent from this model and ignored,
+    as PEFT does: task_type="SEQ_CLS" lists both "classifier" (BERT) and "score" (Llama)."""
     paths = []
     for path, _ in model.named_modules():
         if path and _match(path, names or []) and not any(path.startswith(p + ".") for p in paths):
             paths.append(path)
-    missing = [n for n in names or [] if not any(_match(p, [n]) for p in paths)]
-    if missing:
-        raise ValueError(f"modules_to_save: no module named {missing[0]!r} in the model")
     return paths
 
 
@@ -104,6 +106,7 @@ def wrap(
     ValueError when nothing matches target_modules or the model already has LoRA layers.
     """
     if config is None:
+        check_fields("wrap", config_kwargs, [f.name for f in dataclasses.fields(LoraConfig)])
         config = LoraConfig(**config_kwargs)
     elif config_kwargs:
         raise TypeError("wrap: pass either a LoraConfig or its fields as keywords, not both")
@@ -119,6 +122,14 @@ def wrap(
             f"its modules include {names}"
         )
     save_paths = _modules_to_save_paths(model, config.modules_to_save)
+    if config.modules_to_save and not save_paths:
+        warnings.warn(
+            f"wrap: modules_to_save {config.modules_to_save} match no module of the model, so "
+            "only the LoRA matrices train and are saved"
+            + (f" (task_type={config.task_type!r}: wrap the whole task model, head included)"
+               if config.task_type else ""),
+            stacklevel=2,
+        )
     rng = np.random.default_rng(seed)
     model.requires_grad_(False)
     for path, base in targets:
@@ -201,6 +212,30 @@ def _strip(model: Module, merge: bool, safe_merge: bool = False) -> Module:
     if "lora_config" in model.__dict__:
         del model.lora_config
     return model
+
+
+def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
+    """The state dict of the plain model merge_and_unload(model) would give, leaving `model`
+    as it is: each LoRA layer's weight plus scaling * B @ A (a new array; as it is when
+    merged), the trained copies of modules_to_save under their module's own names, no LoRA
+    matrices and no frozen originals. What a whole fine-tuned model is saved as."""
+    layers = dict(lora_layers(model))
+    out = {}
+    for name, p in model.named_parameters():
+        if ".original_module." in f".{name}":
+            continue
+        path, _, _ = name.rpartition(".")
+        value = p.data
+        layer = layers.get(path)
+        if layer is not None:
+            A, B = layer._pair()
+            if p is A or p is B:
+                continue
+            if p is layer.weight and not layer.merged:
+                value = value.copy()
+                layer._merge_into(value, A.data, B.data, layer.scaling)
+        out[name.replace(".modules_to_save.", ".")] = value
+    return out
 
 
 def merge_and_unload(model: Module, *, safe_merge: bool = False) -> Module:
