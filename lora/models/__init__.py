@@ -12,8 +12,9 @@ safetensors.
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, cls_pool, mean_pool
 from .hf import load_safetensors_dir
+from .llama import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "BertConfig", "BertModel", "BertForSequenceClassification", "mean_pool", "cls_pool",
-    "load_safetensors_dir",
+    "load_safetensors_dir", "LlamaConfig", "LlamaForCausalLM",
 ]
