@@ -245,7 +245,7 @@ def causal_attention_forward(q, k, v, num_heads, num_kv_heads, *, key_mask=None,
     h // (num_heads // num_kv_heads); a row with no key gives ctx 0 and lse -inf."""
     s, allowed, _, rep = _causal_scores(q, k, num_heads, num_kv_heads, key_mask, scale)
     any_key = allowed.any(axis=-1, keepdims=True)
-    m = np.where(any_key, s.max(axis=-1, keepdims=True), 0.0)
+    m = np.where(any_key, s.max(axis=-1, keepdims=True, initial=-np.inf), 0.0)
     e = np.where(allowed, np.exp(s - m), 0.0)
     total = e.sum(axis=-1, keepdims=True)
     p = np.where(any_key, e / np.where(any_key, total, 1.0), 0.0)
@@ -272,7 +272,7 @@ def causal_attention_backward(dctx, q, k, v, ctx, lse, num_heads, num_kv_heads, 
     dk_rep = scale * (ds.transpose(0, 1, 3, 2) @ _heads(q, num_heads))
 
     def fold(g):  # sum the query heads of each kv head, back to (batch, seq, kv_hidden)
-        g = g.reshape(b, num_kv_heads, rep, n, -1).sum(axis=2)
-        return g.transpose(0, 2, 1, 3).reshape(b, n, -1)
+        g = g.reshape(b, num_kv_heads, rep, n, g.shape[-1]).sum(axis=2)
+        return g.transpose(0, 2, 1, 3).reshape(k.shape)
 
     return dq.transpose(0, 2, 1, 3).reshape(q.shape), fold(dk_rep), fold(dv_rep)
