@@ -1,7 +1,7 @@
-"""lora.models: pretrained transformer encoders on lora.nn, loaded from Hugging Face
+"""lora.models: pretrained transformer encoders and Llama-family decoders on lora.nn, loaded from Hugging Face
 checkpoint directories, for LoRA fine-tuning without PyTorch.
 
-A model is one file (bert.py); hf.py reads the checkpoint directory every model loads from
+A model is one file (bert.py, llama.py); hf.py reads the checkpoint directory every model loads from
 (config.json, safetensors weights, `Weights` to build layers from them), memory.py tunes
 malloc for training loops.
 
