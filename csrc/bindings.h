@@ -33,6 +33,15 @@ LORA_KW_BINDING(layer_norm_forward);
 LORA_KW_BINDING(layer_norm_backward);
 LORA_KW_BINDING(attention_forward);
 LORA_KW_BINDING(attention_backward);
+/* bind_llama.c */
+LORA_KW_BINDING(rms_norm_forward);
+LORA_KW_BINDING(rms_norm_backward);
+LORA_KW_BINDING(rope_forward);
+LORA_KW_BINDING(rope_backward);
+LORA_KW_BINDING(swiglu_forward);
+LORA_KW_BINDING(swiglu_backward);
+LORA_KW_BINDING(causal_attention_forward);
+LORA_KW_BINDING(causal_attention_backward);
 /* bind_blas.c */
 PyObject *py_set_num_threads(PyObject *self, PyObject *arg);
 PyObject *py_blas_info(PyObject *self, PyObject *unused);

@@ -102,6 +102,18 @@ typedef struct {
 size_t lora_attention_parts(const LoraAttnDims *d);
 size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t parts);
 
+/* Causal grouped-query attention sizes: q (batch, seq, heads*head_dim), k and v (batch, seq,
+ * kv_heads*head_dim), kv_heads dividing heads; lse (batch, heads, seq). See
+ * csrc/kernels/llama_impl.h. */
+typedef struct {
+    size_t batch, seq, heads, kv_heads, head_dim;
+} LoraGqaDims;
+
+/* Parts (threads) a causal attention call splits into (backward: by (item, kv head) groups),
+ * read once by the caller, and the bytes of scratch the call then needs. */
+size_t lora_causal_attention_parts(const LoraGqaDims *d, int backward);
+size_t lora_causal_attention_scratch_bytes(const LoraGqaDims *d, size_t elem, size_t parts);
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *res, const T *A, const T *B, T scale, double p,          \
@@ -137,7 +149,26 @@ size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t p
     void attention_backward_##SUF(T *dq, T *dk, T *dv, void *scratch, const T *dctx,           \
                                   const T *q, const T *k, const T *v, const T *probs,          \
                                   const unsigned char *key_mask, T scale, double p,            \
-                                  uint64_t seed, const LoraAttnDims *d, size_t parts);
+                                  uint64_t seed, const LoraAttnDims *d, size_t parts);      \
+    /* Llama-family operations (kernels/llama.c, llama_impl.h) */                             \
+    void rms_norm_forward_##SUF(T *y, T *rstd, const T *x, const T *w, double eps, size_t rows, \
+                                size_t d);                                                    \
+    void rms_norm_backward_##SUF(T *dx, T *dw, const T *dy, const T *x, const T *rstd,          \
+                                 const T *w, size_t rows, size_t d);                          \
+    void rope_forward_##SUF(T *x, const T *cos, const T *sin, size_t batch, size_t seq,         \
+                            size_t heads, size_t head_dim, int per_item);                     \
+    void rope_backward_##SUF(T *dx, const T *cos, const T *sin, size_t batch, size_t seq,       \
+                             size_t heads, size_t head_dim, int per_item);                    \
+    void swiglu_forward_##SUF(T *y, const T *gate, const T *up, size_t n);                      \
+    void swiglu_backward_##SUF(T *dgate, T *dup, const T *dy, const T *gate, const T *up,       \
+                               size_t n);                                                     \
+    void causal_attention_forward_##SUF(T *ctx, T *lse, void *scratch, const T *q, const T *k,  \
+                                        const T *v, const unsigned char *key_mask, T scale,   \
+                                        const LoraGqaDims *d, size_t parts);                  \
+    void causal_attention_backward_##SUF(T *dq, T *dk, T *dv, void *scratch, const T *dctx,     \
+                                         const T *q, const T *k, const T *v, const T *ctx,    \
+                                         const T *lse, const unsigned char *key_mask,         \
+                                         T scale, const LoraGqaDims *d, size_t parts);
 
 LORA_DECLARE(float, f32)
 LORA_DECLARE(double, f64)

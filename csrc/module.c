@@ -1,7 +1,8 @@
 /* module.c: the module lora._C: its method table and its initialisation, nothing else.
  *
  * The functions live by family in bind_linear.c (linear and dense layers), bind_merge.c
- * (merge, unmerge), bind_optim.c (adam_step), bind_nn.c (GELU, LayerNorm, attention) and
+ * (merge, unmerge), bind_optim.c (adam_step), bind_nn.c (GELU, LayerNorm, attention), bind_llama.c
+ * (RMSNorm, RoPE, SwiGLU, causal GQA attention) and
  * bind_blas.c (set_num_threads, blas_info); the PackedWeight type in packed.c. Argument
  * checking is args.c's, the kernels' scratch scratch.c's. This is the one file that imports
  * the NumPy C API (LORA_IMPORT_ARRAY; see py_common.h).
@@ -31,6 +32,14 @@ static PyMethodDef methods[] = {
     KW_METHOD(gelu_backward),
     KW_METHOD(attention_forward),
     KW_METHOD(attention_backward),
+    KW_METHOD(rms_norm_forward),
+    KW_METHOD(rms_norm_backward),
+    KW_METHOD(rope_forward),
+    KW_METHOD(rope_backward),
+    KW_METHOD(swiglu_forward),
+    KW_METHOD(swiglu_backward),
+    KW_METHOD(causal_attention_forward),
+    KW_METHOD(causal_attention_backward),
     {"set_num_threads", py_set_num_threads, METH_O, set_num_threads_doc},
     {"blas_info", py_blas_info, METH_NOARGS, blas_info_doc},
     {NULL, NULL, 0, NULL}};

@@ -170,3 +170,110 @@ def attention_backward(dctx, q, k, v, probs, num_heads, *, key_mask=None, scale=
         return a.transpose(0, 2, 1, 3).reshape(like.shape)
 
     return merge(dq, q), merge(dk, k), merge(dv, k)
+
+
+# ------------------------------------------------------------------ Llama-family operations
+
+
+def rms_norm_forward(x, weight, *, eps=1e-6):
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=-1) + eps)
+    return x * rstd[..., None] * weight, rstd
+
+
+def rms_norm_backward(dy, x, rstd, weight, *, need_dweight=True):
+    xhat = x * rstd[..., None]
+    g = dy * weight
+    dx = rstd[..., None] * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dw = (dy * xhat).sum(axis=tuple(range(dy.ndim - 1))) if need_dweight else None
+    return dx, dw
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rope_tables(cos, sin):
+    """(seq, d) or (batch, seq, d) -> broadcastable against (batch, seq, heads, d)."""
+    return (cos[..., None, :], sin[..., None, :])
+
+
+def rope_forward(x, cos, sin, num_heads):
+    """transformers' apply_rotary_pos_emb on (batch, seq, heads*head_dim); returns a new array
+    (the C function rotates x in place)."""
+    b, s, hidden = x.shape
+    xh = x.reshape(b, s, num_heads, hidden // num_heads)
+    c, sn = _rope_tables(cos, sin)
+    return (xh * c + _rotate_half(xh) * sn).reshape(x.shape)
+
+
+def rope_backward(dx, cos, sin, num_heads):
+    """The transpose of rope_forward's linear map applied to the gradient."""
+    b, s, hidden = dx.shape
+    g = dx.reshape(b, s, num_heads, hidden // num_heads)
+    c, sn = _rope_tables(cos, sin)
+    gs = g * sn
+    half = g.shape[-1] // 2
+    # rotate_half^T(u) = concat(u2, -u1)
+    rot_t = np.concatenate([gs[..., half:], -gs[..., :half]], axis=-1)
+    return (g * c + rot_t).reshape(dx.shape)
+
+
+def swiglu_forward(gate, up):
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def swiglu_backward(dy, gate, up):
+    s = 1.0 / (1.0 + np.exp(-gate))
+    return dy * up * s * (1.0 + gate * (1.0 - s)), dy * gate * s
+
+
+def _causal_scores(q, k, num_heads, num_kv_heads, key_mask, scale):
+    b, s, hq = q.shape
+    d = hq // num_heads
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    rep = num_heads // num_kv_heads
+    kh = np.repeat(_heads(k, num_kv_heads), rep, axis=1)  # transformers' repeat_kv
+    scores = scale * (_heads(q, num_heads) @ kh.transpose(0, 1, 3, 2))
+    allowed = np.tril(np.ones((s, s), bool))[None, None]
+    if key_mask is not None:
+        allowed = allowed & np.asarray(key_mask).astype(bool)[:, None, None, :]
+    return np.where(allowed, scores, -np.inf), np.broadcast_to(allowed, scores.shape), scale, rep
+
+
+def causal_attention_forward(q, k, v, num_heads, num_kv_heads, *, key_mask=None, scale=None):
+    """Causal grouped-query attention, the (seq x seq) way. Query head h reads kv head
+    h // (num_heads // num_kv_heads); a row with no key gives ctx 0 and lse -inf."""
+    s, allowed, _, rep = _causal_scores(q, k, num_heads, num_kv_heads, key_mask, scale)
+    any_key = allowed.any(axis=-1, keepdims=True)
+    m = np.where(any_key, s.max(axis=-1, keepdims=True, initial=-np.inf), 0.0)
+    e = np.where(allowed, np.exp(s - m), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    p = np.where(any_key, e / np.where(any_key, total, 1.0), 0.0)
+    vh = np.repeat(_heads(v, num_kv_heads), rep, axis=1)
+    ctx = (p @ vh).transpose(0, 2, 1, 3).reshape(q.shape)
+    with np.errstate(divide="ignore"):
+        lse = np.where(any_key, m + np.log(np.where(any_key, total, 1.0)), -np.inf)[..., 0]
+    return ctx, lse
+
+
+def causal_attention_backward(dctx, q, k, v, ctx, lse, num_heads, num_kv_heads, *,
+                              key_mask=None, scale=None):
+    s, allowed, scale, rep = _causal_scores(q, k, num_heads, num_kv_heads, key_mask, scale)
+    b, n, _ = q.shape
+    finite = np.isfinite(lse)[..., None]
+    p = np.where(allowed & finite, np.exp(s - np.where(finite, lse[..., None], 0.0)), 0.0)
+    do = _heads(dctx, num_heads)
+    vh = np.repeat(_heads(v, num_kv_heads), rep, axis=1)
+    kh = np.repeat(_heads(k, num_kv_heads), rep, axis=1)
+    dv_rep = p.transpose(0, 1, 3, 2) @ do
+    dp = do @ vh.transpose(0, 1, 3, 2)
+    ds = p * (dp - (do * _heads(ctx, num_heads)).sum(axis=-1, keepdims=True))
+    dq = scale * (ds @ kh)
+    dk_rep = scale * (ds.transpose(0, 1, 3, 2) @ _heads(q, num_heads))
+
+    def fold(g):  # sum the query heads of each kv head, back to (batch, seq, kv_hidden)
+        g = g.reshape(b, num_kv_heads, rep, n, g.shape[-1]).sum(axis=2)
+        return g.transpose(0, 2, 1, 3).reshape(k.shape)
+
+    return dq.transpose(0, 2, 1, 3).reshape(q.shape), fold(dk_rep), fold(dv_rep)

@@ -202,7 +202,7 @@ def test_cross_entropy_label_errors_are_value_errors():
     assert loss == pytest.approx(np.log(4)) and d[1].tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("model_type, loader", [("llama", None), ("gpt2", None)])
+@pytest.mark.parametrize("model_type, loader", [("gpt2", None), ("t5", None)])
 def test_other_architectures_are_refused_naming_what_was_found(tmp_path, model_type, loader):
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": model_type, "hidden_act": "silu", "hidden_size": 64}))
@@ -220,9 +220,14 @@ def test_model_type_table_names_the_loader_that_takes_it(tmp_path, monkeypatch):
     with its loader (issue 19's Llama adds one line)."""
     from lora.models import hf
 
-    monkeypatch.setitem(hf.LOADERS, "llama", "lora.models.llama.LlamaModel")
+    assert hf.LOADERS["llama"] == "lora.models.llama.LlamaForCausalLM"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"load it with lora.models.LlamaModel.from_pretrained"):
+    with pytest.raises(ValueError,
+                       match=r"load it with lora.models.LlamaForCausalLM.from_pretrained"):
+        BertModel.from_pretrained(tmp_path)
+    monkeypatch.setitem(hf.LOADERS, "phi3", "lora.models.llama.LlamaForCausalLM")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    with pytest.raises(ValueError, match=r"'phi3'.*lora.models.LlamaForCausalLM"):
         BertModel.from_pretrained(tmp_path)
 
 

@@ -42,11 +42,17 @@ __all__ = ["ARCHITECTURES", "LOADERS", "Weights", "check_model_type", "from_pret
 # config.json's model_type -> the class whose from_pretrained loads it (imported when used).
 LOADERS = {
     "bert": "lora.models.bert.BertModel",
+    "llama": "lora.models.llama.LlamaForCausalLM",
+    "mistral": "lora.models.llama.LlamaForCausalLM",
+    "qwen2": "lora.models.llama.LlamaForCausalLM",
 }
 # config.json's `architectures` entry -> the task model that loads it whole, head included.
 ARCHITECTURES = {
     "BertModel": "lora.models.bert.BertModel",
     "BertForSequenceClassification": "lora.models.bert.BertForSequenceClassification",
+    "LlamaForCausalLM": "lora.models.llama.LlamaForCausalLM",
+    "MistralForCausalLM": "lora.models.llama.LlamaForCausalLM",
+    "Qwen2ForCausalLM": "lora.models.llama.LlamaForCausalLM",
 }
 # Files of a checkpoint directory that describe its tokenizer (and sentence-transformers'
 # pipeline); save_pretrained copies them along, so the saved directory tokenizes and encodes

@@ -24,7 +24,7 @@ from .layers import (
     pack_weights,
     unpack_weights,
 )
-from .losses import cross_entropy, mse_loss
+from .losses import causal_lm_loss, cross_entropy, mse_loss
 from .module import Module, ModuleDict, ModuleList, Parameter, Sequential
 
 __all__ = [
@@ -46,5 +46,6 @@ __all__ = [
     "ModuleList",
     "ModuleDict",
     "cross_entropy",
+    "causal_lm_loss",
     "mse_loss",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cross_entropy", "mse_loss"]
+__all__ = ["causal_lm_loss", "cross_entropy", "mse_loss"]
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -84,3 +84,21 @@ def mse_loss(
     diff = pred - np.asarray(target, dtype=pred.dtype)
     n = diff.size if reduction == "mean" else 1
     return float((diff * diff).sum() / n), (2.0 / n) * diff
+
+
+def causal_lm_loss(logits: np.ndarray, labels: np.ndarray, *, ignore_index: int = -100
+                   ) -> tuple[float, np.ndarray]:
+    """The causal-LM loss as transformers computes it: position t predicts labels[:, t + 1]
+    (the last position predicts nothing), labels equal to ignore_index count for nothing, and
+    the mean is over the counted tokens. logits (batch, seq, vocab), labels (batch, seq).
+    Returns (loss, dlogits), dlogits shaped like logits (zero at the last position)."""
+    labels = np.asarray(labels)
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"causal_lm_loss: logits {logits.shape} must be (batch, seq, vocab) "
+                         f"and labels {labels.shape} (batch, seq)")
+    dlogits = np.zeros_like(logits)
+    if logits.shape[1] < 2:
+        return float("nan"), dlogits
+    loss, d = cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=ignore_index)
+    dlogits[:, :-1] = d
+    return loss, dlogits
