@@ -74,8 +74,8 @@ typedef struct {
  * tested against erf in float64. */
 #define LORA_AVX512 __attribute__((target("avx512f,fma")))
 
-/* e^x for x in [-87, 87], which the callers guarantee (Phi's argument is within +-18, phi's
- * is clamped): no clamp here, and k = round(x / ln 2) by adding and subtracting 1.5 * 2^23
+/* e^x for x in [-87, 87] (Phi's argument is within +-18; normal_pdf_512 masks the lanes of
+ * phi's argument below -87, whatever this returns for them): no clamp here, and k = round(x / ln 2) by adding and subtracting 1.5 * 2^23
  * instead of vrndscaleps (two uops on one port). */
 static LORA_AVX512 inline __m512 exp_512(__m512 x) {
     const __m512 shift = _mm512_set1_ps(12582912.0f);
@@ -104,11 +104,39 @@ static LORA_AVX512 inline __m512 normal_cdf_512(__m512 x) {
     return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
+/* phi(x), 0 where e^{-x^2/2} underflows (|x| > 13.2) rather than the e^-87 of a clamp; exp_512
+ * sees arguments below -87 there, whose lanes the mask then drops. */
+static LORA_AVX512 inline __m512 normal_pdf_512(__m512 half_x2) {
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(half_x2, _mm512_set1_ps(-87.0f), _CMP_GE_OQ),
+                               _mm512_set1_ps(0.3989422804014327f), exp_512(half_x2));
+}
+
+/* 1 - 1/x^2 + 3/x^4 - 15/x^6, the series of Mills' ratio (gelu_grad_tail_f32); x^2 capped so
+ * that the lanes where phi is 0 stay finite. */
+static LORA_AVX512 inline __m512 mills_series_512(__m512 v, __m512 *x2_out) {
+    const __m512 x2 = _mm512_min_ps(_mm512_set1_ps(1e30f), _mm512_mul_ps(v, v));
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), x2);
+    __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(-15.0f), t, _mm512_set1_ps(3.0f));
+    s = _mm512_fmadd_ps(s, t, _mm512_set1_ps(-1.0f));
+    *x2_out = x2;
+    return _mm512_fmadd_ps(s, t, _mm512_set1_ps(1.0f));
+}
+
 static LORA_AVX512 void gelu_forward_512(float *y, const float *x, size_t begin, size_t end) {
     for (size_t i = begin; i < end; i += 16) {
         const __mmask16 m = end - i >= 16 ? 0xffff : (__mmask16)((1u << (end - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(v, normal_cdf_512(v)));
+        __m512 out = _mm512_mul_ps(v, normal_cdf_512(v));
+        /* below -5.5 the fit's clamped Phi would give x Phi(-5.5) (-2e22 at x = -1e30):
+         * there x Phi(x) = -phi(x) s(x) */
+        const __mmask16 tail = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-5.5f), _CMP_LT_OQ);
+        if (tail) {
+            __m512 x2;
+            const __m512 s = mills_series_512(v, &x2);
+            const __m512 phi = normal_pdf_512(_mm512_mul_ps(x2, _mm512_set1_ps(-0.5f)));
+            out = _mm512_mask_mul_ps(out, tail, phi, _mm512_sub_ps(_mm512_setzero_ps(), s));
+        }
+        _mm512_mask_storeu_ps(y + i, m, out);
     }
 }
 
@@ -118,20 +146,14 @@ static LORA_AVX512 void gelu_backward_512(float *dx, const float *dy, const floa
         const __mmask16 m = end - i >= 16 ? 0xffff : (__mmask16)((1u << (end - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         const __m512 half_x2 = _mm512_mul_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(-0.5f));
-        /* phi is 0 where e^{-x^2/2} underflows (|x| > 13.2), not the clamped e^-87 */
-        const __m512 phi = _mm512_maskz_mul_ps(
-            _mm512_cmp_ps_mask(half_x2, _mm512_set1_ps(-87.0f), _CMP_GE_OQ),
-            _mm512_set1_ps(0.3989422804014327f), exp_512(half_x2));
+        const __m512 phi = normal_pdf_512(half_x2);
         __m512 dphi = _mm512_fmadd_ps(v, phi, normal_cdf_512(v)); /* NaN stays NaN */
-        /* below -5.5, where Phi is clamped: Phi + x phi = phi (s - x^2) / |x| (tail_f32) */
+        /* below -5.5, where Phi is clamped: Phi + x phi = phi (s - x^2) / |x| */
         const __mmask16 tail = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-5.5f), _CMP_LT_OQ);
         if (tail) {
-            const __m512 x2 = _mm512_min_ps(_mm512_set1_ps(1e30f), _mm512_mul_ps(v, v));
-            const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), x2);
-            __m512 sr = _mm512_fmadd_ps(_mm512_set1_ps(-15.0f), t, _mm512_set1_ps(3.0f));
-            sr = _mm512_fmadd_ps(sr, t, _mm512_set1_ps(-1.0f));
-            sr = _mm512_fmadd_ps(sr, t, _mm512_set1_ps(1.0f));
-            dphi = _mm512_mask_div_ps(dphi, tail, _mm512_mul_ps(phi, _mm512_sub_ps(sr, x2)),
+            __m512 x2;
+            const __m512 s = mills_series_512(v, &x2);
+            dphi = _mm512_mask_div_ps(dphi, tail, _mm512_mul_ps(phi, _mm512_sub_ps(s, x2)),
                                       _mm512_sub_ps(_mm512_setzero_ps(), v));
         }
         _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), dphi));
