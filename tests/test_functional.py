@@ -528,8 +528,8 @@ np.save(sys.argv[1] + "/dx.npy", F.gelu_backward(np.ones_like(x), x))
 @pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
 def test_gelu_whole_float32_range(tmp_path, portable):
     """Every magnitude float32 holds, on both float32 paths, against float64 GELU: within
-    2e-7 of max(1, |value|), and exactly 0 where float64's result is below float32's range
-    (GELU(-1e30) is -0, its gradient 0, not x times a clamped Phi)."""
+    3e-7 min(|x|, 6) of max(1, |value|), and exactly 0 where float64's result is below
+    float32's range (GELU(-1e30) is -0, its gradient 0, not x times a clamped Phi)."""
     import subprocess
     import sys
 
@@ -541,10 +541,14 @@ def test_gelu_whole_float32_range(tmp_path, portable):
     with np.errstate(over="ignore", invalid="ignore"):
         y_ref = ref.gelu_forward(x)
         dx_ref = ref.gelu_backward(np.ones_like(x), x)
+    # Phi's fit is good to 1.2e-7 absolute (csrc/kernels/elementwise.c), which x multiplies
+    # where Phi is not yet saturated (|x| < 6)
+    allowed = 3e-7 * np.clip(np.abs(x), 1, 6)
     for got, want in ((y, y_ref), (dx, dx_ref)):
         assert np.isfinite(got).all()
         err = np.abs(got.astype(np.float64) - want) / np.maximum(1.0, np.abs(want))
-        assert err.max() < 6e-7, (x[err.argmax()], got[err.argmax()], want[err.argmax()])
+        worst = np.argmax(err / allowed)
+        assert np.all(err <= allowed), (x[worst], got[worst], want[worst])
         tiny = np.abs(want) < 1e-38
         assert np.all(np.abs(got[tiny]) < 1e-37), x[tiny][np.abs(got[tiny]) >= 1e-37][:5]
 
