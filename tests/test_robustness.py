@@ -132,6 +132,12 @@ def test_non_finite_weights_refused_and_model_unchanged(tmp_path, bad, wrapped):
     with pytest.raises(lora.AdapterFormatError, match=r"'base_model.model.2.lora_B.weight'.*NaN"):
         lora.load_adapter(model, tmp_path)
     _same(before, model)
+    base = tmp_path.parent / f"{tmp_path.name}-base"
+    _base(base)
+    with pytest.raises(lora.AdapterFormatError, match=r"'base_model.model.2.lora_B.weight'.*NaN"):
+        lora.merge_checkpoint(base, tmp_path, tmp_path.parent / f"{tmp_path.name}-out",
+                              progress=False)
+    assert not (tmp_path.parent / f"{tmp_path.name}-out").exists()
 
 
 def test_a_late_failure_is_undone(tmp_path, monkeypatch):

@@ -52,7 +52,8 @@ def pattern_value(patterns: dict, path: str, default):
 MAX_ALPHA = 1e6
 
 
-def _real(value, name: str, where: str, limit: float | None = None) -> None:
+def check_real(value, name: str, where: str, limit: float | None = None) -> None:
+    """ValueError naming `name` unless value is a finite real (within +-limit)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{where}: {name} must be a number, got {value!r}")
     if not math.isfinite(value) or (limit is not None and abs(value) > limit):
@@ -60,7 +61,8 @@ def _real(value, name: str, where: str, limit: float | None = None) -> None:
         raise ValueError(f"{where}: {name} must be finite{bound}, got {value!r}")
 
 
-def _positive_int(value, name: str, where: str) -> None:
+def check_positive_int(value, name: str, where: str) -> None:
+    """ValueError naming `name` unless value is an int >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
 
@@ -79,8 +81,8 @@ def check_values(config, where: str) -> None:
     that are not strings, lora_dropout outside [0, 1). Used by LoraConfig and by the readers
     of adapter_config.json (load_adapter, `lora info`, `lora merge`), so all refuse alike."""
     get = config.get
-    _positive_int(get("r", 8), "r", where)
-    _real(get("lora_alpha", 8), "lora_alpha", where, MAX_ALPHA)
+    check_positive_int(get("r", 8), "r", where)
+    check_real(get("lora_alpha", 8), "lora_alpha", where, MAX_ALPHA)
     for name in ("rank_pattern", "alpha_pattern"):
         patterns = get(name) or {}
         if not isinstance(patterns, dict):
@@ -89,9 +91,9 @@ def check_values(config, where: str) -> None:
         for key, value in patterns.items():
             _regex(key, f"{name} key", where)
             if name == "rank_pattern":
-                _positive_int(value, f"rank_pattern[{key!r}]", where)
+                check_positive_int(value, f"rank_pattern[{key!r}]", where)
             else:
-                _real(value, f"alpha_pattern[{key!r}]", where, MAX_ALPHA)
+                check_real(value, f"alpha_pattern[{key!r}]", where, MAX_ALPHA)
     for name in ("target_modules", "exclude_modules", "modules_to_save"):
         value = get(name)
         if value is None:
@@ -103,7 +105,7 @@ def check_values(config, where: str) -> None:
             kinds = "a list of module names" + ("" if name == "modules_to_save" else " or a regex")
             raise ValueError(f"{where}: {name} must be {kinds}, got {value!r}")
     dropout = get("lora_dropout", 0.0)
-    _real(dropout, "lora_dropout", where)
+    check_real(dropout, "lora_dropout", where)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{where}: lora_dropout must be in [0, 1), got {dropout}")
     if not isinstance(get("use_rslora", False), bool):

@@ -13,14 +13,13 @@ lora/tuners/wrap.py's job.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from .. import functional as F
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter
 from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows, as_input
-from .config import MAX_ALPHA, scaling_factor
+from .config import MAX_ALPHA, check_positive_int, check_real, scaling_factor
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
 
@@ -29,12 +28,8 @@ class _LoRABase(Module):
     """What LoRALinear and LoRAEmbedding share: the base layer, scaling, merged/disabled."""
 
     def _setup(self, base: Module, r: int, lora_alpha: float, use_rslora: bool, rng) -> None:
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"{type(self).__name__}: r must be a positive integer, got {r!r}")
-        if not (isinstance(lora_alpha, numbers.Real) and math.isfinite(lora_alpha)
-                and abs(lora_alpha) <= MAX_ALPHA):
-            raise ValueError(f"{type(self).__name__}: lora_alpha must be a finite number of at "
-                             f"most {MAX_ALPHA:g} in size, got {lora_alpha!r}")
+        check_positive_int(r, "r", type(self).__name__)
+        check_real(lora_alpha, "lora_alpha", type(self).__name__, MAX_ALPHA)
         object.__setattr__(self, "_base", base)  # not a child: its Parameters are ours
         self.weight = base.weight
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
