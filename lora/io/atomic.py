@@ -19,7 +19,7 @@ import os
 import secrets
 import shutil
 
-__all__ = ["exchange", "fsync_dir", "new_temp_dir", "remove_leftovers", "replace_dir",
+__all__ = ["exchange", "fsync_dir", "new_temp_dir", "remove_leftovers", "replace_dir", "umask",
            "write_file"]
 
 
