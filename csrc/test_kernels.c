@@ -142,6 +142,90 @@ static void check_packed(size_t n, size_t d_in, size_t d_out) {
     free(want_dx), free(xf), free(xb);
 }
 
+/* RMSNorm forward and backward (dx and the accumulated dw) against naive loops, over enough
+ * rows to take the threaded paths. */
+static void check_rms_norm(size_t rows, size_t d) {
+    unsigned st = 99u + (unsigned)(rows + d);
+    float *x = random_array(rows * d, &st), *w = random_array(d, &st), *dy = random_array(rows * d, &st);
+    float *y = malloc(rows * d * sizeof(float)), *rstd = malloc(rows * sizeof(float));
+    float *dx = malloc(rows * d * sizeof(float)), *dw = calloc(d, sizeof(float));
+    double *want_y = malloc(rows * d * sizeof(double)), *want_dx = malloc(rows * d * sizeof(double));
+    double *want_dw = calloc(d, sizeof(double));
+    const double eps = 1e-5;
+    rms_norm_forward_f32(y, rstd, x, w, eps, rows, d);
+    rms_norm_backward_f32(dx, dw, dy, x, rstd, w, rows, d);
+    for (size_t i = 0; i < rows; i++) {
+        const float *xi = x + i * d, *gi = dy + i * d;
+        double sq = 0, gx = 0;
+        for (size_t j = 0; j < d; j++) sq += (double)xi[j] * xi[j];
+        const double rs = 1 / sqrt(sq / d + eps);
+        for (size_t j = 0; j < d; j++) {
+            want_y[i * d + j] = xi[j] * rs * w[j];
+            gx += (double)gi[j] * w[j] * xi[j] * rs;
+            want_dw[j] += (double)gi[j] * xi[j] * rs;
+        }
+        for (size_t j = 0; j < d; j++)
+            want_dx[i * d + j] = rs * ((double)gi[j] * w[j] - xi[j] * rs * gx / d);
+    }
+    char what[64];
+    snprintf(what, sizeof what, "rms_norm forward  rows=%zu d=%zu", rows, d);
+    expect_close(what, y, want_y, rows * d);
+    snprintf(what, sizeof what, "rms_norm backward rows=%zu d=%zu", rows, d);
+    expect_close(what, dx, want_dx, rows * d);
+    expect_close("  dw", dw, want_dw, d);
+    free(x), free(w), free(dy), free(y), free(rstd), free(dx), free(dw), free(want_y);
+    free(want_dx), free(want_dw);
+}
+
+/* RoPE in place (shared tables, rotate-half layout) and its backward, which must undo it:
+ * the rotation is orthogonal, so backward(forward(x)) = x. SwiGLU forward and backward. */
+static void check_rope_swiglu(size_t batch, size_t seq, size_t heads, size_t D) {
+    unsigned st = 7u + (unsigned)(seq * heads + D);
+    const size_t n = batch * seq * heads * D, half = D / 2;
+    float *x = random_array(n, &st), *x0 = malloc(n * sizeof(float));
+    float *cos_t = malloc(seq * D * sizeof(float)), *sin_t = malloc(seq * D * sizeof(float));
+    double *want = malloc(n * sizeof(double)), *back = malloc(n * sizeof(double));
+    for (size_t i = 0; i < n; i++) x0[i] = x[i], back[i] = x[i];
+    for (size_t t = 0; t < seq; t++)
+        for (size_t i = 0; i < D; i++) {
+            const double a = t * pow(10000.0, -2.0 * (double)(i % half) / D);
+            cos_t[t * D + i] = (float)cos(a), sin_t[t * D + i] = (float)sin(a);
+        }
+    for (size_t row = 0; row < batch * seq; row++)
+        for (size_t h = 0; h < heads; h++) {
+            const size_t t = row % seq, o = row * heads * D + h * D;
+            for (size_t i = 0; i < half; i++) {
+                const double u = x0[o + i], v = x0[o + i + half];
+                want[o + i] = u * cos_t[t * D + i] - v * sin_t[t * D + i];
+                want[o + i + half] = v * cos_t[t * D + i + half] + u * sin_t[t * D + i + half];
+            }
+        }
+    rope_forward_f32(x, cos_t, sin_t, batch, seq, heads, D, 0);
+    char what[64];
+    snprintf(what, sizeof what, "rope forward  b=%zu seq=%zu heads=%zu D=%zu", batch, seq, heads, D);
+    expect_close(what, x, want, n);
+    rope_backward_f32(x, cos_t, sin_t, batch, seq, heads, D, 0);
+    expect_close("  backward undoes it", x, back, n);
+
+    float *g = random_array(n, &st), *u = random_array(n, &st), *dy = random_array(n, &st);
+    float *y = malloc(n * sizeof(float)), *dg = malloc(n * sizeof(float)), *du = malloc(n * sizeof(float));
+    double *want_dg = malloc(n * sizeof(double)), *want_du = malloc(n * sizeof(double));
+    for (size_t i = 0; i < n; i++) {
+        const double s = 1 / (1 + exp(-(double)g[i]));
+        want[i] = g[i] * s * u[i];
+        want_dg[i] = dy[i] * u[i] * s * (1 + g[i] * (1 - s));
+        want_du[i] = dy[i] * g[i] * s;
+    }
+    swiglu_forward_f32(y, g, u, n);
+    swiglu_backward_f32(dg, du, dy, g, u, n);
+    snprintf(what, sizeof what, "swiglu forward n=%zu", n);
+    expect_close(what, y, want, n);
+    expect_close("  dgate", dg, want_dg, n);
+    expect_close("  dup", du, want_du, n);
+    free(x), free(x0), free(cos_t), free(sin_t), free(want), free(back), free(g), free(u);
+    free(dy), free(y), free(dg), free(du), free(want_dg), free(want_du);
+}
+
 int main(void) {
     check_layer(1, 9, 7, 1);
     check_layer(5, 33, 17, 3);
@@ -156,6 +240,10 @@ int main(void) {
     check_packed(64, 520, 33);
     check_packed(300, 48, 900); /* dx by blocks of rows */
     check_packed(530, 700, 600); /* both by blocks: two of rows, two of steps, 8-panel chunks */
+    check_rms_norm(3, 17);
+    check_rms_norm(700, 576); /* both passes split over threads */
+    check_rope_swiglu(1, 5, 3, 8);
+    check_rope_swiglu(4, 64, 9, 64);
     printf("%s\n", failures ? "FAILED" : "all kernel checks passed");
     return failures != 0;
 }
