@@ -1,9 +1,9 @@
-"""The `lora` command line: `lora demo`, `lora info DIR` and `lora merge`; all of its
-argument parsing is here.
+"""The `lora` command line: `lora demo`, `lora info DIR`, `lora merge` and `lora generate`;
+all of its argument parsing is here.
 
 Each subcommand is a thin shell over a library function, so everything the command does is
-also reachable from Python: `lora.cli.demo.run`, `lora.cli.describe_adapter`, and
-`lora.merge_checkpoint`. Errors are one line on stderr and a non-zero exit, never a
+also reachable from Python: `lora.cli.demo.run`, `lora.cli.describe_adapter`,
+`lora.merge_checkpoint` and `lora.cli.generate.generate_text`. Errors are one line on stderr and a non-zero exit, never a
 traceback (set LORA_DEBUG=1 to get the traceback back). Heavy modules are imported only by
 the subcommand that needs them, so `lora --help` is instant and works whatever is installed.
 """
@@ -151,6 +151,66 @@ def _add_merge(subparsers) -> None:
     p.set_defaults(run=run_merge)
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with a Llama-family model (HF directory or GGUF), adapters optional",
+        description="Load a Llama-family causal LM (a Hugging Face directory or a .gguf file) "
+        "and its tokenizer, apply PEFT LoRA adapters, and stream a reply to --prompt (rendered "
+        "with the model's chat template unless --raw), or chat with --chat. Greedy unless "
+        "--sample. Speed goes to stderr.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model directory or .gguf file")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="PEFT LoRA adapter directory (repeat for several, applied in order)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="the user message to answer")
+    mode.add_argument("--chat", action="store_true", help="interactive chat loop on stdin")
+    p.add_argument("--system", default=None, help="a system message before the conversation")
+    p.add_argument("--raw", action="store_true",
+                   help="feed --prompt as plain text, without the chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                   help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_positive_float, default=1.0,
+                   help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=_probability, default=None, metavar="P",
+                   help="sample from the smallest set of tokens with probability >= P")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=None, metavar="R",
+                   help="divide the logits of tokens already present by R (CTRL's penalty)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for --sample")
+    p.add_argument("--threads", type=_positive_int, default=None, help="BLAS threads")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .generate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -164,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_info(subparsers)
     _add_merge(subparsers)
+    _add_generate(subparsers)
     return parser
 
 
