@@ -129,4 +129,5 @@ class LoRAClassifier(ClassifierMixin, LoRAEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each sample, as a label of classes_."""
-        return self.classes_[self._logits(X).argmax(axis=1)]
+        codes = self._logits(X).argmax(axis=1)
+        return self.classes_[codes]

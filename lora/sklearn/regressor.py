@@ -20,6 +20,11 @@ class LoRARegressor(RegressorMixin, LoRAEstimator):
     y_scale_. predict gives (n,) for a 1-D y (or one column, as MLPRegressor), else
     (n, n_outputs_)."""
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
     def _targets(self, y, reset: bool, where: str):
         y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
         if y.ndim == 1:
