@@ -9,7 +9,6 @@ installed, so every text test also runs the path-loading code.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil

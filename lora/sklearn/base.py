@@ -245,7 +245,7 @@ class LoRAEstimator(TransformerMixin, BaseEstimator):
             group["lr"], group["weight_decay"] = self.lr, self.weight_decay
         sched = LRScheduler(opt, _schedule(self.lr_schedule, warmup, steps))
         no_improvement, best = 0, None
-        for epoch in range(self.epochs):
+        for _ in range(self.epochs):
             start = time.perf_counter()
             model.train()
             order = rng.permutation(train_idx)
