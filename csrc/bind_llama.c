@@ -252,24 +252,50 @@ done:
 
 /* ------------------------------------------------------------------ causal GQA attention */
 
+/* q (batch, seq, hidden), k and v (batch, kv_seq, kv_hidden): kv_seq = seq, or for the
+ * forward (kv_len_o not NULL) a KV cache with kv_len (default kv_seq) in [seq, kv_seq] keys
+ * read; key_mask (batch, kv_len) or (batch, kv_seq). */
 static int causal_args(Call *c, PyArrayObject *q, PyArrayObject *k, PyArrayObject *v,
                        PyObject *heads_o, PyObject *kv_o, PyObject *mask_o, PyObject *scale_o,
-                       LoraGqaDims *d, PyArrayObject **mask, double *scale) {
+                       PyObject *kv_len_o, LoraGqaDims *d, PyArrayObject **mask,
+                       double *scale) {
     const char *func = c->func;
     npy_intp heads, kv_heads;
     if (check_ndim(c, "q", q, 3, 0) || check_ndim(c, "k", k, 3, 0)) return -1;
     const npy_intp batch = PyArray_DIM(q, 0), seq = PyArray_DIM(q, 1), hq = PyArray_DIM(q, 2);
+    const npy_intp kv_seq = PyArray_DIM(k, 1);
     if (check_blas_size(c, "q", "hidden (q.shape[2])", hq, 1) ||
         check_blas_size(c, "q", "seq (q.shape[1])", seq, 0) ||
+        check_blas_size(c, "k", "kv_seq (k.shape[1])", kv_seq, 0) ||
         arg_heads(c, "num_heads", heads_o, hq, "q.shape[2]", &heads) ||
         arg_heads(c, "num_kv_heads", kv_o, heads, "num_heads", &kv_heads))
         return -1;
-    npy_intp want_k[3] = {batch, seq, kv_heads * (hq / heads)};
-    if (check_shape(c, "k", k, 3, want_k, "(batch, seq, num_kv_heads*head_dim)") ||
-        check_shape(c, "v", v, 3, want_k, "(batch, seq, num_kv_heads*head_dim) = k.shape"))
+    if (!kv_len_o && kv_seq != seq && PyArray_DIM(k, 0) == batch) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument 'k' has %" NPY_INTP_FMT " keys per item for %"
+                            NPY_INTP_FMT " queries: only the forward takes a KV cache (k longer "
+                            "than q); the backward needs k.shape[1] = q.shape[1]",
+                     func, kv_seq, seq);
         return -1;
-    *d = (LoraGqaDims){(size_t)batch, (size_t)seq, (size_t)heads, (size_t)kv_heads,
-                       (size_t)(hq / heads)};
+    }
+    if (kv_len_o && kv_seq < seq) {
+        PyErr_Format(PyExc_ValueError,
+                     PREFIX "%s: argument 'k' must have shape (batch, kv_seq, "
+                            "num_kv_heads*head_dim) with kv_seq >= seq = %" NPY_INTP_FMT
+                            ", got kv_seq = %" NPY_INTP_FMT,
+                     func, seq, kv_seq);
+        return -1;
+    }
+    npy_intp want_k[3] = {batch, kv_len_o ? kv_seq : seq, kv_heads * (hq / heads)};
+    if (check_shape(c, "k", k, 3, want_k, kv_len_o ? "(batch, kv_seq, num_kv_heads*head_dim)"
+                                                 : "(batch, seq, num_kv_heads*head_dim)") ||
+        check_same_shape(c, "v", v, k, "k.shape"))
+        return -1;
+    long long kv_len = kv_seq;
+    if (kv_len_o && kv_len_o != Py_None &&
+        arg_int(PREFIX, func, "kv_len", kv_len_o, seq, kv_seq, &kv_len))
+        return -1;
+    npy_intp mask_ld = kv_len;
     if (mask_o != Py_None) {
         if (!PyArray_Check(mask_o) || !(PyArray_ISBOOL((PyArrayObject *)mask_o) ||
                                         PyArray_ISINTEGER((PyArrayObject *)mask_o))) {
@@ -280,10 +306,17 @@ static int causal_args(Call *c, PyArrayObject *q, PyArrayObject *k, PyArrayObjec
                                                     : Py_TYPE(mask_o)->tp_name);
             return -1;
         }
-        npy_intp want_m[2] = {batch, seq};
-        if (check_shape(c, "key_mask", (PyArrayObject *)mask_o, 2, want_m, "(batch, seq)"))
+        PyArrayObject *m = (PyArrayObject *)mask_o;
+        npy_intp want_m[2] = {batch, (npy_intp)kv_len};
+        if (PyArray_NDIM(m) == 2 && PyArray_DIM(m, 0) == batch && PyArray_DIM(m, 1) == kv_seq)
+            mask_ld = kv_seq;
+        else if (check_shape(c, "key_mask", m, 2, want_m,
+                             kv_len_o ? "(batch, kv_len) or (batch, kv_seq)" : "(batch, seq)"))
             return -1;
     }
+    *d = (LoraGqaDims){(size_t)batch,    (size_t)seq,    (size_t)heads,
+                       (size_t)kv_heads, (size_t)(hq / heads), (size_t)kv_seq,
+                       (size_t)kv_len,   (size_t)mask_ld};
     *scale = 1.0 / sqrt((double)d->head_dim);
     if (scale_o != Py_None && arg_real(c, "scale", scale_o, REAL_ANY, scale)) return -1;
     *mask = NULL;
@@ -294,21 +327,26 @@ static int causal_args(Call *c, PyArrayObject *q, PyArrayObject *k, PyArrayObjec
 }
 
 LORA_DOC(causal_attention_forward,
-"causal_attention_forward(q, k, v, num_heads, num_kv_heads, *, key_mask=None, scale=None)\n"
-"--\n\n"
+"causal_attention_forward(q, k, v, num_heads, num_kv_heads, *, key_mask=None, scale=None,\n"
+"kv_len=None)\n--\n\n"
 "Causal grouped-query attention on the layout the projections write: query head h (the\n"
 "column block ``[h*head_dim, (h+1)*head_dim)`` of q) attends to kv head\n"
 "``h // (num_heads // num_kv_heads)`` of k and v, at keys up to its own position:\n"
 "``ctx_h = softmax(scale * q_h k_g^T + causal mask + key mask) v_g``. Tiled with an online\n"
 "softmax (FlashAttention-2): no seq x seq matrix is formed.\n\n"
+"k and v may be a KV cache longer than q: of their kv_seq rows per item the first kv_len\n"
+"are the keys (the rest is never read, so a preallocated cache is passed as it is), and\n"
+"the q rows are positions ``kv_len - seq .. kv_len - 1``. A cached call has no backward.\n\n"
 "Parameters\n----------\n"
 "q : ndarray, shape (batch, seq, num_heads*head_dim)\n"
-"k, v : ndarray, shape (batch, seq, num_kv_heads*head_dim)\n"
+"k, v : ndarray, shape (batch, kv_seq, num_kv_heads*head_dim), kv_seq >= seq\n"
 "num_heads : int, divides q.shape[2]\nnum_kv_heads : int, divides num_heads\n"
-"key_mask : ndarray of bool or int, shape (batch, seq), optional\n"
+"key_mask : ndarray of bool or int, shape (batch, kv_len) or (batch, kv_seq), optional\n"
 "    Nonzero where a key may be attended to (an attention_mask). A query with no key left\n"
 "    (a padded position of a left-padded batch) gets ctx 0.\n"
-"scale : float, default 1 / sqrt(head_dim)\n\n"
+"scale : float, default 1 / sqrt(head_dim)\n"
+"kv_len : int in [seq, kv_seq], default kv_seq\n"
+"    The keys of the cache filled so far.\n\n"
 "Returns\n-------\n"
 "ctx : ndarray, shape (batch, seq, num_heads*head_dim)\n"
 "lse : ndarray, shape (batch, num_heads, seq)\n"
@@ -317,11 +355,13 @@ LORA_DOC(causal_attention_forward,
 
 PyObject *py_causal_attention_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"q", "k", "v", "num_heads", "num_kv_heads", "key_mask", "scale",
-                             NULL};
+                             "kv_len", NULL};
     PyObject *q_o, *k_o, *v_o, *heads_o, *kv_o, *mask_o = Py_None, *scale_o = Py_None;
+    PyObject *kv_len_o = Py_None;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|$OO:causal_attention_forward", kwlist,
-                                     &q_o, &k_o, &v_o, &heads_o, &kv_o, &mask_o, &scale_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|$OOO:causal_attention_forward", kwlist,
+                                     &q_o, &k_o, &v_o, &heads_o, &kv_o, &mask_o, &scale_o,
+                                     &kv_len_o))
         return NULL;
     Call c = CALL_INIT("causal_attention_forward", "q");
     PyArrayObject *q = NULL, *k = NULL, *v = NULL, *mask = NULL, *ctx = NULL, *lse = NULL;
@@ -331,7 +371,8 @@ PyObject *py_causal_attention_forward(PyObject *self, PyObject *args, PyObject *
     void *scratch;
     if (arg_array(&c, &q, "q", q_o) || arg_array(&c, &k, "k", k_o) ||
         arg_array(&c, &v, "v", v_o) ||
-        causal_args(&c, q, k, v, heads_o, kv_o, mask_o, scale_o, &d, &mask, &scale) ||
+        causal_args(&c, q, k, v, heads_o, kv_o, mask_o, scale_o, kv_len_o, &d, &mask,
+                    &scale) ||
         call_carrays(&c))
         goto done;
     npy_intp ldims[3] = {(npy_intp)d.batch, (npy_intp)d.heads, (npy_intp)d.seq};
@@ -378,7 +419,8 @@ PyObject *py_causal_attention_backward(PyObject *self, PyObject *args, PyObject 
     if (arg_array(&c, &dctx, "dctx", dctx_o) || arg_array(&c, &q, "q", q_o) ||
         arg_array(&c, &k, "k", k_o) || arg_array(&c, &v, "v", v_o) ||
         arg_array(&c, &ctx, "ctx", ctx_o) || arg_array(&c, &lse, "lse", lse_o) ||
-        causal_args(&c, q, k, v, heads_o, kv_o, mask_o, scale_o, &d, &mask, &scale))
+        causal_args(&c, q, k, v, heads_o, kv_o, mask_o, scale_o, NULL, &d, &mask,
+                    &scale))
         goto done;
     npy_intp ldims[3] = {(npy_intp)d.batch, (npy_intp)d.heads, (npy_intp)d.seq};
     const size_t parts = lora_causal_attention_parts(&d, 1), elem = PyArray_ITEMSIZE(q);

@@ -102,11 +102,13 @@ typedef struct {
 size_t lora_attention_parts(const LoraAttnDims *d);
 size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t parts);
 
-/* Causal grouped-query attention sizes: q (batch, seq, heads*head_dim), k and v (batch, seq,
- * kv_heads*head_dim), kv_heads dividing heads; lse (batch, heads, seq). See
- * csrc/kernels/llama_impl.h. */
+/* Causal grouped-query attention sizes: q (batch, seq, heads*head_dim), k and v (batch,
+ * kv_seq, kv_heads*head_dim) of which keys [0, kv_len) are read (seq <= kv_len <= kv_seq: a
+ * KV cache; the q rows are positions kv_len - seq .. kv_len - 1), kv_heads dividing heads;
+ * key_mask rows mask_ld apart; lse (batch, heads, seq). Without a cache kv_seq = kv_len =
+ * mask_ld = seq. See csrc/kernels/llama_impl.h. */
 typedef struct {
-    size_t batch, seq, heads, kv_heads, head_dim;
+    size_t batch, seq, heads, kv_heads, head_dim, kv_seq, kv_len, mask_ld;
 } LoraGqaDims;
 
 /* Parts (threads) a causal attention call splits into (backward: by (item, kv head) groups),

@@ -229,21 +229,29 @@ def swiglu_backward(dy, gate, up):
 
 
 def _causal_scores(q, k, num_heads, num_kv_heads, key_mask, scale):
+    """Scores (batch, heads, seq, kv_len) of the q rows at positions kv_len - seq ..
+    kv_len - 1 against the keys k[:, :kv_len]."""
     b, s, hq = q.shape
+    n = k.shape[1]
     d = hq // num_heads
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     rep = num_heads // num_kv_heads
     kh = np.repeat(_heads(k, num_kv_heads), rep, axis=1)  # transformers' repeat_kv
     scores = scale * (_heads(q, num_heads) @ kh.transpose(0, 1, 3, 2))
-    allowed = np.tril(np.ones((s, s), bool))[None, None]
+    allowed = np.tril(np.ones((s, n), bool), k=n - s)[None, None]
     if key_mask is not None:
-        allowed = allowed & np.asarray(key_mask).astype(bool)[:, None, None, :]
+        allowed = allowed & np.asarray(key_mask)[:, :n].astype(bool)[:, None, None, :]
     return np.where(allowed, scores, -np.inf), np.broadcast_to(allowed, scores.shape), scale, rep
 
 
-def causal_attention_forward(q, k, v, num_heads, num_kv_heads, *, key_mask=None, scale=None):
-    """Causal grouped-query attention, the (seq x seq) way. Query head h reads kv head
-    h // (num_heads // num_kv_heads); a row with no key gives ctx 0 and lse -inf."""
+def causal_attention_forward(q, k, v, num_heads, num_kv_heads, *, key_mask=None, scale=None,
+                             kv_len=None):
+    """Causal grouped-query attention, the (seq x kv_len) way. Query head h reads kv head
+    h // (num_heads // num_kv_heads); a row with no key gives ctx 0 and lse -inf. With a KV
+    cache (k, v of kv_seq >= seq rows), the keys are the first kv_len (default all) and the
+    q rows the last seq positions among them."""
+    kv_len = k.shape[1] if kv_len is None else kv_len
+    k, v = k[:, :kv_len], v[:, :kv_len]
     s, allowed, _, rep = _causal_scores(q, k, num_heads, num_kv_heads, key_mask, scale)
     any_key = allowed.any(axis=-1, keepdims=True)
     m = np.where(any_key, s.max(axis=-1, keepdims=True, initial=-np.inf), 0.0)

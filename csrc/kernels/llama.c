@@ -39,15 +39,16 @@ size_t lora_causal_attention_scratch_bytes(const LoraGqaDims *d, size_t elem, si
     return causal_items_bytes(d) + parts * causal_part_bytes(d, elem);
 }
 
-/* Per item b: the keys [lo[b], hi[b]) between its first and last unmasked key (all of them
- * without a mask; lo = hi = 0 when every key is masked). Keys outside cost no work. */
+/* Per item b: the keys [lo[b], hi[b]) of [0, seq) between its first and last unmasked key
+ * (all of them without a mask; lo = hi = 0 when every key is masked); mask rows are ld
+ * apart. Keys outside cost no work. */
 static void causal_items(size_t *lo, size_t *hi, const unsigned char *key_mask, size_t batch,
-                         size_t seq) {
+                         size_t seq, size_t ld) {
     for (size_t b = 0; b < batch; b++) {
         lo[b] = 0;
         hi[b] = seq;
         if (!key_mask) continue;
-        const unsigned char *m = key_mask + b * seq;
+        const unsigned char *m = key_mask + b * ld;
         size_t l = 0, h = seq;
         while (l < seq && !m[l]) l++;
         while (h > l && !m[h - 1]) h--;

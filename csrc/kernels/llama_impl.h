@@ -182,9 +182,12 @@ void FN(swiglu_backward)(T *dgate, T *dup, const T *dy, const T *gate, const T *
 }
 
 /* ------------------------------------------------------------------ causal GQA attention
- * q, ctx (batch, seq, heads*head_dim), k, v (batch, seq, kv_heads*head_dim): the layout the
- * projections write. Query head h reads kv head h / (heads / kv_heads) (transformers'
- * repeat_kv). lse (batch, heads, seq).
+ * q, ctx (batch, seq, heads*head_dim), k, v (batch, kv_seq, kv_heads*head_dim): the layout
+ * the projections write. Query head h reads kv head h / (heads / kv_heads) (transformers'
+ * repeat_kv). lse (batch, heads, seq). The forward also takes a KV cache: k and v hold
+ * kv_seq >= kv_len rows per item, of which keys [0, kv_len) are read, and query row i sits
+ * at position kv_len - seq + i (seq = 1: one decoding step, a row of scores per head). The
+ * backward has kv_seq = kv_len = seq.
  *
  *   forward:  S = scale q k^T, masked where key j > query i or key j is padding,
  *             P = softmax(S) per row, ctx = P v, lse = log sum_j exp(S_ij)
@@ -320,6 +323,7 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
     const FN(Causal) *a = arg;
     const size_t H = a->d.heads, KV = a->d.kv_heads, D = a->d.head_dim, Sq = a->d.seq;
     const size_t hq = H * D, hk = KV * D, pairs = a->d.batch * H, rep = H / KV;
+    const size_t Sk = a->d.kv_seq, off = a->d.kv_len - Sq; /* query row i is key off + i */
     for (size_t part = part0; part < part1; part++) {
         char *base = a->scratch + part * causal_part_bytes(&a->d, sizeof(T));
         T *kt = (T *)base;
@@ -330,13 +334,13 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
         for (size_t pair = pairs * part / a->parts; pair < pairs * (part + 1) / a->parts; pair++) {
             const size_t b = pair / H, h = pair % H, g = h / rep;
             const size_t lo = a->lo[b], hi = a->hi[b];
-            const unsigned char *mask = a->key_mask ? a->key_mask + b * Sq : NULL;
+            const unsigned char *mask = a->key_mask ? a->key_mask + b * a->d.mask_ld : NULL;
             const T *qh = a->q + b * Sq * hq + h * D;
-            const T *kh = a->k + b * Sq * hk + g * D, *vh = a->v + b * Sq * hk + g * D;
+            const T *kh = a->k + b * Sk * hk + g * D, *vh = a->v + b * Sk * hk + g * D;
             T *ch = a->ctx + b * Sq * hq + h * D, *lse = a->lse + pair * Sq;
             for (size_t i0 = 0; i0 < Sq; i0 += TQ) {
                 const size_t R = Sq - i0 < TQ ? Sq - i0 : TQ;
-                const size_t jend = i0 + R < hi ? i0 + R : hi;
+                const size_t jend = off + i0 + R < hi ? off + i0 + R : hi;
                 for (size_t r = 0; r < R; r++) {
                     mx[r] = -INFINITY;
                     sum[r] = 0;
@@ -346,7 +350,7 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
                     const size_t n = jend - j0 < TK ? jend - j0 : TK;
                     FN(load_kt)(kt, kh + j0 * hk, hk, n, D);
                     FN(tile_scores)(S, qh + i0 * hq, hq, kt, R, D, a->scale);
-                    FN(mask_tile)(S, i0, R, j0, n, mask);
+                    FN(mask_tile)(S, off + i0, R, j0, n, mask);
                     for (size_t r = 0; r < R; r++) {
                         T *s = S + r * TK, m = mx[r];
 #pragma omp simd reduction(max : m)
@@ -406,7 +410,7 @@ static LORA_CLONES LORA_FMA void FN(causal_backward_parts)(void *arg, size_t par
         for (size_t grp = groups * part / a->parts; grp < groups * (part + 1) / a->parts; grp++) {
             const size_t b = grp / KV, g = grp % KV;
             const size_t lo = a->lo[b], hi = a->hi[b];
-            const unsigned char *mask = a->key_mask ? a->key_mask + b * Sq : NULL;
+            const unsigned char *mask = a->key_mask ? a->key_mask + b * a->d.mask_ld : NULL;
             const T *kh = a->k + b * Sq * hk + g * D, *vh = a->v + b * Sq * hk + g * D;
             T *dkh = a->dk + b * Sq * hk + g * D, *dvh = a->dv + b * Sq * hk + g * D;
             for (size_t j = 0; j < Sq; j++) {
@@ -468,7 +472,7 @@ void FN(causal_attention_forward)(T *ctx, T *lse, void *scratch, const T *q, con
                                   const T *v, const unsigned char *key_mask, T scale,
                                   const LoraGqaDims *d, size_t parts) {
     size_t *lo = scratch, *hi = lo + d->batch;
-    causal_items(lo, hi, key_mask, d->batch, d->seq);
+    causal_items(lo, hi, key_mask, d->batch, d->kv_len, d->mask_ld);
     if (!d->batch || !d->seq) return;
     FN(Causal) a = {ctx, lse, NULL, NULL, NULL, (char *)scratch + causal_items_bytes(d),
                     q, k, v, NULL, NULL, NULL, key_mask, lo, hi, scale, parts, *d};
@@ -480,7 +484,7 @@ void FN(causal_attention_backward)(T *dq, T *dk, T *dv, void *scratch, const T *
                                    const T *lse, const unsigned char *key_mask, T scale,
                                    const LoraGqaDims *d, size_t parts) {
     size_t *lo = scratch, *hi = lo + d->batch;
-    causal_items(lo, hi, key_mask, d->batch, d->seq);
+    causal_items(lo, hi, key_mask, d->batch, d->kv_len, d->mask_ld);
     if (!d->batch || !d->seq) return;
     FN(Causal) a = {NULL, NULL, dq, dk, dv, (char *)scratch + causal_items_bytes(d),
                     q, k, v, dctx, ctx, lse, key_mask, lo, hi, scale, parts, *d};

@@ -11,8 +11,9 @@ parameter; `lora.nn.causal_lm_loss` gives the loss and dlogits.
 The Linear and Embedding layers are lora.nn's (LoRA wraps the Linear ones); RMSNorm, the
 rotary embedding, SwiGLU and causal grouped-query attention are the C kernels of
 lora.functional. The rotary tables (rope_theta, the "linear" and "llama3" rope_scaling kinds)
-are computed here, as transformers' modeling_rope_utils does. Not here (yet): GGUF files,
-generation and a KV cache, the fused chunked loss, gradient checkpointing, Mistral's sliding
+are computed here, as transformers' modeling_rope_utils does. `model.generate(...)` (greedy and
+sampled decoding with a KV cache) is lora.models.generation's. Not here (yet): GGUF files,
+the fused chunked loss, gradient checkpointing, Mistral's sliding
 window beyond its length (refused), gradients for the token ids.
 """
 
@@ -393,6 +394,13 @@ class LlamaForCausalLM(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
         return self.lm_head(self.model(input_ids, attention_mask, position_ids))
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+        """Greedy or sampled continuation with a KV cache, as transformers' generate():
+        int64 (batch, prompt + new). See lora.models.generation.generate for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def backward(self, dlogits: np.ndarray) -> None:
         self.lm_head.need_input_grad = True
