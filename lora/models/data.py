@@ -8,6 +8,8 @@ classification set from templates. Nothing here downloads anything.
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import os
 import random
@@ -42,6 +44,8 @@ class Tokenizer:
         self._tok = tokenizers.Tokenizer.from_file(path)
         self.pad_token = "[PAD]"
         tok_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        self._config = tok_config
+        self.chat_template = _read_chat_template(directory, tok_config)
         self.pad_token = tok_config.get("pad_token", self.pad_token)
         if isinstance(self.pad_token, dict):  # an AddedToken as some tokenizers store it
             self.pad_token = self.pad_token.get("content", "[PAD]")
@@ -95,8 +99,100 @@ class Tokenizer:
             types[i, :k] = e.type_ids
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of one text, as transformers' `tokenizer.encode(text)`: special tokens
+        (BERT's [CLS]/[SEP], a Llama bos) only where the model's tokenizer adds them."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode: text must be a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; special tokens kept unless skip_special_tokens (transformers'
+        default)."""
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                skip_special_tokens=skip_special_tokens)
+
+    def _special(self, name: str) -> tuple[str | None, int | None]:
+        token = self._config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        return (token, None) if token is None else (token, self._tok.token_to_id(token))
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special("bos_token")[1]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special("eos_token")[1]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = True, **kwargs):
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat
+        template (tokenizer_config.json's `chat_template` or chat_template.jinja) the way
+        transformers does: a sandboxed jinja2 environment with trim_blocks and lstrip_blocks,
+        `raise_exception`, `strftime_now` and a `tojson` filter, the special tokens (bos_token,
+        eos_token, ...) and `kwargs` as variables. tokenize=True (transformers' default)
+        returns the ids of the text, encoded without adding special tokens."""
+        if self.chat_template is None:
+            raise ValueError("apply_chat_template: this tokenizer has no chat template "
+                             "(no chat_template in tokenizer_config.json, no chat_template.jinja)")
+        if not (isinstance(messages, (list, tuple)) and all(
+                isinstance(m, dict) and "role" in m for m in messages)):
+            raise TypeError("apply_chat_template: messages must be a list of dicts with 'role' "
+                            "and 'content'")
+        specials = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
+                     "cls_token", "mask_token"):
+            token = self._special(name)[0]
+            if token is not None:
+                specials[name] = token
+        text = _compiled_template(self.chat_template).render(
+            messages=list(messages), tools=kwargs.pop("tools", None),
+            documents=kwargs.pop("documents", None),
+            add_generation_prompt=add_generation_prompt, **{**specials, **kwargs})
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _read_chat_template(directory, tok_config: dict) -> str | None:
+    """transformers 5 writes the template to chat_template.jinja; older files keep it in
+    tokenizer_config.json (a string, or a list of named templates: "default" is taken)."""
+    path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(source: str):
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("chat templates need the `jinja2` package: "
+                          "pip install 'lora[models]'") from e
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
 
 
 # transformers' stand-in for "no limit" (tokenization_utils_base.VERY_LARGE_INTEGER, 1e30).
