@@ -4,8 +4,8 @@ all of its argument parsing is here.
 Each subcommand is a thin shell over a library function, so everything the command does is
 also reachable from Python: `lora.cli.demo.run`, `lora.cli.describe_adapter`,
 `lora.merge_checkpoint` and `lora.cli.generate.generate_text`. Errors are one line on stderr
-and a non-zero exit, never a traceback (set LORA_DEBUG=1 to get the traceback back). Heavy modules are imported only by
-the subcommand that needs them, so `lora --help` is instant and works whatever is installed.
+and a non-zero exit, never a traceback (set LORA_DEBUG=1 to get the traceback back). Heavy
+modules are imported only by the subcommand that needs them, so `lora --help` is instant and works whatever is installed.
 """
 
 from __future__ import annotations
