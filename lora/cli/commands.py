@@ -5,7 +5,8 @@ Each subcommand is a thin shell over a library function, so everything the comma
 also reachable from Python: `lora.cli.demo.run`, `lora.cli.describe_adapter`,
 `lora.merge_checkpoint` and `lora.cli.generate.generate_text`. Errors are one line on stderr
 and a non-zero exit, never a traceback (set LORA_DEBUG=1 to get the traceback back). Heavy
-modules are imported only by the subcommand that needs them, so `lora --help` is instant and works whatever is installed.
+modules are imported only by the subcommand that needs them, so `lora --help` is instant and
+works whatever is installed.
 """
 
 from __future__ import annotations
