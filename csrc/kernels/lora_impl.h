@@ -220,6 +220,52 @@ static void FN(transpose)(T *dst, const T *src, size_t d, size_t r) {
     }
 }
 
+/* y (d_out) = W x + beta y for one row x (d_in), W (d_out, d_in): 4 rows of W at a time
+ * against x (which stays in L1), rows split over lora's threads. One token's decode step is
+ * all such products and bound by the bandwidth that streams W; OpenBLAS's sgemv threads only
+ * its larger shapes and reads W at about 15 GB/s a core here (docs/performance.md). */
+typedef struct {
+    T *y;
+    const T *W, *x;
+    T beta;
+    size_t d_in;
+} FN(Gemv);
+
+static LORA_CLONES LORA_FMA void FN(gemv_rows)(void *arg, size_t begin, size_t end) {
+    const FN(Gemv) *g = arg;
+    const size_t K = g->d_in;
+    const T *restrict x = g->x;
+    size_t i = begin;
+    for (; i + 4 <= end; i += 4) {
+        const T *restrict w0 = g->W + i * K, *restrict w1 = w0 + K, *restrict w2 = w1 + K,
+                *restrict w3 = w2 + K;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (size_t j = 0; j < K; j++) {
+            s0 += w0[j] * x[j];
+            s1 += w1[j] * x[j];
+            s2 += w2[j] * x[j];
+            s3 += w3[j] * x[j];
+        }
+        T *yi = g->y + i;
+        if (g->beta != 0)
+            s0 += g->beta * yi[0], s1 += g->beta * yi[1], s2 += g->beta * yi[2], s3 += g->beta * yi[3];
+        yi[0] = s0, yi[1] = s1, yi[2] = s2, yi[3] = s3;
+    }
+    for (; i < end; i++) {
+        const T *restrict w = g->W + i * K;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (size_t j = 0; j < K; j++) s += w[j] * x[j];
+        g->y[i] = s + (g->beta != 0 ? g->beta * g->y[i] : 0);
+    }
+}
+
+static void FN(gemv)(T *y, const T *W, const T *x, T beta, size_t d_out, size_t d_in) {
+    FN(Gemv) g = {y, W, x, beta, d_in};
+    lora_parallel_for(d_out, (1 << 15) / (d_in + 1) + 4, 4, FN(gemv_rows), &g);
+}
+
 /* The base layer's products with W (d_out, d_in), or with W stored (d_in, d_out) when wt
  * (PEFT's fan_in_fan_out, GPT-2's Conv1D), read in place either way:
  *   base_forward:  y  = x W^T + beta y     (n, d_out)
@@ -232,7 +278,7 @@ static void FN(base_forward)(T *y, const T *x, const T *W, int wt, T beta, size_
         if (beta == 0) memset(y, 0, n * d_out * sizeof(T));
         FN(panel_gemm)(y, pk->xp, x, pk->panels, n, d_in, d_out, pk->parts);
     } else if (n == 1 && !wt)
-        GEMV(ROW, NT, (int)d_out, (int)d_in, 1, W, (int)d_in, x, 1, beta, y, 1);
+        FN(gemv)(y, W, x, beta, d_out, d_in);
     else if (n == 1)
         GEMV(ROW, TR, (int)d_in, (int)d_out, 1, W, (int)d_out, x, 1, beta, y, 1);
     else
