@@ -99,7 +99,7 @@ def _rows(tokenizer, examples: list[tuple[str, list[tuple[int, int]]]], max_leng
     tok = _backend(tokenizer)
     encs = tok.encode_batch([text for text, _ in examples], add_special_tokens=False)
     rows = []
-    for enc, (_, spans) in zip(encs, examples):
+    for enc, (_, spans) in zip(encs, examples, strict=True):
         ids = enc.ids[:max_length] if max_length else enc.ids
         starts = np.array([o[0] for o in enc.offsets[:len(ids)]], dtype=np.int64)
         learn = np.zeros(len(ids), dtype=bool)
@@ -179,7 +179,7 @@ def instruction_examples(tokenizer, prompts, answers, *, chat_template: bool | N
         head = [{"role": "system", "content": system}] if system is not None else []
         return chat_examples(tokenizer, [head + [{"role": "user", "content": p},
                                                  {"role": "assistant", "content": a}]
-                                         for p, a in zip(prompts, answers)],
+                                         for p, a in zip(prompts, answers, strict=True)],
                              train_on="last", max_length=max_length, padding=padding)
     if system is not None:
         raise ValueError("system needs the chat template (chat_template=True)")
@@ -190,7 +190,7 @@ def instruction_examples(tokenizer, prompts, answers, *, chat_template: bool | N
     eos_id = tokenizer.eos_token_id
     eos = tokenizer.decode([eos_id]) if eos_id is not None else ""
     examples = []
-    for p, a in zip(prompts, answers):
+    for p, a in zip(prompts, answers, strict=True):
         start = len(bos) + len(p)
         text = bos + p + a + eos
         examples.append((text, [(start, len(text))]))
