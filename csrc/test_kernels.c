@@ -226,8 +226,101 @@ static void check_rope_swiglu(size_t batch, size_t seq, size_t heads, size_t D) 
     free(dy), free(y), free(dg), free(du), free(want_dg), free(want_du);
 }
 
+/* Naive causal GQA attention in double for item b, query head h: the scores of query row i
+ * (position off + i) over keys [0, kv_len), masked causally and by key_mask, softmaxed into p;
+ * returns 0 when no key is left. */
+static int naive_probs(double *p, const float *q, const float *k, const unsigned char *mask,
+                       const LoraGqaDims *d, size_t b, size_t h, size_t i, double scale) {
+    const size_t D = d->head_dim, hq = d->heads * D, hk = d->kv_heads * D;
+    const size_t g = h / (d->heads / d->kv_heads), off = d->kv_len - d->seq;
+    double mx = -INFINITY, sum = 0;
+    for (size_t j = 0; j < d->kv_len; j++) {
+        p[j] = -INFINITY;
+        if (j > off + i || (mask && !mask[b * d->mask_ld + j])) continue;
+        double s = 0;
+        for (size_t c = 0; c < D; c++)
+            s += (double)q[(b * d->seq + i) * hq + h * D + c] * k[(b * d->kv_seq + j) * hk + g * D + c];
+        p[j] = scale * s;
+        if (p[j] > mx) mx = p[j];
+    }
+    if (mx == -INFINITY) return 0;
+    for (size_t j = 0; j < d->kv_len; j++) sum += p[j] = p[j] == -INFINITY ? 0 : exp(p[j] - mx);
+    for (size_t j = 0; j < d->kv_len; j++) p[j] /= sum;
+    return 1;
+}
+
+/* Causal grouped-query attention against naive loops: the forward's ctx (with a KV cache when
+ * kv_len > seq, and a left-padding key mask) and, without a cache, the backward's dq, dk, dv
+ * from the naive gradients of sum(dctx * ctx). */
+static void check_causal_attention(size_t batch, size_t seq, size_t heads, size_t kv_heads,
+                                   size_t D, size_t kv_seq, size_t kv_len, int padded) {
+    unsigned st = 31u + (unsigned)(seq * 7 + kv_len * 3 + heads + D);
+    LoraGqaDims d = {batch, seq, heads, kv_heads, D, kv_seq, kv_len, kv_seq};
+    const size_t hq = heads * D, hk = kv_heads * D, nq = batch * seq * hq, nk = batch * kv_seq * hk;
+    const double scale = 1 / sqrt((double)D);
+    float *q = random_array(nq, &st), *k = random_array(nk, &st), *v = random_array(nk, &st);
+    float *dctx = random_array(nq, &st), *ctx = malloc(nq * sizeof(float));
+    float *lse = malloc(batch * heads * seq * sizeof(float));
+    unsigned char *mask = NULL;
+    if (padded) { /* item b has b + 1 padding keys on the left, the last item none */
+        mask = malloc(batch * kv_seq);
+        for (size_t b = 0; b < batch; b++)
+            for (size_t j = 0; j < kv_seq; j++) mask[b * kv_seq + j] = b + 1 == batch || j > b;
+    }
+    size_t parts = lora_causal_attention_parts(&d, 0);
+    void *scratch = malloc(lora_causal_attention_scratch_bytes(&d, sizeof(float), parts));
+    causal_attention_forward_f32(ctx, lse, scratch, q, k, v, mask, (float)scale, &d, parts);
+    free(scratch);
+    double *want = calloc(nq, sizeof(double)), *p = malloc(kv_len * sizeof(double));
+    double *want_dq = calloc(nq, sizeof(double)), *want_dk = calloc(nk, sizeof(double));
+    double *want_dv = calloc(nk, sizeof(double));
+    for (size_t b = 0; b < batch; b++)
+        for (size_t h = 0; h < heads; h++)
+            for (size_t i = 0; i < seq; i++) {
+                if (!naive_probs(p, q, k, mask, &d, b, h, i, scale)) continue;
+                const size_t g = h / (heads / kv_heads), qo = (b * seq + i) * hq + h * D;
+                double rowdot = 0; /* sum_c dctx * ctx of this row */
+                for (size_t j = 0; j < kv_len; j++)
+                    for (size_t c = 0; c < D; c++)
+                        want[qo + c] += p[j] * v[(b * kv_seq + j) * hk + g * D + c];
+                for (size_t c = 0; c < D; c++) rowdot += (double)dctx[qo + c] * want[qo + c];
+                for (size_t j = 0; j < kv_len; j++) {
+                    const size_t ko = (b * kv_seq + j) * hk + g * D;
+                    double dp = 0;
+                    for (size_t c = 0; c < D; c++) {
+                        dp += (double)dctx[qo + c] * v[ko + c];
+                        want_dv[ko + c] += p[j] * dctx[qo + c];
+                    }
+                    const double ds = p[j] * (dp - rowdot) * scale;
+                    for (size_t c = 0; c < D; c++) {
+                        want_dq[qo + c] += ds * k[ko + c];
+                        want_dk[ko + c] += ds * q[qo + c];
+                    }
+                }
+            }
+    char what[96];
+    snprintf(what, sizeof what, "causal attention forward b=%zu seq=%zu h=%zu/%zu D=%zu kv=%zu/%zu%s",
+             batch, seq, heads, kv_heads, D, kv_len, kv_seq, padded ? " padded" : "");
+    expect_close(what, ctx, want, nq);
+    if (kv_seq == seq && kv_len == seq) {
+        float *dq = malloc(nq * sizeof(float)), *dk = malloc(nk * sizeof(float));
+        float *dv = malloc(nk * sizeof(float));
+        parts = lora_causal_attention_parts(&d, 1);
+        scratch = malloc(lora_causal_attention_scratch_bytes(&d, sizeof(float), parts));
+        causal_attention_backward_f32(dq, dk, dv, scratch, dctx, q, k, v, ctx, lse, mask,
+                                      (float)scale, &d, parts);
+        expect_close("  dq", dq, want_dq, nq);
+        expect_close("  dk", dk, want_dk, nk);
+        expect_close("  dv", dv, want_dv, nk);
+        free(scratch), free(dq), free(dk), free(dv);
+    }
+    free(q), free(k), free(v), free(dctx), free(ctx), free(lse), free(mask), free(want), free(p);
+    free(want_dq), free(want_dk), free(want_dv);
+}
+
 int main(void) {
     check_layer(1, 9, 7, 1);
+    check_layer(1, 300, 1001, 2); /* one row: the threaded gemv, an odd tail of rows */
     check_layer(5, 33, 17, 3);
     check_layer(70, 64, 40, 8);
     check_layer(130, 100, 70, 33);
@@ -244,6 +337,11 @@ int main(void) {
     check_rms_norm(700, 576); /* both passes split over threads */
     check_rope_swiglu(1, 5, 3, 8);
     check_rope_swiglu(4, 64, 9, 64);
+    check_causal_attention(1, 1, 1, 1, 4, 1, 1, 0);
+    check_causal_attention(2, 37, 6, 2, 16, 37, 37, 1);   /* GQA, left padding, odd tiles */
+    check_causal_attention(3, 130, 9, 3, 64, 130, 130, 0); /* SmolLM2's heads, several tiles */
+    check_causal_attention(2, 1, 9, 3, 64, 80, 57, 1);    /* one decode step on a KV cache */
+    check_causal_attention(2, 5, 4, 1, 8, 40, 21, 0);     /* a chunk of queries on a cache */
     printf("%s\n", failures ? "FAILED" : "all kernel checks passed");
     return failures != 0;
 }
