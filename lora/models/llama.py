@@ -28,7 +28,9 @@ import numpy as np
 from .. import functional as F
 from .. import nn
 from ..nn import Module
+from ..tuners.wrap import merged_state_dict
 from .hf import Weights, load_safetensors_dir, read_config
+from .hf import save_pretrained as _save_pretrained
 from .memory import keep_freed_memory
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "rope_inv_freq", "rope_tables"]
@@ -368,6 +370,8 @@ class LlamaForCausalLM(Module):
         else:
             self.lm_head = init.linear("lm_head", config.hidden_size, config.vocab_size, False)
         self._init_used = init.used
+        self.name_or_path: str | None = None  # the checkpoint it came from, for its tokenizer
+        self.hf_config: dict = {}  # that checkpoint's config.json, for save_pretrained
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **config_overrides) -> LlamaForCausalLM:
@@ -385,6 +389,8 @@ class LlamaForCausalLM(Module):
         if config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
         model = cls(config, _tensors=tensors)
+        model.name_or_path = os.fspath(directory)
+        model.hf_config = raw
         unused = sorted(set(tensors) - model._init_used - {
             n for n in tensors if n.endswith("rotary_emb.inv_freq")})
         if unused:
@@ -407,3 +413,27 @@ class LlamaForCausalLM(Module):
         d = self.lm_head.backward(np.ascontiguousarray(dlogits, dtype=np.float32))
         self.model.backward(d)
         return None
+
+    def config_dict(self) -> dict:
+        """config.json for this model: the checkpoint's (when loaded from one) with the
+        config's fields as they are now."""
+        d = {k: v for k, v in self.hf_config.items() if k not in ("architectures", "_name_or_path")}
+        d.update({f.name: getattr(self.config, f.name) for f in fields(self.config)})
+        d.pop("rope_parameters", None)  # rope_theta and rope_scaling above say the same
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}[self.config.model_type]
+        d.update(architectures=[arch], torch_dtype="float32")
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the model in transformers' layout: config.json and model.safetensors, LoRA
+        layers merged into the saved weights (the model itself is left as it is), plus the
+        tokenizer files of the checkpoint directory it came from, so that `from_pretrained`
+        here and transformers' AutoModelForCausalLM load it. A tied lm_head is saved once, as
+        the embedding."""
+        tensors = merged_state_dict(self)
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        source = self.name_or_path if self.name_or_path and os.path.isdir(self.name_or_path) \
+            else None
+        _save_pretrained(directory, self.config_dict(), tensors, source=source)
