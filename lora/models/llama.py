@@ -12,9 +12,11 @@ The Linear and Embedding layers are lora.nn's (LoRA wraps the Linear ones); RMSN
 rotary embedding, SwiGLU and causal grouped-query attention are the C kernels of
 lora.functional. The rotary tables (rope_theta, the "linear" and "llama3" rope_scaling kinds)
 are computed here, as transformers' modeling_rope_utils does. `model.generate(...)` (greedy and
-sampled decoding with a KV cache) is lora.models.generation's. Not here (yet): GGUF files,
-the fused chunked loss, gradient checkpointing, Mistral's sliding
-window beyond its length (refused), gradients for the token ids.
+sampled decoding with a KV cache) is lora.models.generation's.
+`model.gradient_checkpointing_enable()` has each decoder layer recompute its forward in
+backward instead of holding its activations. `save_pretrained` writes transformers' layout,
+LoRA merged. Not here (yet): GGUF files, the fused chunked loss, Mistral's sliding window
+beyond its length (refused), gradients for the token ids.
 """
 
 from __future__ import annotations
@@ -269,12 +271,29 @@ class LlamaDecoderLayer(Module):
         self.post_attention_layernorm = LlamaRMSNorm(
             init.get(prefix + ".post_attention_layernorm.weight", (h,), "ones"), eps)
         self.need_input_grad = True
+        self.gradient_checkpointing = False
 
     def forward(self, x, cos, sin, mask):
+        if self.training and self.gradient_checkpointing:
+            # keep the input and the random generators' states only; backward recomputes
+            states = _rng_states(self)
+            out = self._forward(x, cos, sin, mask)
+            for m in self.modules():
+                object.__setattr__(m, "_cache", None)
+            self._save(x, cos, sin, mask, states)
+            return out
+        return self._forward(x, cos, sin, mask)
+
+    def _forward(self, x, cos, sin, mask):
         h = self.self_attn(self.input_layernorm(x), x, cos, sin, mask)
         return self.mlp(self.post_attention_layernorm(h), h)
 
     def backward(self, dout):
+        if self.__dict__.get("_cache") is not None:  # checkpointed: the forward again
+            x, cos, sin, mask, states = self._saved()
+            _set_rng_states(states)  # the same dropout masks as the first time
+            self._forward(x, cos, sin, mask)
+            del x
         dh = self.post_attention_layernorm.backward(self.mlp.backward(dout))
         dh += dout
         self.self_attn.need_input_grad = (self.need_input_grad or
@@ -288,6 +307,18 @@ class LlamaDecoderLayer(Module):
         dx = self.input_layernorm.backward(dn)
         dx += dh
         return dx
+
+
+def _rng_states(module: Module) -> list:
+    """(generator, its state) for every numpy Generator the module's layers draw from (the
+    dropout masks' seeds), so that a recomputed forward draws the same ones."""
+    return [(g, g.bit_generator.state) for m in module.modules() for g in vars(m).values()
+            if isinstance(g, np.random.Generator)]
+
+
+def _set_rng_states(states: list) -> None:
+    for g, state in states:
+        g.bit_generator.state = state
 
 
 def _key_mask(attention_mask, shape) -> np.ndarray | None:
@@ -400,6 +431,23 @@ class LlamaForCausalLM(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
         return self.lm_head(self.model(input_ids, attention_mask, position_ids))
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Gradient checkpointing, as transformers' method of that name: in training, each
+        decoder layer keeps only its input through the forward pass and computes its forward
+        again just before its backward (the same dropout masks), so the activations of one
+        layer at a time are held instead of all of them, for about one more forward pass of
+        compute. Gradients are unchanged."""
+        for layer in self.model.layers:
+            layer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self.model.layers:
+            layer.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(layer.gradient_checkpointing for layer in self.model.layers)
 
     def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
         """Greedy or sampled continuation with a KV cache, as transformers' generate():
