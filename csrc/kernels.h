@@ -116,6 +116,11 @@ typedef struct {
 size_t lora_causal_attention_parts(const LoraGqaDims *d, int backward);
 size_t lora_causal_attention_scratch_bytes(const LoraGqaDims *d, size_t elem, size_t parts);
 
+/* The fused lm_head + cross-entropy's scratch (kernels/lm_loss.c): a chunk of scores
+ * (chunk x V elements of elem bytes), then chunk doubles of per-row losses. */
+size_t lora_lm_loss_scores_bytes(size_t chunk, size_t V, size_t elem);
+size_t lora_lm_loss_scratch_bytes(size_t chunk, size_t V, size_t elem);
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *res, const T *A, const T *B, T scale, double p,          \
@@ -170,7 +175,11 @@ size_t lora_causal_attention_scratch_bytes(const LoraGqaDims *d, size_t elem, si
     void causal_attention_backward_##SUF(T *dq, T *dk, T *dv, void *scratch, const T *dctx,     \
                                          const T *q, const T *k, const T *v, const T *ctx,    \
                                          const T *lse, const unsigned char *key_mask,         \
-                                         T scale, const LoraGqaDims *d, size_t parts);
+                                         T scale, const LoraGqaDims *d, size_t parts);   \
+    /* kernels/lm_loss.c */                                                                   \
+    double linear_cross_entropy_##SUF(T *dh, T *dW, void *scratch, const T *h, const T *W,     \
+                                      const int64_t *labels, int64_t ignore, T grad_scale,    \
+                                      size_t n, size_t d, size_t V, size_t chunk);
 
 LORA_DECLARE(float, f32)
 LORA_DECLARE(double, f64)

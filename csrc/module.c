@@ -40,6 +40,7 @@ static PyMethodDef methods[] = {
     KW_METHOD(swiglu_backward),
     KW_METHOD(causal_attention_forward),
     KW_METHOD(causal_attention_backward),
+    KW_METHOD(linear_cross_entropy),
     {"set_num_threads", py_set_num_threads, METH_O, set_num_threads_doc},
     {"blas_info", py_blas_info, METH_NOARGS, blas_info_doc},
     {NULL, NULL, 0, NULL}};

@@ -285,3 +285,21 @@ def causal_attention_backward(dctx, q, k, v, ctx, lse, num_heads, num_kv_heads, 
         return g.transpose(0, 2, 1, 3).reshape(k.shape)
 
     return dq.transpose(0, 2, 1, 3).reshape(q.shape), fold(dk_rep), fold(dv_rep)
+
+
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, chunk=None,
+                         need_dhidden=True, need_dweight=False):
+    """The whole (n, V) way: logits, log-softmax, the mean over counted rows and its gradient."""
+    logits = hidden @ weight.T
+    keep = labels != ignore_index
+    m = logits.max(axis=-1, keepdims=True)
+    lse = m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    count = int(keep.sum())
+    rows = np.flatnonzero(keep)
+    loss = float((lse[rows, 0] - logits[rows, labels[rows]]).sum() / count) if count else np.nan
+    g = np.exp(logits - lse)
+    g[rows, labels[rows]] -= 1
+    g[~keep] = 0
+    g /= max(count, 1)
+    return (loss, g @ weight if need_dhidden else None,
+            g.T @ hidden if need_dweight else None)

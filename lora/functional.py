@@ -26,6 +26,7 @@ from ._C import (
     layer_norm_backward,
     layer_norm_forward,
     linear_backward,
+    linear_cross_entropy,
     linear_forward,
     merge,
     rms_norm_backward,
@@ -61,6 +62,7 @@ __all__ = [
     "swiglu_backward",
     "causal_attention_forward",
     "causal_attention_backward",
+    "linear_cross_entropy",
     "blas_info",
     "set_num_threads",
 ]

@@ -15,8 +15,9 @@ are computed here, as transformers' modeling_rope_utils does. `model.generate(..
 sampled decoding with a KV cache) is lora.models.generation's.
 `model.gradient_checkpointing_enable()` has each decoder layer recompute its forward in
 backward instead of holding its activations. `save_pretrained` writes transformers' layout,
-LoRA merged. Not here (yet): GGUF files, the fused chunked loss, Mistral's sliding window
-beyond its length (refused), gradients for the token ids.
+LoRA merged. `model(ids, labels=labels)` returns the loss, lm_head and the cross-entropy
+fused in chunks (lora.functional.linear_cross_entropy). Not here (yet): GGUF files, Mistral's
+sliding window beyond its length (refused), gradients for the token ids.
 """
 
 from __future__ import annotations
@@ -429,8 +430,34 @@ class LlamaForCausalLM(Module):
                              f"for: {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
         return model.eval()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+        """The logits (batch, seq, vocab); with `labels` (batch, seq), the causal-LM loss
+        instead (a float: position t predicts labels[:, t + 1], -100 ignored, the mean over
+        the counted tokens, as transformers), and `backward()` with no argument then
+        backpropagates it. The loss is fused with lm_head (lora.functional.
+        linear_cross_entropy): chunks of rows of logits at a time, never the (batch x seq x
+        vocab) array, in memory or in time. A LoRA-wrapped lm_head takes the plain way
+        (logits, then lora.nn.causal_lm_loss), with the same result."""
+        h = self.model(input_ids, attention_mask, position_ids)
+        if labels is None:
+            return self.lm_head(h)
+        labels = np.asarray(labels)
+        if labels.shape != h.shape[:2]:
+            raise ValueError(f"labels shape {labels.shape} != input_ids shape {h.shape[:2]}")
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:
+            loss, d = nn.causal_lm_loss(head(h), labels)
+            object.__setattr__(self, "_loss_grad", ("dlogits", d))
+            return loss
+        b, s, hidden = h.shape
+        shifted = np.ascontiguousarray(h[:, :-1]).reshape(-1, hidden)
+        need_dw = head.weight.requires_grad and self.training
+        loss, dh, dw = F.linear_cross_entropy(
+            shifted, head.weight.data, labels[:, 1:].reshape(-1), need_dhidden=self.training,
+            need_dweight=need_dw)
+        object.__setattr__(self, "_loss_grad", ("dhidden", (dh, dw, h.shape)) if self.training
+                           else None)
+        return loss
 
     def gradient_checkpointing_enable(self) -> None:
         """Gradient checkpointing, as transformers' method of that name: in training, each
@@ -456,7 +483,28 @@ class LlamaForCausalLM(Module):
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def backward(self, dlogits: np.ndarray) -> None:
+    def backward(self, dlogits: np.ndarray | None = None) -> None:
+        """Accumulate every trainable parameter's gradient: of `dlogits` (the gradient of the
+        logits forward returned), or, with no argument, of the loss forward(labels=...)
+        returned (in training mode)."""
+        if dlogits is None:
+            saved = self.__dict__.get("_loss_grad")
+            object.__setattr__(self, "_loss_grad", None)
+            if saved is None:
+                raise RuntimeError("LlamaForCausalLM.backward(): no loss to backpropagate; call "
+                                   "model(input_ids, labels=...) in training mode first, or "
+                                   "pass dlogits")
+            kind, value = saved
+            if kind == "dlogits":
+                dlogits = value
+            else:
+                dh, dw, shape = value
+                if dw is not None:
+                    self.lm_head.weight.accumulate(dw)
+                d = np.zeros(shape, dtype=dh.dtype)
+                d[:, :-1] = dh.reshape(shape[0], shape[1] - 1, shape[2])
+                self.model.backward(d)
+                return None
         self.lm_head.need_input_grad = True
         d = self.lm_head.backward(np.ascontiguousarray(dlogits, dtype=np.float32))
         self.model.backward(d)
