@@ -417,3 +417,190 @@ def read_tensor(header: GGUFHeader, name: str, data: np.ndarray | None = None) -
         return dequantize(raw, info.ggml_type).reshape(info.shape)
     except OSError as e:  # the file shrank under us
         raise ValueError(f"{header.path}: cannot read tensor {name!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama-family models: config from the metadata, weights under transformers' names
+
+# blk.N.<gguf> -> model.layers.N.<transformers>, and the tensors outside the blocks.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+              "output": "lm_head"}
+_ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama 3.1 rope scaling: per-frequency divisors
+_REQUIRED = object()
+
+
+def hf_name(name: str) -> str | None:
+    """transformers' name of GGUF tensor `name` ("blk.3.attn_q.weight" ->
+    "model.layers.3.self_attn.q_proj.weight"), or None for a tensor a Llama has no place for."""
+    base, _, suffix = name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{suffix}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def _meta(header: GGUFHeader, key: str, kind: type, default=_REQUIRED):
+    value = header.metadata.get(key, default)
+    if value is _REQUIRED:
+        raise ValueError(f"{header.path}: metadata key {key!r} is missing")
+    if value is default:
+        return value
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, kind))
+    if not ok:
+        raise ValueError(f"{header.path}: metadata {key!r} must be one {kind.__name__}, got "
+                         f"{type(value).__name__} {str(value)[:40]}")
+    return kind(value)
+
+
+def architecture(header: GGUFHeader) -> str:
+    """general.architecture, checked to be one lora.models builds (ARCHITECTURES)."""
+    arch = header.metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        what = "has no general.architecture" if arch is None else (
+            f"is a {arch!r} model" if isinstance(arch, str) else "has a malformed architecture")
+        raise ValueError(f"{header.path}: the GGUF file {what}; lora.models loads GGUF "
+                         f"architectures {', '.join(repr(a) for a in ARCHITECTURES)} "
+                         "(as lora.models.LlamaForCausalLM)")
+    return arch
+
+
+def llama_config(header: GGUFHeader) -> dict:
+    """The config.json-style dict (transformers' LlamaConfig / Qwen2Config names) of a llama or
+    qwen2 GGUF file: sizes from the `<arch>.*` keys, the vocabulary size from the token list,
+    the special token ids from `tokenizer.ggml.*`, tied embeddings when there is no
+    output.weight, biases when the file has them."""
+    arch = architecture(header)
+    a = arch + "."
+    heads = _meta(header, a + "attention.head_count", int)
+    hidden = _meta(header, a + "embedding_length", int)
+    if heads <= 0 or hidden <= 0:
+        raise ValueError(f"{header.path}: head_count {heads} and embedding_length {hidden} "
+                         "must be positive")
+    head_dim = _meta(header, a + "attention.key_length", int, hidden // heads)
+    value_dim = _meta(header, a + "attention.value_length", int, head_dim)
+    rot = _meta(header, a + "rope.dimension_count", int, head_dim)
+    if value_dim != head_dim or rot != head_dim:
+        raise ValueError(f"{header.path}: key length {head_dim}, value length {value_dim} and "
+                         f"rotary dimensions {rot} differ, which LlamaForCausalLM does not model")
+    kind = _meta(header, a + "rope.scaling.type", str, None)
+    linear = _meta(header, a + "rope.scale_linear", float, None)  # older files
+    if kind in (None, "none") and linear is not None and linear != 1.0:
+        kind, factor = "linear", linear
+    elif kind == "linear":
+        factor = _meta(header, a + "rope.scaling.factor", float)
+    if kind in (None, "none"):
+        rope_scaling = None
+    elif kind == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": factor}
+    else:
+        raise ValueError(f"{header.path}: rope scaling {kind!r} is not supported (linear, and "
+                         "Llama 3's through a rope_freqs tensor)")
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        vocab = len(tokens)
+    elif "token_embd.weight" in header.tensors:
+        vocab = _meta(header, a + "vocab_size", int, header.tensors["token_embd.weight"].shape[0])
+    else:
+        vocab = _meta(header, a + "vocab_size", int)
+    t = header.tensors
+    ids = {}
+    for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id")):
+        ids[name] = _meta(header, "tokenizer.ggml." + key, int, None)
+    bias = "blk.0.attn_q.bias" in t if arch == "llama" else "blk.0.attn_output.bias" in t
+    return dict(
+        model_type=ARCHITECTURES[arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_meta(header, a + "feed_forward_length", int),
+        num_hidden_layers=_meta(header, a + "block_count", int),
+        num_attention_heads=heads,
+        num_key_value_heads=_meta(header, a + "attention.head_count_kv", int, heads),
+        head_dim=head_dim,
+        max_position_embeddings=_meta(header, a + "context_length", int, 2048),
+        rms_norm_eps=_meta(header, a + "attention.layer_norm_rms_epsilon", float),
+        rope_theta=_meta(header, a + "rope.freq_base", float, 10000.0),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in t,
+        attention_bias=bias or "blk.0.attn_output.bias" in t,
+        mlp_bias="blk.0.ffn_gate.bias" in t,
+        **ids,
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int, path: str, name: str) -> np.ndarray:
+    """Undo convert_hf_to_gguf's LlamaModel.permute, which reorders each head's rows from
+    transformers' rotate-half layout (the first half of a head pairs with the second) to ggml's
+    interleaved one: w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{path}: tensor {name!r} has {rows} rows, not {n_head} heads of an "
+                         "even size")
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2)).reshape(w.shape)
+
+
+def llama_tensors(header: GGUFHeader, config: dict) -> tuple[dict, np.ndarray | None]:
+    """The weights of a llama or qwen2 GGUF file as float32 arrays under transformers' names,
+    dequantized one at a time (q and k un-permuted for llama, whose converter permutes them;
+    qwen2's are not), and the rope_freqs divisors (or None). `config` is llama_config's."""
+    unknown = [n for n in header.tensors if n != _ROPE_FREQS and hf_name(n) is None]
+    if unknown:
+        raise ValueError(f"{header.path}: tensors a {config['model_type']} model has no place "
+                         f"for: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    permuted = config["model_type"] == "llama"
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    data = np.memmap(header.path, dtype=np.uint8, mode="r")
+    tensors, factors = {}, None
+    for name in header.tensors:
+        t = read_tensor(header, name, data)
+        if name == _ROPE_FREQS:
+            factors = t.astype(np.float64).reshape(-1)
+            continue
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        if permuted and kind in heads:
+            t = _unpermute(t, heads[kind], header.path, name)
+        tensors[hf_name(name)] = t
+    del data
+    return tensors, factors
+
+
+def load_llama(cls, path: str | os.PathLike, **config_overrides):
+    """`cls` (LlamaForCausalLM) from a llama or qwen2 GGUF file, in eval mode: the config from
+    the metadata (`config_overrides` replace fields), the weights dequantized to float32. A
+    rope_freqs tensor (Llama 3.1's rope scaling as llama.cpp stores it) divides the rotary
+    inverse frequencies, as llama.cpp applies it."""
+    from .llama import LlamaConfig
+
+    header = read_header(path)
+    raw = llama_config(header)
+    tensors, factors = llama_tensors(header, raw)
+    raw.update(config_overrides)
+    config = LlamaConfig.from_dict(raw)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    model = cls(config, _tensors=tensors)
+    unused = sorted(set(tensors) - model._init_used)
+    if unused:
+        raise ValueError(f"{header.path}: tensors the model has no place for: "
+                         f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
+    del tensors
+    if factors is not None:
+        inv = model.model.inv_freq
+        if factors.shape != inv.shape or not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise ValueError(f"{header.path}: rope_freqs has shape {factors.shape}, expected "
+                             f"{inv.shape} positive divisors")
+        object.__setattr__(model.model, "inv_freq", inv / factors)
+    return model.eval()
