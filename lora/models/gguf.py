@@ -604,3 +604,150 @@ def load_llama(cls, path: str | os.PathLike, **config_overrides):
                              f"{inv.shape} positive divisors")
         object.__setattr__(model.model, "inv_freq", inv / factors)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer, rebuilt as transformers' GGUF loader does (integrations/gguf/
+# gguf_tokenizer_mapping.py: byte_level_tokenizer, add_gguf_special_tokens, set_split_regex)
+
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+
+# tokenizer.ggml.pre -> the split regex llama.cpp uses for it; other names keep GPT-2's.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, in which byte-level BPE spells its tokens."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def build_tokenizer(path: str | os.PathLike | GGUFHeader):
+    """(a `tokenizers.Tokenizer`, its config) from the vocabulary a GGUF file embeds, as
+    transformers' AutoTokenizer.from_pretrained(dir, gguf_file=...) builds it: byte-level BPE
+    from tokenizer.ggml.tokens and .merges (tokenizer.ggml.model "gpt2"), GPT-2's pre-tokenizer
+    or the split regex of tokenizer.ggml.pre, the CONTROL tokens (and bos/eos/unk/pad) added as
+    special tokens and the USER_DEFINED ones as plain added tokens, bos / eos prepended and
+    appended as add_bos_token / add_eos_token say. The config holds bos_token, eos_token,
+    unk_token, pad_token (those the file names), add_bos_token, add_eos_token, chat_template
+    and model_max_length (the context length)."""
+    try:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+        from tokenizers import pre_tokenizers, processors
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("a GGUF file's tokenizer needs the `tokenizers` package: "
+                          "pip install 'lora[models]'") from e
+    header = path if isinstance(path, GGUFHeader) else read_header(path)
+    m, where = header.metadata, header.path
+    kind = m.get("tokenizer.ggml.model")
+    if kind is None:
+        raise ValueError(f"{where}: the GGUF file has no tokenizer (no tokenizer.ggml.model)")
+    if kind != "gpt2":
+        raise ValueError(f"{where}: tokenizer.ggml.model {kind!r} is not supported; lora builds "
+                         "byte-level BPE ('gpt2') tokenizers from GGUF files (use the "
+                         "tokenizer.json of the model's Hugging Face directory instead)")
+    tokens, merges = m.get("tokenizer.ggml.tokens"), m.get("tokenizer.ggml.merges")
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: tokenizer.ggml.{key} must be an array of strings")
+    types = m.get("tokenizer.ggml.token_type")
+    types = [] if types is None else np.asarray(types).tolist()
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # a token spelt outside the byte alphabet (a raw space, say) is re-spelt from its UTF-8
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    pairs = []
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{where}: tokenizer.ggml.merges[{i}] {merge!r} is not two tokens")
+        pairs.append(tuple(pair))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
+                                   continuing_subword_prefix="", end_of_word_suffix="",
+                                   fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # tokenizers raises its own exception types
+        raise ValueError(f"{where}: the vocabulary and merges do not make a BPE model: {e}") \
+            from None
+    split = PRE_TOKENIZER_SPLITS.get(m.get("tokenizer.ggml.pre"))
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+
+    config = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        i = _meta(header, "tokenizer.ggml." + key, int, None)
+        if i is None:
+            continue
+        if not 0 <= i < len(tokens):
+            raise ValueError(f"{where}: tokenizer.ggml.{key} {i} is not a token id (the "
+                             f"vocabulary has {len(tokens)})")
+        config[name] = tokens[i]
+    # CONTROL tokens whose spelling is in the byte alphabet (others are llama.cpp mislabels),
+    # then bos/eos/unk/pad, as transformers registers its special tokens
+    special = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+    special += [config[n] for n in ("bos_token", "eos_token", "unk_token", "pad_token")
+                if n in config]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t in dict.fromkeys(special)])
+    known = tok.get_vocab()
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types) if k == _USER_DEFINED and t in known]
+    if user:
+        tok.add_tokens(user)
+
+    add_bos = bool(m.get("tokenizer.ggml.add_bos_token", False)) and "bos_token" in config
+    add_eos = bool(m.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in config
+    bos, eos = config.get("bos_token"), config.get("eos_token")
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = (f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1"
+            f"{' ' + eos + ':1' if add_eos else ''}")
+    specials = ([(bos, tok.token_to_id(bos))] if add_bos else []) + (
+        [(eos, tok.token_to_id(eos))] if add_eos else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                       special_tokens=specials)
+    config.update(add_bos_token=add_bos, add_eos_token=add_eos)
+    template = m.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        config["chat_template"] = template
+    arch = m.get("general.architecture")
+    ctx = m.get(f"{arch}.context_length") if isinstance(arch, str) else None
+    if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0:
+        config["model_max_length"] = ctx
+    return tok, config
