@@ -126,11 +126,14 @@ class GGUFHeader:
 
 
 class _Cursor:
-    """Reads little-endian values from `buf` (a memoryview), checking each read against the
-    end of the file first, so a short or lying file fails with a message, never a wrong read."""
+    """Reads little-endian values from the start of a file, checking each read against the
+    end of the file first, so a short or lying file fails with a message, never a wrong read.
+    The header is read into memory as the parse reaches it (in doubling chunks), never the
+    tensor data after it."""
 
-    def __init__(self, buf: memoryview, path: str):
-        self.buf, self.path, self.off, self.size = buf, path, 0, len(buf)
+    def __init__(self, f, path: str, size: int):
+        self.f, self.path, self.size, self.off = f, path, size, 0
+        self.buf = f.read(min(size, 1 << 20))
 
     def fail(self, what: str):
         raise ValueError(f"{self.path}: not a valid GGUF file: {what}")
@@ -139,6 +142,12 @@ class _Cursor:
         if n < 0 or self.off + n > self.size:
             self.fail(f"{what} at byte {self.off} needs {n} bytes, the file has "
                       f"{self.size - self.off} left (truncated?)")
+        if self.off + n > len(self.buf):
+            more = max(self.off + n - len(self.buf), len(self.buf))
+            chunk = self.f.read(more)
+            self.buf += chunk
+            if self.off + n > len(self.buf):  # the file shrank while being read
+                self.fail(f"{what} at byte {self.off}: the file ended early")
 
     def scalar(self, vtype: int, what: str):
         fmt, n = _SCALARS[vtype]
@@ -159,7 +168,7 @@ class _Cursor:
         raw = self.buf[self.off:self.off + n]
         self.off += n
         try:
-            return str(raw, "utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             self.fail(f"{what} is not valid UTF-8")
 
@@ -183,29 +192,35 @@ class _Cursor:
             self.fail(f"{what} claims {count} elements, more than the {self.size - self.off} "
                       "bytes left can hold (truncated?)")
         if itype in _NUMPY:
+            self.need(count * least, what)
             arr = np.frombuffer(self.buf, dtype=_NUMPY[itype], count=count, offset=self.off)
             self.off += arr.nbytes
-            return arr.copy()  # detached from the file's buffer
+            return arr.copy()  # not a view of the header's bytes
         if itype == _STRING:
             return self._strings(count, what)
         return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
 
     def _strings(self, count: int, what: str) -> list[str]:
-        buf, off, size, unpack = self.buf, self.off, self.size, struct.Struct("<Q").unpack_from
+        # the hot loop of a tokenizer's 50k-250k strings: locals, and the bounds check through
+        # need() only when a read passes the end of what has been read so far
+        buf, off, unpack = self.buf, self.off, struct.Struct("<Q").unpack_from
         out = []
         append = out.append
         for i in range(count):
-            if off + 8 > size:
+            if off + 8 > len(buf):
                 self.off = off
                 self.need(8, f"the length of {what}[{i}]")
+                buf = self.buf
             (n,) = unpack(buf, off)
             off += 8
-            if n > size - off:
+            if off + n > len(buf):
                 self.off = off
                 self.need(n, f"{what}[{i}]")
+                buf = self.buf
             try:
-                append(str(buf[off:off + n], "utf-8"))
+                append(buf[off:off + n].decode("utf-8"))
             except UnicodeDecodeError:
+                self.off = off
                 self.fail(f"{what}[{i}] is not valid UTF-8")
             off += n
         self.off = off
@@ -224,20 +239,13 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise ValueError(f"{path}: not a GGUF file ({size} bytes, shorter than a header)")
-        import mmap
-
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            buf = memoryview(mm)
-            try:
-                return _parse(_Cursor(buf, path), size)
-            finally:
-                buf.release()
+        return _parse(_Cursor(f, path, size), size)
 
 
 def _parse(cur: _Cursor, size: int) -> GGUFHeader:
     path = cur.path
-    if bytes(cur.buf[:4]) != GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (starts with {bytes(cur.buf[:4])!r}, "
+    if cur.buf[:4] != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (starts with {cur.buf[:4]!r}, "
                          f"not {GGUF_MAGIC!r})")
     cur.off = 4
     version = cur.u32("the version")
@@ -520,7 +528,7 @@ def llama_config(header: GGUFHeader) -> dict:
                       ("pad_token_id", "padding_token_id")):
         ids[name] = _meta(header, "tokenizer.ggml." + key, int, None)
     bias = "blk.0.attn_q.bias" in t if arch == "llama" else "blk.0.attn_output.bias" in t
-    return dict(
+    config = dict(
         model_type=ARCHITECTURES[arch],
         vocab_size=vocab,
         hidden_size=hidden,
@@ -538,6 +546,34 @@ def llama_config(header: GGUFHeader) -> dict:
         mlp_bias="blk.0.ffn_gate.bias" in t,
         **ids,
     )
+    _check_sizes(header, config)
+    return config
+
+
+def _check_sizes(header: GGUFHeader, c: dict) -> None:
+    """The metadata's sizes against the tensors the file holds, so that a size no tensor
+    backs (a hostile or corrupt file) is refused before a model allocates anything from it."""
+    t, path = header.tensors, header.path
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
+        if c[key] <= 0:
+            raise ValueError(f"{path}: {key} from the metadata is {c[key]}, not positive")
+    blocks = {n.split(".")[1] for n in t if n.startswith("blk.")}
+    if blocks != {str(i) for i in range(c["num_hidden_layers"])}:
+        raise ValueError(f"{path}: block_count is {c['num_hidden_layers']} but the file holds "
+                         f"{len(blocks)} blocks of tensors")
+    h, d = c["hidden_size"], c["head_dim"]
+    want = {"token_embd.weight": (c["vocab_size"], h)}
+    if c["num_hidden_layers"]:
+        want.update({"blk.0.attn_q.weight": (c["num_attention_heads"] * d, h),
+                     "blk.0.attn_k.weight": (c["num_key_value_heads"] * d, h),
+                     "blk.0.ffn_up.weight": (c["intermediate_size"], h)})
+    for name, shape in want.items():
+        if name not in t:
+            raise ValueError(f"{path}: the file has no tensor {name!r}")
+        if t[name].shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {t[name].shape}; the "
+                             f"metadata's sizes give {shape}")
 
 
 def _unpermute(w: np.ndarray, n_head: int, path: str, name: str) -> np.ndarray:
@@ -588,10 +624,13 @@ def load_llama(cls, path: str | os.PathLike, **config_overrides):
     raw = llama_config(header)
     tensors, factors = llama_tensors(header, raw)
     raw.update(config_overrides)
-    config = LlamaConfig.from_dict(raw)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    model = cls(config, _tensors=tensors)
+    try:
+        config = LlamaConfig.from_dict(raw)
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        model = cls(config, _tensors=tensors)
+    except (KeyError, ValueError) as e:  # a tensor missing or of the wrong shape
+        raise ValueError(f"{header.path}: {e.args[0] if e.args else e}") from None
     unused = sorted(set(tensors) - model._init_used)
     if unused:
         raise ValueError(f"{header.path}: tensors the model has no place for: "
