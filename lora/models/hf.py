@@ -96,7 +96,13 @@ def from_pretrained(directory: str | os.PathLike, **kwargs):
     its `architectures` entry when lora.models has one (BertForSequenceClassification, head
     included), else the model of its model_type (BertModel). `kwargs` go to that class's
     from_pretrained. ValueError naming the model_type when no loader takes it. The model comes
-    back in eval mode, as every from_pretrained returns it."""
+    back in eval mode, as every from_pretrained returns it. A `.gguf` file loads by its
+    general.architecture (gguf.ARCHITECTURES); another architecture is refused by name."""
+    from . import gguf
+
+    if gguf.is_gguf(directory):
+        gguf.architecture(gguf.read_header(directory))
+        return _resolve(LOADERS["llama"]).from_pretrained(directory, **kwargs)
     config = read_config(directory)
     for arch in config.get("architectures") or []:
         if arch in ARCHITECTURES:

@@ -1,5 +1,5 @@
 """Llama-family causal language models on lora.nn, float32, forward and backward, for LoRA
-fine-tuning: Llama, Mistral and Qwen2 checkpoints from Hugging Face directories.
+fine-tuning: Llama, Mistral and Qwen2 checkpoints from Hugging Face directories or GGUF files.
 
 `LlamaForCausalLM.from_pretrained(directory)` builds modules named exactly as transformers'
 (`model.layers.0.self_attn.q_proj`, `model.layers.0.mlp.gate_proj`, `lm_head`), so
@@ -12,12 +12,13 @@ The Linear and Embedding layers are lora.nn's (LoRA wraps the Linear ones); RMSN
 rotary embedding, SwiGLU and causal grouped-query attention are the C kernels of
 lora.functional. The rotary tables (rope_theta, the "linear" and "llama3" rope_scaling kinds)
 are computed here, as transformers' modeling_rope_utils does. `model.generate(...)` (greedy and
-sampled decoding with a KV cache) is lora.models.generation's.
+sampled decoding with a KV cache) is lora.models.generation's; reading a GGUF file
+(`from_pretrained("model.gguf")`) is lora.models.gguf's.
 `model.gradient_checkpointing_enable()` has each decoder layer recompute its forward in
 backward instead of holding its activations. `save_pretrained` writes transformers' layout,
 LoRA merged. `model(ids, labels=labels)` returns the loss, lm_head and the cross-entropy
-fused in chunks (lora.functional.linear_cross_entropy). Not here (yet): GGUF files, Mistral's
-sliding window beyond its length (refused), gradients for the token ids.
+fused in chunks (lora.functional.linear_cross_entropy). Not here (yet): Mistral's sliding
+window beyond its length (refused), gradients for the token ids.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from .. import functional as F
 from .. import nn
 from ..nn import Module
 from ..tuners.wrap import merged_state_dict
+from .gguf import is_gguf
+from .gguf import load_llama as load_gguf
 from .hf import Weights, load_safetensors_dir, read_config
 from .hf import save_pretrained as _save_pretrained
 from .memory import keep_freed_memory
@@ -408,8 +411,11 @@ class LlamaForCausalLM(Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **config_overrides) -> LlamaForCausalLM:
         """Load `<directory>/config.json` (model_type llama, mistral or qwen2) and its
-        safetensors weights (float32, float16 or bfloat16, one file or shards), in eval mode.
+        safetensors weights (float32, float16 or bfloat16, one file or shards), or a `.gguf`
+        file (llama or qwen2; lora.models.gguf dequantizes it to float32), in eval mode.
         `config_overrides` replace config fields."""
+        if is_gguf(directory):
+            return load_gguf(cls, directory, **config_overrides)
         raw = read_config(directory)
         raw.update(config_overrides)
         kind = raw.get("model_type")
