@@ -2,7 +2,8 @@
 
 `Tokenizer` turns sentences into the padded int64 arrays a BERT model takes, through the
 `tokenizers` package (an optional dependency, imported only here and in gguf.py) and the
-`tokenizer.json` shipped with a checkpoint, or the vocabulary inside a GGUF file. `negation_sentiment` builds the project's own sentence
+`tokenizer.json` shipped with a checkpoint, or the vocabulary inside a GGUF file.
+`negation_sentiment` builds the project's own sentence
 classification set from templates. Nothing here downloads anything.
 """
 

@@ -760,14 +760,15 @@ def build_tokenizer(path: str | os.PathLike | GGUFHeader):
         config[name] = tokens[i]
     # CONTROL tokens whose spelling is in the byte alphabet (others are llama.cpp mislabels),
     # then bos/eos/unk/pad, as transformers registers its special tokens
-    special = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+    special = [t for t, k in zip(tokens, types, strict=True)
+               if k == _CONTROL and set(t) <= alphabet]
     special += [config[n] for n in ("bos_token", "eos_token", "unk_token", "pad_token")
                 if n in config]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                             for t in dict.fromkeys(special)])
     known = tok.get_vocab()
     user = [AddedToken(t, normalized=False, special=False)
-            for t, k in zip(tokens, types) if k == _USER_DEFINED and t in known]
+            for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED and t in known]
     if user:
         tok.add_tokens(user)
 
