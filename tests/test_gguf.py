@@ -627,7 +627,8 @@ def test_tokenizer_variants_match_transformers(smollm2, tmp_path):
 
 def test_smollm2_truncated_is_refused(smollm2, tmp_path):
     data = open(smollm2, "rb").read()
-    for cut, where in ((1 << 20, r"tokenizer\.ggml\.(tokens|merges)"), (len(data) - 100, "ends beyond")):
+    cuts = ((1 << 20, r"tokenizer\.ggml\.(tokens|merges)"), (len(data) - 100, "ends beyond"))
+    for cut, where in cuts:
         path = tmp_path / "cut.gguf"
         path.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=where):
