@@ -27,6 +27,7 @@ MODULES = [
     ("lora.models.llama", "Llama-family causal LMs (Llama, Mistral, Qwen2) on lora.nn."),
     ("lora.models.generation", "Greedy and sampled generation with a KV cache, streaming."),
     ("lora.models.data", "Tokenizer and text data for lora.models (needs `tokenizers`)."),
+    ("lora.models.gguf", "GGUF files: the header, dequantization, Llama-family weights."),
     ("lora.models.lm_data", "Causal-LM training rows: packed text, masked chat examples."),
     ("lora.data", "The digits data set and base model that ship inside the package."),
     ("lora.cli", "The `lora` command line."),
