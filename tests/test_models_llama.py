@@ -166,8 +166,13 @@ def peft_name(name):
     return "base_model.model." + name + ".default.weight"
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
-def test_lora_gradients_match_peft(targets, tmp_path):
+@pytest.mark.parametrize("targets,path", [(["q_proj", "v_proj"], "logits"),
+                                          ("all-linear", "logits"),
+                                          ("all-linear", "fused"),
+                                          ("all-linear", "fused-checkpointing")])
+def test_lora_gradients_match_peft(targets, path, tmp_path):
+    """The LoRA A/B gradients of the causal-LM loss against PEFT + torch autograd, through
+    logits + causal_lm_loss, the fused labels= path, and the fused path with checkpointing."""
     peft = pytest.importorskip("peft")
     kind, cfg = CASES["tied-bias-llama3"]
     hf = build(kind, cfg, tmp_path / "base")
@@ -182,8 +187,14 @@ def test_lora_gradients_match_peft(targets, tmp_path):
     ours = LlamaForCausalLM.from_pretrained(tmp_path / "base")
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.train()
-    loss, dlogits = nn.causal_lm_loss(ours(ids, mask), labels)
-    ours.backward(dlogits)
+    if path == "logits":
+        loss, dlogits = nn.causal_lm_loss(ours(ids, mask), labels)
+        ours.backward(dlogits)
+    else:
+        if path == "fused-checkpointing":
+            ours.gradient_checkpointing_enable()
+        loss = ours(ids, mask, labels=labels)
+        ours.backward()
     trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n for n in trained)
     assert not any(n.startswith("lm_head") for n in trained)  # all-linear leaves the head
