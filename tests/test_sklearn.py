@@ -240,6 +240,38 @@ def test_verbose_prints_epochs(capsys):
     assert "epoch 1: loss" in out and "epoch 2: loss" in out
 
 
+VERBOSE_FIT = """
+import numpy as np
+from lora import nn
+from lora.sklearn import LoRAClassifier
+rng = np.random.default_rng(0)
+X = rng.standard_normal((40, 4))
+y = (X[:, 0] > 0).astype(int)
+base = nn.Sequential(nn.Linear(4, 8, rng=rng), nn.Tanh(), nn.Linear(8, 8, rng=rng))
+LoRAClassifier(base, verbose=1, epochs=2, batch_size=8, random_state=0).fit(X, y)
+"""
+
+
+@pytest.mark.parametrize("tqdm_disable", [None, "1"])
+def test_verbose_progress_bar_obeys_tqdm_disable(tqdm_disable):
+    """verbose shows tqdm's bar on stderr; TQDM_DISABLE=1 (a CI log) silences it, as it does
+    any tqdm bar whose caller leaves `disable` alone. The epoch lines stay on stdout."""
+    import subprocess
+    import sys
+
+    tqdm = pytest.importorskip("tqdm")
+    if tuple(int(v) for v in tqdm.__version__.split(".")[:2]) < (4, 66):
+        pytest.skip("tqdm reads TQDM_* environment variables from 4.66 on")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    if tqdm_disable:
+        env["TQDM_DISABLE"] = tqdm_disable
+    res = subprocess.run([sys.executable, "-c", VERBOSE_FIT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "epoch 1: loss" in res.stdout and "epoch 2: loss" in res.stdout
+    assert ("epoch 1:" in res.stderr) == (tqdm_disable is None), res.stderr
+
+
 def test_last_positions_is_the_last_unpadded_token():
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     np.testing.assert_array_equal(_last_positions(mask), [2, 0, 3])

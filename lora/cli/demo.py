@@ -64,9 +64,8 @@ def _evaluate(model, X, y) -> tuple[float, float]:
 def _train(model, params, lr, splits, epochs, rng, desc, progress) -> tuple[list, list, float]:
     """Adam on `params` over the training split; returns (train losses per epoch, validation
     losses per epoch, seconds spent training, evaluation excluded)."""
-    from tqdm import tqdm
-
     from .. import nn
+    from .._progress import progress_bar
     from ..optim import Adam
 
     X, y = splits["train"]
@@ -74,8 +73,8 @@ def _train(model, params, lr, splits, epochs, rng, desc, progress) -> tuple[list
     steps_per_epoch = -(-len(y) // BATCH_SIZE)
     train_losses, seconds = [], 0.0
     val_losses = [_evaluate(model, *splits["val"])[0]]  # epoch 0: where training starts
-    with tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", leave=False,
-              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(progress, total=epochs * steps_per_epoch, desc=desc, unit="step",
+                      leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
         for _ in range(epochs):
             start = time.perf_counter()
             model.train()

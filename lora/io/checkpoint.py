@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._progress import progress_bar
 from ..functional import merge
 from ..tuners.config import config_scaling
 from . import atomic, peft
@@ -296,11 +297,9 @@ def _write(plan: _Plan, out: str, force: bool, progress: bool) -> dict[str, int]
     lora_pairs = sum(u.replace is None for us in plan.updates.values() for u in us)
     try:
         _copy_other_files(plan, tmp)
-        from tqdm.auto import tqdm
-
-        with tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="lora merge",
-            disable=not progress, file=sys.stderr,
+        with progress_bar(
+            progress, auto=True, total=total, unit="B", unit_scale=True, unit_divisor=1024,
+            desc="lora merge", file=sys.stderr,
         ) as bar:  # fmt: skip
             for shard in plan.shards:
                 _write_shard(plan.headers[shard], os.path.join(tmp, shard), plan.updates, bar)

@@ -25,6 +25,7 @@ from sklearn.utils.validation import _check_sample_weight, check_consistent_leng
     check_is_fitted, validate_data
 
 from .. import nn
+from .._progress import progress_bar
 from ..io.adapter import save_adapter as _save_adapter
 from ..optim import AdamW, LRScheduler
 from ..tuners import LoraConfig, lora_layers, trainable_parameters, wrap
@@ -225,8 +226,6 @@ class LoRAEstimator(TransformerMixin, BaseEstimator):
         return self
 
     def _train(self, data, targets, weights, random, where):
-        from tqdm import tqdm
-
         n = len(targets)
         train_idx = np.arange(n)
         if self.early_stopping:
@@ -249,9 +248,9 @@ class LoRAEstimator(TransformerMixin, BaseEstimator):
             start = time.perf_counter()
             model.train()
             order = rng.permutation(train_idx)
-            bar = tqdm(range(0, len(order), self.batch_size), disable=not self.verbose,
-                       desc=f"epoch {self.n_iter_ + 1}", leave=False, file=sys.stderr,
-                       mininterval=1)
+            bar = progress_bar(bool(self.verbose), iterable=range(0, len(order), self.batch_size),
+                               desc=f"epoch {self.n_iter_ + 1}", leave=False, file=sys.stderr,
+                               mininterval=1)
             total = 0.0
             for i in bar:
                 idx = order[i:i + self.batch_size]
