@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -238,6 +239,21 @@ def test_verbose_prints_epochs(capsys):
     LoRAClassifier(small_mlp, verbose=1, **{**FAST, "epochs": 2}).fit(X, y)
     out = capsys.readouterr().out
     assert "epoch 1: loss" in out and "epoch 2: loss" in out
+
+
+def test_convergence_warning_as_mlp():
+    """ConvergenceWarning when the epochs run out while the loss still improves by more than
+    tol (MLP's "Maximum iterations reached"); none when the stopping rule ends the fit."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y = blobs()
+    with pytest.warns(ConvergenceWarning, match="2 epochs ran"):
+        LoRAClassifier(small_mlp, **{**FAST, "epochs": 2}).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf = LoRAClassifier(small_mlp, **{**FAST, "epochs": 200, "n_iter_no_change": 1,
+                                           "tol": 10.0}).fit(X, y)
+    assert clf.n_iter_ == 3  # stopped by the rule (n_iter_no_change + 2 epochs, as MLP)
 
 
 VERBOSE_FIT = """

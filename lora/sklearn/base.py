@@ -16,9 +16,11 @@ import math
 import numbers
 import sys
 import time
+import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_consistent_length, \
@@ -197,7 +199,9 @@ class LoRAEstimator(TransformerMixin, BaseEstimator):
     def fit(self, X, y, sample_weight=None):
         """Fine-tune on (X, y) for `epochs` epochs (fewer with early stopping); with
         warm_start and a fitted estimator, continue from where the last fit stopped.
-        sample_weight (n,) weights each sample's loss. Returns self."""
+        sample_weight (n,) weights each sample's loss. Returns self. Warns ConvergenceWarning,
+        as MLPClassifier does, when the epochs run out while the loss (the validation score
+        with early_stopping) still improved by more than tol in the last epoch."""
         where = f"{type(self).__name__}.fit"
         self._check_params(where)
         kind = base_kind(self.base, where)
@@ -291,6 +295,15 @@ class LoRAEstimator(TransformerMixin, BaseEstimator):
                     print(f"no improvement over {self.n_iter_no_change} epochs: stopping",
                           flush=True)
                 break
+        else:
+            if self.epochs and no_improvement == 0:
+                # as MLP's "Maximum iterations reached" warning, when the last epoch still
+                # improved on the best by more than tol
+                what = "validation score" if self.early_stopping else "training loss"
+                warnings.warn(
+                    f"{type(self).__name__}: {self.epochs} epochs ran and the {what} was still "
+                    f"improving by more than tol={self.tol} in the last one; raise epochs to "
+                    "train to convergence", ConvergenceWarning, stacklevel=3)
         if self.early_stopping and best is not None:  # as MLP: keep the best epoch's weights
             for p in trainable_parameters(model):
                 p.data[...] = best[id(p)]
