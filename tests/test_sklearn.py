@@ -244,7 +244,6 @@ def test_verbose_prints_epochs(capsys):
 def test_convergence_warning_as_mlp():
     """ConvergenceWarning when the epochs run out while the loss still improves by more than
     tol (MLP's "Maximum iterations reached"); none when the stopping rule ends the fit."""
-
     X, y = blobs()
     with pytest.warns(ConvergenceWarning, match="2 epochs ran"):
         LoRAClassifier(small_mlp, **{**FAST, "epochs": 2}).fit(X, y)
