@@ -87,11 +87,10 @@ def _inputs(path):
 def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> dict:
     import numpy as np
 
+    if "load" in tasks:  # the Q4_1 GGUF file to float32 weights, timed on its own
+        return {"side": side, "load_s": _gguf_load_seconds(side, threads)}
     chat, long, train_ids = _inputs(path)
     out: dict = {"side": side}
-    if "load" in tasks:  # the Q4_1 GGUF file to float32 weights, timed on its own
-        out["load_s"] = _gguf_load_seconds(side, threads)
-        return out
     if side == "lora":
         import lora
         from lora.models.llama import LlamaForCausalLM
@@ -172,13 +171,13 @@ def child(side: str, path: str, tasks: list[str], threads: int, steps: int) -> d
             times.append(time.perf_counter() - t0)
         out["decode_tok_s"] = DECODE / (min(times) - t1)
         out["tokens"] = np.asarray(tokens)[0, chat.shape[1]:].tolist()
-    if "train" in tasks or "train_ckpt" in tasks:
-        step = train_setup("train_ckpt" in tasks)
-        step()
-        times = []
-        for _ in range(steps):
-            times.append(_timed(step))
-        out["train_step_s"] = float(np.median(times))
+    for task in ("train", "train_ckpt"):  # one per process, so the peak RSS is its own
+        if task in tasks:
+            step = train_setup(task == "train_ckpt")
+            step()
+            out[task + "_step_s"] = float(np.median([_timed(step) for _ in range(steps)]))
+            out[task + "_rss_mb"] = _peak_rss_mb()
+            return out
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
@@ -211,7 +210,6 @@ def _timed(fn) -> float:
 def llamacpp_child(tasks: list[str], threads: int) -> dict:
     """prefill and greedy decode with llama.cpp on the Q4_1 GGUF file (as shipped)."""
     import llama_cpp
-    import numpy as np
 
     from lora.models.gguf import smollm2_path
 
@@ -236,9 +234,13 @@ def llamacpp_child(tasks: list[str], threads: int) -> dict:
     if "decode" in tasks:
         gen(chat, 2)
         t1 = min(_timed(lambda: gen(chat, 1)) for _ in range(2))
-        t = min(_timed(lambda: gen(chat, DECODE + 1)) for _ in range(2))
-        out["decode_tok_s"] = DECODE / (t - t1)
-        out["tokens"] = [int(x) for x in np.asarray(gen(chat, DECODE + 1))]
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            tokens = gen(chat, DECODE + 1)
+            times.append(time.perf_counter() - t0)
+        out["decode_tok_s"] = DECODE / (min(times) - t1)
+        out["tokens"] = [int(x) for x in tokens]
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
@@ -298,10 +300,6 @@ def main(argv=None) -> None:
         for _ in range(a.rounds):  # sides alternate; each keeps its best round
             for side, into in sides:
                 got = run_side(side, path, group, a.threads, a.steps)
-                if group[0].startswith("train"):
-                    got[group[0] + "_rss_mb"] = got.pop("peak_rss_mb")
-                    if group[0] == "train_ckpt":
-                        got["train_ckpt_step_s"] = got.pop("train_step_s")
                 for key, value in got.items():
                     if key in into and key.endswith("_tok_s"):
                         value = max(value, into[key])

@@ -295,8 +295,8 @@ class LoRAEstimator(TransformerMixin, BaseEstimator):
                     print(f"no improvement over {self.n_iter_no_change} epochs: stopping",
                           flush=True)
                 break
-        else:
-            if self.epochs and no_improvement == 0:
+        else:  # the epochs ran out (epochs >= 1, checked)
+            if no_improvement == 0:
                 # as MLP's "Maximum iterations reached" warning, when the last epoch still
                 # improved on the best by more than tol
                 what = "validation score" if self.early_stopping else "training loss"
