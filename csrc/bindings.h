@@ -43,6 +43,9 @@ LORA_KW_BINDING(swiglu_backward);
 LORA_KW_BINDING(causal_attention_forward);
 LORA_KW_BINDING(causal_attention_backward);
 LORA_KW_BINDING(linear_cross_entropy);
+/* bind_quant.c */
+LORA_KW_BINDING(quantize);
+LORA_KW_BINDING(dequantize);
 /* bind_blas.c */
 PyObject *py_set_num_threads(PyObject *self, PyObject *arg);
 PyObject *py_blas_info(PyObject *self, PyObject *unused);

@@ -2,8 +2,9 @@
  *
  * The functions live by family in bind_linear.c (linear and dense layers), bind_merge.c
  * (merge, unmerge), bind_optim.c (adam_step), bind_nn.c (GELU, LayerNorm, attention), bind_llama.c
- * (RMSNorm, RoPE, SwiGLU, causal GQA attention) and
- * bind_blas.c (set_num_threads, blas_info); the PackedWeight type in packed.c. Argument
+ * (RMSNorm, RoPE, SwiGLU, causal GQA attention), bind_quant.c (quantize, dequantize, the
+ * QuantWeight type) and bind_blas.c (set_num_threads, blas_info); the PackedWeight type in
+ * packed.c. Argument
  * checking is args.c's, the kernels' scratch scratch.c's. This is the one file that imports
  * the NumPy C API (LORA_IMPORT_ARRAY; see py_common.h).
  */
@@ -41,6 +42,8 @@ static PyMethodDef methods[] = {
     KW_METHOD(causal_attention_forward),
     KW_METHOD(causal_attention_backward),
     KW_METHOD(linear_cross_entropy),
+    KW_METHOD(quantize),
+    KW_METHOD(dequantize),
     {"set_num_threads", py_set_num_threads, METH_O, set_num_threads_doc},
     {"blas_info", py_blas_info, METH_NOARGS, blas_info_doc},
     {NULL, NULL, 0, NULL}};
@@ -51,7 +54,9 @@ static int exec_module(PyObject *module) {
     import_array1(-1);
     lora_use_pool_for_blas();
     if (PyType_Ready(&PackedWeightType) < 0 ||
-        PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0)
+        PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0 ||
+        PyType_Ready(&QuantWeightType) < 0 ||
+        PyModule_AddObjectRef(module, "QuantWeight", (PyObject *)&QuantWeightType) < 0)
         return -1;
     return 0;
 }

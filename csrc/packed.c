@@ -167,7 +167,21 @@ PyTypeObject PackedWeightType = {
 
 int arg_weight(Call *c, PyObject *obj, int wt, int direction, WeightArg *w) {
     const char *func = c->func;
-    *w = (WeightArg){NULL, NULL, direction, 0, 0, {NULL, NULL, 0}, NULL};
+    *w = (WeightArg){NULL, NULL, NULL, direction, 0, 0, {NULL, NULL, 0, 0}, NULL};
+    if (PyObject_TypeCheck(obj, &QuantWeightType)) {
+        if (wt) {
+            PyErr_Format(PyExc_ValueError,
+                         PREFIX "%s: fan_in_fan_out must be False with a QuantWeight (it is "
+                                "(d_out, d_in)), got True",
+                         func);
+            return -1;
+        }
+        QuantWeight *qw = (QuantWeight *)obj;
+        w->d_out = qw->d_out, w->d_in = qw->d_in;
+        w->quant = qw;
+        c->obj = Py_NewRef(obj);
+        return 0;
+    }
     if (!PyObject_TypeCheck(obj, &PackedWeightType))
         return arg_weight_array(c, &w->array, obj, wt, &w->d_out, &w->d_in);
     PackedWeight *pw = (PackedWeight *)obj;
@@ -201,6 +215,17 @@ int arg_weight(Call *c, PyObject *obj, int wt, int direction, WeightArg *w) {
 }
 
 int weight_panels(Call *c, WeightArg *w, npy_intp n) {
+    if (w->quant && w->direction >= 0) {
+        LoraPacked *pk = &w->pk;
+        const size_t elem = c->type == NPY_FLOAT32 ? 4 : 8;
+        const size_t tile = lora_quant_scratch_elems((size_t)n, (size_t)w->d_in,
+                                                     (size_t)w->d_out, elem, w->direction);
+        pk->panels = PyArray_DATA(w->quant->data);
+        pk->qtype = w->quant->qtype;
+        if (tile && !(pk->xp = call_scratch(c, tile))) return -1;
+        w->kernel = pk;
+        return 0;
+    }
     if (!w->packed || w->direction < 0) return 0;
     PyArrayObject *panels = w->direction ? w->packed->bwd : w->packed->fwd;
     LoraPacked *pk = &w->pk;

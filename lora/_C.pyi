@@ -60,3 +60,24 @@ def linear_cross_entropy(hidden: Array, weight: Array, labels: NDArray[np.intege
                          ) -> tuple[float, Array | None, Array | None]: ...
 def set_num_threads(n: int) -> None: ...
 def blas_info() -> dict[str, str | int]: ...
+def quantize(x: Array, qtype: str) -> NDArray[np.uint8]: ...
+def dequantize(data: NDArray[np.uint8], qtype: str,
+               shape: tuple[int, ...]) -> NDArray[np.float32]: ...
+
+class PackedWeight:
+    def __init__(self, weight: Array, *, fan_in_fan_out: bool = False,
+                 backward: bool = True) -> None: ...
+    shape: tuple[int, int]
+    dtype: np.dtype
+    forward_panels: Array
+    backward_panels: Array | None
+    nbytes: int
+    max_rows: int
+
+class QuantWeight:
+    def __init__(self, data: NDArray[np.uint8], qtype: str,
+                 shape: tuple[int, int]) -> None: ...
+    shape: tuple[int, int]
+    qtype: str
+    data: NDArray[np.uint8]
+    nbytes: int

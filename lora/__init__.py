@@ -8,10 +8,10 @@ lora.tuners (LoRA config, layers and wrapping), lora.io (safetensors, PEFT adapt
 checkpoints), lora.models (pretrained models), lora.optim, lora.cli. See docs/design.md.
 """
 
-from . import functional, nn, optim
+from . import functional, nn, optim, quant
 from .functional import blas_info, set_num_threads
 from .io import AdapterFormatError, load_adapter, merge_checkpoint, save_adapter
-from .nn import pack_weights, unpack_weights
+from .nn import pack_weights, quantize_model, unpack_weights
 from .tuners import (
     LoRAEmbedding,
     LoRALinear,
@@ -46,6 +46,8 @@ __all__ = [
     "optim",
     "pack_weights",
     "print_trainable_parameters",
+    "quant",
+    "quantize_model",
     "save_adapter",
     "set_num_threads",
     "trainable_parameters",

@@ -303,3 +303,39 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, chunk=Non
     g /= max(count, 1)
     return (loss, g @ weight if need_dhidden else None,
             g.T @ hidden if need_dweight else None)
+
+
+# QLoRA's NF4 (Dettmers et al. 2023): blocks of 64, each scaled by its absmax to [-1, 1]
+# and rounded to the nearest of 16 NormalFloat codes (a tie to the lower one); lora's block
+# layout (csrc/kernels/quant.c): float32 absmax, then 32 bytes, element 2i in the high
+# nibble of byte i and 2i + 1 in the low one.
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+
+def nf4_quantize(x):
+    """The NF4 blocks (uint8, x.shape[:-1] + (K / 64 * 36,)) of float32 x (..., K)."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(-1, 64)
+    absmax = np.abs(blocks).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(absmax == 0, np.float32(0), np.float32(1) / absmax).astype(np.float32)
+    v = blocks * inv[:, None]
+    c = NF4_CODE.astype(np.float64)
+    mid = ((c[1:] + c[:-1]) / 2).astype(np.float32)
+    q = (v[:, :, None] > mid).sum(axis=2).astype(np.uint8)
+    packed = (q[:, 0::2] << 4) | q[:, 1::2]
+    out = np.concatenate([absmax.astype("<f4")[:, None].view(np.uint8), packed], axis=1)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // 64 * 36)
+
+
+def nf4_dequantize(data, shape):
+    """float32 values of NF4 blocks, as `shape`."""
+    blocks = np.ascontiguousarray(data).reshape(-1, 36)
+    absmax = blocks[:, :4].copy().view("<f4").astype(np.float32)
+    q = np.empty((blocks.shape[0], 64), np.uint8)
+    q[:, 0::2], q[:, 1::2] = blocks[:, 4:] >> 4, blocks[:, 4:] & 15
+    return (NF4_CODE[q] * absmax).reshape(shape)

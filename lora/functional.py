@@ -13,6 +13,7 @@ parallel.
 from . import _blas  # noqa: F401  (loads OpenBLAS before the extension)
 from ._C import (
     PackedWeight,
+    QuantWeight,
     adam_step,
     attention_backward,
     attention_forward,
@@ -28,7 +29,9 @@ from ._C import (
     linear_backward,
     linear_cross_entropy,
     linear_forward,
+    dequantize,
     merge,
+    quantize,
     rms_norm_backward,
     rms_norm_forward,
     rope_backward,
@@ -41,6 +44,9 @@ from ._C import (
 
 __all__ = [
     "PackedWeight",
+    "QuantWeight",
+    "quantize",
+    "dequantize",
     "linear_forward",
     "linear_backward",
     "merge",

@@ -95,13 +95,19 @@ LORA_VEC(double, f64)
  *     kept elements scaled by keep_scale, dropped ones zero; with `acc` added to out instead.
  *   panel_gemm (panel_gemm.c): C (n, N) += X (n, K) M with M as panels (pack_panels), on
  *     `parts` threads (lora_panel_parts); xp: lora_panel_scratch_elems(parts, n, K, sizeof(T))
- *     elements of scratch. */
+ *     elements of scratch.
+ *   quant_forward / quant_backward (quant.c): the base products with a quantized W (N rows of
+ *     K elements): y = x W^T + beta y, dx = dy W + beta dx; tile: lora_quant_scratch_elems. */
 #define LORA_DECLARE_INTERNAL(T, SUF)                                                         \
     void dropout_rows_##SUF(T *restrict out, const T *restrict x, size_t row0, size_t rows,   \
                             size_t d_in, uint64_t key, uint32_t threshold, T keep_scale,      \
                             int acc);                                                         \
     void panel_gemm_##SUF(T *C, T *xp, const T *X, const T *P, size_t n, size_t K, size_t N,  \
-                          size_t parts);
+                          size_t parts);                                                      \
+    void quant_forward_##SUF(T *y, T *tile, const T *x, const uint8_t *W, int qtype, T beta,  \
+                             size_t n, size_t K, size_t N);                                   \
+    void quant_backward_##SUF(T *dx, T *tile, const T *dy, const uint8_t *W, int qtype,       \
+                              T beta, size_t n, size_t K, size_t N);
 LORA_DECLARE_INTERNAL(float, f32)
 LORA_DECLARE_INTERNAL(double, f64)
 #undef LORA_DECLARE_INTERNAL

@@ -271,10 +271,13 @@ static void FN(gemv)(T *y, const T *W, const T *x, T beta, size_t d_out, size_t 
  *   base_forward:  y  = x W^T + beta y     (n, d_out)
  *   base_backward: dx = dy W + beta dx     (n, d_in)
  * or, given pk, with W packed for that product (W^T's panels forward, W's backward; W and wt
- * are then not read). One row (n = 1) of an unpacked W goes through gemv. */
+ * are then not read), or given a pk with a qtype, with W quantized (quant.c: pk->panels the
+ * blocks, pk->xp the tile). One row (n = 1) of an unpacked W goes through gemv. */
 static void FN(base_forward)(T *y, const T *x, const T *W, int wt, T beta, size_t n, size_t d_in,
                              size_t d_out, const LoraPacked *pk) {
-    if (pk) {
+    if (pk && pk->qtype)
+        FN(quant_forward)(y, pk->xp, x, pk->panels, pk->qtype, beta, n, d_in, d_out);
+    else if (pk) {
         if (beta == 0) memset(y, 0, n * d_out * sizeof(T));
         FN(panel_gemm)(y, pk->xp, x, pk->panels, n, d_in, d_out, pk->parts);
     } else if (n == 1 && !wt)
@@ -288,7 +291,9 @@ static void FN(base_forward)(T *y, const T *x, const T *W, int wt, T beta, size_
 
 static void FN(base_backward)(T *dx, const T *dy, const T *W, int wt, T beta, size_t n,
                               size_t d_in, size_t d_out, const LoraPacked *pk) {
-    if (pk) {
+    if (pk && pk->qtype)
+        FN(quant_backward)(dx, pk->xp, dy, pk->panels, pk->qtype, beta, n, d_in, d_out);
+    else if (pk) {
         if (beta == 0) memset(dx, 0, n * d_in * sizeof(T));
         FN(panel_gemm)(dx, pk->xp, dy, pk->panels, n, d_out, d_in, pk->parts);
     } else if (n == 1 && !wt)

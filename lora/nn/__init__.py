@@ -24,6 +24,7 @@ from .layers import (
     pack_weights,
     unpack_weights,
 )
+from .quantized import QuantLinear, quantize_model
 from .losses import causal_lm_loss, cross_entropy, mse_loss
 from .module import Module, ModuleDict, ModuleList, Parameter, Sequential
 
@@ -33,6 +34,8 @@ __all__ = [
     "pack_weights",
     "unpack_weights",
     "Linear",
+    "QuantLinear",
+    "quantize_model",
     "Conv1D",
     "Embedding",
     "LayerNorm",

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import functional as F
-from ..nn import Conv1D, Embedding, Linear, Module, Parameter
+from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantLinear
 from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows, as_input
 from .config import MAX_ALPHA, check_positive_int, check_real, scaling_factor
 
@@ -51,6 +51,10 @@ class _LoRABase(Module):
         safe_merge the result is computed in a copy and committed only if it is finite."""
         if self.merged:
             return
+        if isinstance(self._base, QuantLinear):
+            raise ValueError(f"{type(self).__name__}.merge: the base weight is quantized "
+                             f"({self._base.qtype}) and cannot take the update in place; "
+                             "lora.merge_and_unload gives the merged model in float weights")
         A, B = self._pair()
         if safe_merge:
             merged = self.weight.data.copy()
@@ -105,7 +109,7 @@ class LoRALinear(_Packable, _LoRABase):
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_dropout = lora_dropout
-        dtype = self.weight.dtype
+        dtype = self.compute_dtype
         self.lora_A = Parameter(np.zeros((r, self.in_features), dtype))
         self.lora_B = Parameter(np.zeros((self.out_features, r), dtype))
         _init_weights(self, init_lora_weights)
@@ -116,14 +120,42 @@ class LoRALinear(_Packable, _LoRABase):
     def _merge_into(self, weight, A, B, scaling):
         F.merge(weight, A, B, scaling, fan_in_fan_out=self.fan_in_fan_out)
 
+    def _weight_arg(self, x: np.ndarray, backward: bool = False):
+        if isinstance(self._base, QuantLinear):
+            return self._base._weight_arg(x, backward)
+        return super()._weight_arg(x, backward)
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The dtype of inputs and outputs: the weight's, or a quantized base's."""
+        return self._base.compute_dtype if self.quantized else self.weight.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """The base weight is held quantized (a lora.nn.QuantLinear)."""
+        return isinstance(self._base, QuantLinear)
+
+    def merged_float_base(self, safe_merge: bool = False) -> Linear:
+        """For a quantized base: a new float Linear holding dequantize(W) + scaling * B A
+        and the base's bias (the merged weight is not quantized again)."""
+        if not self.quantized:
+            raise ValueError("LoRALinear.merged_float_base: the base is not quantized; merge()")
+        layer = self._base.to_linear()
+        self._merge_into(layer.weight.data, self.lora_A.data, self.lora_B.data, self.scaling)
+        if safe_merge and not np.isfinite(layer.weight.data).all():
+            raise ValueError("LoRALinear.merge: the merged weight is not finite")
+        return layer
+
     def _weight_out_in(self) -> np.ndarray:
+        if isinstance(self._base, QuantLinear):
+            return self._base.dequantize()
         w = self.weight.data
         return np.ascontiguousarray(w.T) if self.fan_in_fan_out else w
 
     def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """The base layer plus the LoRA branch, plus `residual` (a skip connection, added in
         the same pass) if given."""
-        x = as_input(x, self.weight.dtype)
+        x = as_input(x, self.compute_dtype)
         if self.disabled and self.merged:
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
         W, fifo = self._weight_arg(x)  # read in place in either layout, or packed
@@ -263,7 +295,7 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
     decomposition, base likewise replaced (Buyukakyuz 2024). LoRAEmbedding: any true value
     gives A = 0, B ~ N(0, 1); False gives A, B ~ N(0, 1). Random draws use layer.rng.
     """
-    rng, dtype = layer.rng, layer.weight.dtype
+    rng, dtype = layer.rng, getattr(layer, "compute_dtype", layer.weight.dtype)
     if isinstance(layer, LoRAEmbedding):
         A, B = layer.lora_embedding_A, layer.lora_embedding_B
         A.data[...] = rng.standard_normal(A.shape) if init is False else 0
@@ -279,6 +311,9 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
         A.data[...] = rng.standard_normal(A.shape) / r
         B.data[...] = 0
     elif init in ("pissa", "olora"):
+        if isinstance(layer.base_layer(), QuantLinear):
+            raise ValueError(f"init_lora_weights={init!r} replaces the base weight, which is "
+                             "quantized here; initialise before quantizing")
         if layer.merged:
             raise RuntimeError("init_lora_weights: unmerge() before a pissa/olora init")
         W = layer._weight_out_in().astype(np.float64)  # (out, in); decompositions in float64

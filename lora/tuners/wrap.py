@@ -20,7 +20,7 @@ import numpy as np
 from .._checks import check_fields
 from .config import LoraConfig
 from .lora import LoRAEmbedding, LoRALinear
-from ..nn import Conv1D, Embedding, Linear, Module, Parameter
+from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantLinear
 
 
 class ModulesToSaveWrapper(Module):
@@ -186,6 +186,10 @@ def print_trainable_parameters(model: Module) -> tuple[int, int]:
     """Print PEFT's line "trainable params: ... || all params: ... || trainable%: ..." and
     return (trainable, total) element counts."""
     total = sum(p.size for p in model.parameters())
+    for m in model.modules():
+        q = m.base_layer() if isinstance(m, LoRALinear) else m
+        if isinstance(q, QuantLinear):  # its weight Parameter holds block bytes
+            total += q.in_features * q.out_features - q.weight.size
     trainable = sum(p.size for p in trainable_parameters(model))
     percent = 100 * trainable / total if total else 0.0
     print(
@@ -196,11 +200,14 @@ def print_trainable_parameters(model: Module) -> tuple[int, int]:
 
 def _strip(model: Module, merge: bool, safe_merge: bool = False) -> Module:
     for path, layer in lora_layers(model):
-        if merge:
-            layer.merge(safe_merge=safe_merge)
-        else:
+        if not merge:
             layer.unmerge()
-        base = layer.base_layer()
+            base = layer.base_layer()
+        elif isinstance(layer, LoRALinear) and layer.quantized:
+            base = layer.merged_float_base(safe_merge=safe_merge)
+        else:
+            layer.merge(safe_merge=safe_merge)
+            base = layer.base_layer()
         base.train(model.training)
         if path:
             model.set_submodule(path, base)
@@ -232,7 +239,8 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
             if p is A or p is B:
                 continue
             if p is layer.weight and not layer.merged:
-                value = value.copy()
+                quantized = isinstance(layer, LoRALinear) and layer.quantized
+                value = layer.base_layer().dequantize() if quantized else value.copy()
                 layer._merge_into(value, A.data, B.data, layer.scaling)
         out[name.replace(".modules_to_save.", ".")] = value
     return out
@@ -241,7 +249,9 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
 def merge_and_unload(model: Module, *, safe_merge: bool = False) -> Module:
     """Merge every LoRA update into its base weight and put the plain layers back (trained
     copies of modules_to_save replace their originals). Returns the plain model; its
-    parameters stay frozen. safe_merge checks each merged weight is finite first."""
+    parameters stay frozen. safe_merge checks each merged weight is finite first. A layer
+    over a quantized base (lora.nn.QuantLinear) comes back as a float Linear holding the
+    dequantized weight plus the update (quantize_model the result to quantize it again)."""
     return _strip(model, merge=True, safe_merge=safe_merge)
 
 

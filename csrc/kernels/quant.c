@@ -1,0 +1,306 @@
+/* kernels/quant.c: quantized weights. GGUF's block formats, bit for bit as ggml and the PyPI
+ * `gguf` package's gguf.quants lay them out and round them (Q8_0, Q4_0, Q4_1 both ways; Q4_K
+ * and Q6_K read only), and QLoRA's NF4 (Dettmers et al. 2023: blocks of 64, absmax scale,
+ * the NormalFloat code book), both ways; and, from quant_impl.h, the products of a float
+ * matrix with a quantized weight that the layers' base products call (lora_impl.h's
+ * base_forward / base_backward, when the LoraPacked they are given has a qtype).
+ *
+ * A quantized tensor is rows of whole blocks: a row of K elements is K / block_elems blocks
+ * of block_bytes bytes, rows one after another. Rounding follows gguf.quants step by step
+ * (each product and sum rounded to float32: the build compiles with -ffp-contract=off), so
+ * quantize gives its bytes and dequantize its values exactly.
+ * It deliberately knows nothing of LoRA or of Python.
+ */
+#include <math.h>
+
+#include "../blas.h"
+#include "internal.h"
+
+/* ------------------------------------------------------------------ float16 */
+
+static inline float f16_to_f32(const uint8_t *p) {
+    const uint16_t h = (uint16_t)(p[0] | p[1] << 8);
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f)
+        bits = sign | 0x7f800000u | man << 13;
+    else if (exp)
+        bits = sign | (exp + 112) << 23 | man << 13;
+    else { /* zero or subnormal: man * 2^-24, exact in float32 */
+        const float v = (float)man * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest, ties to even, as NumPy's astype(float16): overflow gives inf. */
+static inline void f32_to_f16(uint8_t *p, float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7fffffff;
+    uint32_t h;
+    if (ax >= 0x7f800000u) /* inf, nan */
+        h = 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0);
+    else if (ax >= 0x477ff000u) /* from 65520 up: inf */
+        h = 0x7c00;
+    else if (ax < 0x38800000u) { /* below 2^-14: a subnormal half, round(|f| * 2^24) */
+        float a;
+        memcpy(&a, &ax, sizeof a);
+        h = (uint32_t)rintf(a * 0x1p24f);
+    } else {
+        const uint32_t m = ax & 0x7fffff, rem = m & 0x1fff;
+        h = ((ax >> 23) - 112) << 10 | m >> 13;
+        if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++; /* may carry into the exponent */
+    }
+    h |= sign;
+    p[0] = (uint8_t)h, p[1] = (uint8_t)(h >> 8);
+}
+
+/* ------------------------------------------------------------------ the formats
+ * Layouts (ggml-common.h): Q8_0 {f16 d; int8 q[32]}, value q * d. Q4_0 {f16 d; 16 bytes},
+ * value (nibble - 8) * d. Q4_1 {f16 d, m; 16 bytes}, value nibble * d + m. In both 4-bit
+ * blocks byte i holds element i (low nibble) and i + 16 (high). Q4_K and Q6_K: super-blocks
+ * of 256, described at their functions. NF4 (lora's layout; GGUF has no NF4) {float32
+ * absmax; 32 bytes}, value code[nibble] * absmax, byte i holding element 2i in its high
+ * nibble and 2i + 1 in its low one, as bitsandbytes packs them. */
+
+/* bitsandbytes' NF4 code book (float32, in hex so no decimal rounding intervenes) */
+static const float nf4_code[16] = {
+    -0x1p+0f, -0x1.647362p-1f, -0x1.0cd66p-1f,
+    -0x1.94654p-2f, -0x1.23449ap-2f, -0x1.7a6a7ep-3f,
+    -0x1.74f0e2p-4f, 0x0.0p+0f, 0x1.45f5fep-4f, 0x1.4995c6p-3f,
+    0x1.f809bap-3f, 0x1.5a0674p-2f, 0x1.c3497p-2f, 0x1.200f56p-1f,
+    0x1.722766p-1f, 0x1p+0f};
+
+/* Midpoints between consecutive codes, each the float32 nearest to the exact midpoint of the
+ * two float32 codes (in hex: a decimal literal parsed straight to float can round the other
+ * way). A normalised value goes to the code above a midpoint it exceeds, so a tie goes to
+ * the lower code. */
+static const float nf4_mid[15] = {
+    -0x1.b239bp-1f, -0x1.38a4ep-1f, -0x1.d709p-2f,
+    -0x1.5bd4ecp-2f, -0x1.e079d8p-3f, -0x1.1a7178p-3f,
+    -0x1.74f0e2p-5f, 0x1.45f5fep-5f, 0x1.ec90c4p-4f,
+    0x1.a0cfcp-3f, 0x1.2b05a8p-2f, 0x1.8ea7f2p-2f, 0x1.00da08p-1f,
+    0x1.491b5ep-1f, 0x1.b913b4p-1f};
+
+static LORA_CLONES void deq_q8_0(float *restrict y, const uint8_t *restrict b, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 34, y += 32) {
+        const float d = f16_to_f32(b);
+        for (int i = 0; i < 32; i++) y[i] = (float)(int8_t)b[2 + i] * d;
+    }
+}
+
+static LORA_CLONES void deq_q4_0(float *restrict y, const uint8_t *restrict b, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 18, y += 32) {
+        const float d = f16_to_f32(b);
+        for (int i = 0; i < 16; i++) {
+            y[i] = (float)((b[2 + i] & 15) - 8) * d;
+            y[i + 16] = (float)((b[2 + i] >> 4) - 8) * d;
+        }
+    }
+}
+
+static LORA_CLONES void deq_q4_1(float *restrict y, const uint8_t *restrict b, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 20, y += 32) {
+        const float d = f16_to_f32(b), m = f16_to_f32(b + 2);
+        for (int i = 0; i < 16; i++) {
+            y[i] = (float)(b[4 + i] & 15) * d + m;
+            y[i + 16] = (float)(b[4 + i] >> 4) * d + m;
+        }
+    }
+}
+
+/* Q4_K {f16 d, dmin; 12 bytes of scales; 128 bytes}: 8 sub-blocks of 32, each with a 6-bit
+ * scale sc and min mn packed into the 12 bytes (bytes 0-3: scales 0-3 in the low 6 bits, the
+ * high 2 bits of scales 4-7 on top; bytes 4-7 the same for the mins; bytes 8-11 the low 4
+ * bits of scales 4-7 (low nibble) and mins 4-7 (high)); value q * (d * sc) - dmin * mn, with
+ * bytes 32j..32j+31 holding sub-block 2j in their low nibbles and 2j + 1 in their high. */
+static LORA_CLONES void deq_q4_k(float *restrict y, const uint8_t *restrict b, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 144, y += 256) {
+        const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+        const uint8_t *s = b + 4, *q = b + 16;
+        for (int j = 0; j < 8; j++) {
+            const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | (s[j - 4] >> 2 & 48);
+            const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | (s[j] >> 2 & 48);
+            const float ds = d * (float)sc, dm = dmin * (float)mn;
+            const uint8_t *qj = q + 32 * (j / 2);
+            const int shift = 4 * (j & 1);
+            for (int i = 0; i < 32; i++) y[32 * j + i] = (float)(qj[i] >> shift & 15) * ds - dm;
+        }
+    }
+}
+
+/* Q6_K {128 bytes ql; 64 bytes qh; int8 scales[16]; f16 d}: 256 values of 6 bits minus 32,
+ * in two halves of 128. In half h, element 32l + i (l < 4, i < 32) takes its low 4 bits from
+ * ql[64h + i + 32 (l & 1)] (low nibble for l < 2, high for l >= 2) and its high 2 bits from
+ * bits 2l..2l+1 of qh[32h + i]; each 16 values share a scale: value (d * scale) * q. */
+static LORA_CLONES void deq_q6_k(float *restrict y, const uint8_t *restrict b, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 210, y += 256) {
+        const float d = f16_to_f32(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; h++)
+            for (int l = 0; l < 4; l++) {
+                const uint8_t *ql = b + 64 * h + 32 * (l & 1), *qh = b + 128 + 32 * h;
+                const int lshift = 4 * (l >> 1), hshift = 2 * l;
+                float *yl = y + 128 * h + 32 * l;
+                const float s0 = d * (float)sc[(128 * h + 32 * l) / 16];
+                const float s1 = d * (float)sc[(128 * h + 32 * l) / 16 + 1];
+                for (int i = 0; i < 32; i++) {
+                    const int q = ((ql[i] >> lshift & 15) | (qh[i] >> hshift & 3) << 4) - 32;
+                    yl[i] = (i < 16 ? s0 : s1) * (float)q;
+                }
+            }
+    }
+}
+
+static LORA_CLONES void deq_nf4(float *restrict y, const uint8_t *restrict b, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 36, y += 64) {
+        float amax;
+        memcpy(&amax, b, sizeof amax);
+        for (int i = 0; i < 32; i++) {
+            y[2 * i] = nf4_code[b[4 + i] >> 4] * amax;
+            y[2 * i + 1] = nf4_code[b[4 + i] & 15] * amax;
+        }
+    }
+}
+
+/* gguf.quants: d = absmax / 127, id = 1 / d (0 when d is 0), q = round(x * id) half away
+ * from zero. */
+static void q_q8_0(uint8_t *restrict b, const float *restrict x, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 34, x += 32) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        f32_to_f16(b, d);
+        for (int i = 0; i < 32; i++) b[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
+    }
+}
+
+/* gguf.quants: max = the element of largest magnitude (the first such), d = max / -8,
+ * q = min(15, trunc(x / d + 8.5)). */
+static void q_q4_0(uint8_t *restrict b, const float *restrict x, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 18, x += 32) {
+        float amax = 0.0f, max = 0.0f;
+        for (int i = 0; i < 32; i++)
+            if (fabsf(x[i]) > amax) amax = fabsf(x[i]), max = x[i];
+        const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        f32_to_f16(b, d);
+        for (int i = 0; i < 16; i++) {
+            int lo = (int)(x[i] * id + 8.5f), hi = (int)(x[i + 16] * id + 8.5f);
+            lo = lo > 15 ? 15 : lo, hi = hi > 15 ? 15 : hi;
+            b[2 + i] = (uint8_t)(lo | hi << 4);
+        }
+    }
+}
+
+/* gguf.quants: d = (max - min) / 15, q = min(15, trunc((x - min) / d + 0.5)), m = min. */
+static void q_q4_1(uint8_t *restrict b, const float *restrict x, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 20, x += 32) {
+        float max = x[0], min = x[0];
+        for (int i = 1; i < 32; i++) {
+            max = x[i] > max ? x[i] : max;
+            min = x[i] < min ? x[i] : min;
+        }
+        const float d = (max - min) / 15.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        f32_to_f16(b, d);
+        f32_to_f16(b + 2, min);
+        for (int i = 0; i < 16; i++) {
+            int lo = (int)((x[i] - min) * id + 0.5f), hi = (int)((x[i + 16] - min) * id + 0.5f);
+            lo = lo > 15 ? 15 : lo, hi = hi > 15 ? 15 : hi;
+            b[4 + i] = (uint8_t)(lo | hi << 4);
+        }
+    }
+}
+
+/* QLoRA: absmax of the block, each element times 1 / absmax to the nearest code. */
+static inline int nf4_index(float v) {
+    int q = 0;
+    for (int i = 0; i < 15; i++) q += v > nf4_mid[i];
+    return q;
+}
+
+static void q_nf4(uint8_t *restrict b, const float *restrict x, size_t nb) {
+    for (size_t k = 0; k < nb; k++, b += 36, x += 64) {
+        float amax = 0.0f;
+        for (int i = 0; i < 64; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        const float inv = amax != 0.0f ? 1.0f / amax : 0.0f;
+        memcpy(b, &amax, sizeof amax);
+        for (int i = 0; i < 32; i++)
+            b[4 + i] = (uint8_t)(nf4_index(x[2 * i] * inv) << 4 | nf4_index(x[2 * i + 1] * inv));
+    }
+}
+
+typedef void (*deq_fn)(float *restrict, const uint8_t *restrict, size_t);
+typedef void (*quant_fn)(uint8_t *restrict, const float *restrict, size_t);
+
+static const struct {
+    const char *name;
+    size_t elems, bytes;
+    deq_fn deq;
+    quant_fn quant; /* NULL: read only */
+} formats[LORA_QTYPES] = {
+    [LORA_Q8_0] = {"Q8_0", 32, 34, deq_q8_0, q_q8_0},
+    [LORA_Q4_0] = {"Q4_0", 32, 18, deq_q4_0, q_q4_0},
+    [LORA_Q4_1] = {"Q4_1", 32, 20, deq_q4_1, q_q4_1},
+    [LORA_Q4_K] = {"Q4_K", 256, 144, deq_q4_k, NULL},
+    [LORA_Q6_K] = {"Q6_K", 256, 210, deq_q6_k, NULL},
+    [LORA_NF4] = {"NF4", 64, 36, deq_nf4, q_nf4},
+};
+
+int lora_qtype_from_name(const char *name) {
+    for (int q = 1; q < LORA_QTYPES; q++)
+        if (!strcmp(formats[q].name, name)) return q;
+    return 0;
+}
+
+const char *lora_qtype_name(int qtype) { return formats[qtype].name; }
+size_t lora_qblock_elems(int qtype) { return formats[qtype].elems; }
+size_t lora_qblock_bytes(int qtype) { return formats[qtype].bytes; }
+int lora_qtype_writable(int qtype) { return formats[qtype].quant != NULL; }
+
+/* Blocks [begin, end) of a tensor, in either direction, on lora's threads. */
+typedef struct {
+    float *x;
+    uint8_t *q;
+    int qtype, write;
+} Blocks;
+
+static void blocks_range(void *arg, size_t begin, size_t end) {
+    const Blocks *a = arg;
+    const size_t e = formats[a->qtype].elems, nbytes = formats[a->qtype].bytes;
+    if (a->write)
+        formats[a->qtype].quant(a->q + begin * nbytes, a->x + begin * e, end - begin);
+    else
+        formats[a->qtype].deq(a->x + begin * e, a->q + begin * nbytes, end - begin);
+}
+
+void lora_dequantize(float *y, const uint8_t *q, size_t nblocks, int qtype) {
+    Blocks a = {y, (uint8_t *)q, qtype, 0};
+    lora_parallel_for(nblocks, 4096, 1, blocks_range, &a);
+}
+
+void lora_quantize(uint8_t *q, const float *x, size_t nblocks, int qtype) {
+    Blocks a = {(float *)x, q, qtype, 1};
+    lora_parallel_for(nblocks, 512, 1, blocks_range, &a);
+}
+
+/* One row's blocks [b0, b0 + nb) into y (nb * block_elems floats). */
+static inline void deq_blocks(float *y, const uint8_t *row, size_t b0, size_t nb, int qtype) {
+    formats[qtype].deq(y, row + b0 * formats[qtype].bytes, nb);
+}
+
+#define LORA_IMPL "quant_impl.h"
+#include "instantiate.h"
+
+size_t lora_quant_tile_rows(size_t K, size_t rows, size_t elem) {
+    size_t tr = LORA_QTILE_BYTES / (K * elem + 1);
+    tr = tr ? tr : 1;
+    return tr < rows ? tr : rows;
+}
+
+size_t lora_quant_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t elem, int backward) {
+    if (!backward && n <= LORA_QDOT_ROWS) return 0;
+    return lora_quant_tile_rows(d_in, d_out, elem) * d_in;
+}

@@ -1,0 +1,118 @@
+"""lora.quant: weights held in quantized blocks (a frozen base need not be float32).
+
+    qt = lora.quant.quantize(W, "Q4_0")      # a QTensor: GGUF's Q4_0 bytes
+    W4 = qt.dequantize()                      # float32, W's shape
+
+Formats (`QTYPES`): GGUF's Q8_0, Q4_0, Q4_1 (blocks of 32; quantize and dequantize), Q4_K and
+Q6_K (super-blocks of 256; dequantize: read from GGUF files), bit for bit as the PyPI `gguf`
+package's gguf.quants writes and reads them, and QLoRA's NF4 (blocks of 64, a float32
+absmax scale and 16 NormalFloat codes; lora's own block layout, since GGUF has no NF4).
+A tensor's last dimension is whole blocks; its rows are laid out one after another, as in a
+GGUF file. Both directions are C (csrc/kernels/quant.c), threaded, the GIL released.
+
+The layers that compute with a QTensor without dequantizing it whole are lora.nn.QuantLinear
+and lora.quantize_model, which converts a model's Linear layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["QTYPES", "QTensor", "dequantize", "quantize"]
+
+# name -> (elements per block, bytes per block, lora can write it)
+QTYPES = {
+    "Q8_0": (32, 34, True),
+    "Q4_0": (32, 18, True),
+    "Q4_1": (32, 20, True),
+    "Q4_K": (256, 144, False),
+    "Q6_K": (256, 210, False),
+    "NF4": (64, 36, True),
+}
+
+
+def _check_qtype(qtype, writing: bool = False) -> str:
+    if not isinstance(qtype, str) or qtype not in QTYPES or (writing and not QTYPES[qtype][2]):
+        names = [q for q, (_, _, w) in QTYPES.items() if w or not writing]
+        raise ValueError(f"qtype must be one of {names}, got {qtype!r}")
+    return qtype
+
+
+class QTensor:
+    """A tensor held as quantized blocks: `qtype` (GGUF's name, or "NF4"), `shape` (of the
+    values), `data` (uint8, shape[:-1] + (row bytes,): the blocks, rows as gguf.quants lays
+    them out; possibly a read-only memory map of a GGUF file, never copied here)."""
+
+    __slots__ = ("data", "qtype", "shape", "_kernel")
+
+    def __init__(self, data: np.ndarray, qtype: str, shape):
+        _check_qtype(qtype)
+        shape = tuple(int(s) for s in shape)
+        block, nbytes, _ = QTYPES[qtype]
+        if not shape or shape[-1] <= 0 or shape[-1] % block:
+            raise ValueError(f"QTensor: the last dimension of shape must be a positive "
+                             f"multiple of {block} (a {qtype} block), got {shape}")
+        data = np.asarray(data)
+        if data.dtype != np.uint8:
+            raise TypeError(f"QTensor: data must be uint8 block bytes, got {data.dtype}")
+        want = int(np.prod(shape)) // block * nbytes
+        if data.size != want:
+            raise ValueError(f"QTensor: {qtype} values of shape {shape} take {want} bytes, "
+                             f"data holds {data.size}")
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        self.data = data.reshape(*shape[:-1], shape[-1] // block * nbytes)
+        self.qtype, self.shape, self._kernel = qtype, shape, None
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """The values as a new float32 array of `shape`."""
+        return F.dequantize(self.data, self.qtype, self.shape)
+
+    def kernel_weight(self) -> F.QuantWeight:
+        """The 2-D tensor as the lora.functional.QuantWeight the products take (made once;
+        it shares `data`)."""
+        if self._kernel is None:
+            if self.ndim != 2:
+                raise ValueError(f"QTensor.kernel_weight: a weight is 2-D, got shape {self.shape}")
+            self._kernel = F.QuantWeight(self.data, self.qtype, self.shape)
+        return self._kernel
+
+    def __getstate__(self):
+        return {"data": np.array(self.data), "qtype": self.qtype, "shape": self.shape}
+
+    def __setstate__(self, state):
+        self.data, self.qtype, self.shape = state["data"], state["qtype"], state["shape"]
+        self._kernel = None
+
+    def __repr__(self) -> str:
+        return f"QTensor(qtype={self.qtype!r}, shape={self.shape}, nbytes={self.nbytes})"
+
+
+def quantize(array, qtype: str) -> QTensor:
+    """`array` (float, last dimension whole blocks, finite) quantized to `qtype` (one of
+    Q8_0, Q4_0, Q4_1, NF4). For the GGUF types the bytes are those gguf.quants.quantize
+    writes."""
+    _check_qtype(qtype, writing=True)
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return QTensor(F.quantize(array, qtype), qtype, array.shape)
+
+
+def dequantize(data: np.ndarray, qtype: str, shape) -> np.ndarray:
+    """The float32 values (of `shape`) of the block bytes `data` of `qtype`; for the GGUF
+    types the values gguf.quants.dequantize gives."""
+    _check_qtype(qtype)
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+    return F.dequantize(data, qtype, tuple(shape))

@@ -1,0 +1,281 @@
+"""lora.quant and QuantLinear: block formats bit for bit against the PyPI `gguf` package's
+gguf.quants (and NF4 against lora._reference's NumPy twin of QLoRA's algorithm), the
+quantized products against float64 on the dequantized weight, LoRA over a quantized base."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+import lora
+from lora import _reference as R
+from lora import functional as F
+from lora import nn
+from lora.quant import QTYPES, QTensor, dequantize, quantize
+
+gq = pytest.importorskip("gguf.quants")
+from gguf import GGMLQuantizationType as G  # noqa: E402
+
+
+def _hostile(shape, seed):
+    """Normal data with what breaks quantizers: zero blocks, one huge outlier per row,
+    constant blocks, tiny values, a block whose largest magnitude is negative, float16's
+    overflow region."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1, shape[-1])
+    flat[0, :64] = 0.0
+    if flat.shape[0] > 1:
+        flat[1, 3] = 1e4
+        flat[1, 40:64] = 2.5
+    if flat.shape[0] > 2:
+        flat[2] *= 1e-6
+        flat[2, 7] = -30.0
+    if flat.shape[0] > 3:
+        flat[3, :32] = np.float32(7e4) * rng.standard_normal(32).astype(np.float32)
+    return x
+
+
+SHAPES = [(1, 64), (3, 256), (7, 3, 512), (33, 576)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # gguf, 7e4
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gguf_bytes_and_values(qtype, shape):
+    x = _hostile(shape, seed=len(shape) * 100 + shape[-1])
+    ref = gq.quantize(x, G[qtype])
+    qt = quantize(x, qtype)
+    assert qt.data.shape == ref.shape and qt.data.dtype == np.uint8
+    np.testing.assert_array_equal(qt.data, ref)
+    want = gq.dequantize(ref, G[qtype])
+    got = qt.dequantize()
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit
+
+
+@pytest.mark.parametrize("qtype,nbytes", [("Q4_K", 144), ("Q6_K", 210), ("Q8_0", 34),
+                                          ("Q4_0", 18), ("Q4_1", 20)])
+def test_dequantize_any_bytes_as_gguf(qtype, nbytes):
+    # every bit pattern of the quants, with float16 scales of the sizes real files hold
+    rng = np.random.default_rng(nbytes)
+    raw = rng.integers(0, 256, (9, 3 * nbytes * (256 // QTYPES[qtype][0])), dtype=np.uint8)
+    blocks = raw.reshape(-1, nbytes)
+    scales = (rng.standard_normal((blocks.shape[0], 2)) * 0.02).astype(np.float16)
+    at = {"Q6_K": [208], "Q4_K": [0, 2], "Q4_1": [0, 2]}.get(qtype, [0])
+    for i, off in enumerate(at):
+        blocks[:, off:off + 2] = scales[:, i:i + 1].view(np.uint8)
+    shape = (9, raw.shape[1] // nbytes * QTYPES[qtype][0])
+    want = gq.dequantize(raw, G[qtype])
+    got = dequantize(raw, qtype, shape)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (5, 128), (4, 3, 192)])
+def test_nf4_against_reference(shape):
+    x = _hostile(shape, seed=shape[-1])
+    qt = quantize(x, "NF4")
+    np.testing.assert_array_equal(qt.data, R.nf4_quantize(x))
+    np.testing.assert_array_equal(qt.dequantize(), R.nf4_dequantize(qt.data, shape))
+    # each value is the nearest code times its block's absmax
+    blocks = x.reshape(-1, 64).astype(np.float64)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    err = np.abs(qt.dequantize().reshape(-1, 64) - blocks)
+    gaps = np.diff(R.NF4_CODE.astype(np.float64)).max() / 2
+    assert (err <= gaps * amax * (1 + 1e-6) + 1e-30).all()
+
+
+def test_nf4_ties_go_to_the_lower_code():
+    code = R.NF4_CODE.astype(np.float64)
+    mid = ((code[1:] + code[:-1]) / 2).astype(np.float32)
+    x = np.zeros((1, 64), np.float32)
+    x[0, 0] = 1.0  # absmax 1: the other values are their own normalised values
+    x[0, 1:16] = mid
+    q = quantize(x, "NF4").data[0, 4:]
+    codes = np.empty(64, np.uint8)
+    codes[0::2], codes[1::2] = q >> 4, q & 15
+    np.testing.assert_array_equal(codes[1:16], np.arange(15))
+
+
+def test_quantization_errors_are_within_a_step():
+    x = np.random.default_rng(3).standard_normal((16, 256)).astype(np.float32)
+    for qtype, tol in [("Q8_0", 0.006), ("Q4_0", 0.12), ("Q4_1", 0.09), ("NF4", 0.1)]:
+        err = np.abs(quantize(x, qtype).dequantize() - x).mean() / np.abs(x).mean()
+        assert err < tol, (qtype, err)
+
+
+def test_bad_arguments_name_what_was_expected():
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        quantize(x, "Q4_K")  # read only
+    with pytest.raises(ValueError, match="qtype"):
+        F.quantize(x, "Q5_0")
+    with pytest.raises(TypeError, match="'qtype' must be a str"):
+        F.quantize(x, 3)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        F.quantize(np.ones((2, 48), np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize(np.ones((2, 96), np.float32), "NF4")
+    bad = x.copy()
+    bad[1, 5] = np.nan
+    with pytest.raises(ValueError, match="finite.*element 69"):
+        F.quantize(bad, "Q4_0")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        F.quantize(np.ones((2, 64), np.int32), "Q4_0")
+    data = quantize(x, "Q4_0").data
+    with pytest.raises(ValueError, match="must hold 72 bytes"):
+        F.dequantize(data[:, :-1].copy(), "Q4_0", (2, 64))
+    with pytest.raises(TypeError, match="uint8"):
+        F.dequantize(data.astype(np.int16), "Q4_0", (2, 64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        F.dequantize(np.asfortranarray(np.zeros((18, 4), np.uint8)), "Q4_0", (2, 64))
+    with pytest.raises(TypeError, match="shape"):
+        F.dequantize(data, "Q4_0", 128)
+    with pytest.raises(ValueError, match="shape"):
+        F.QuantWeight(data.reshape(-1), "Q4_0", (2, 64, 1))
+    with pytest.raises(ValueError, match="data holds"):
+        QTensor(data, "Q4_0", (3, 64))
+    qw = F.QuantWeight(data, "Q4_0", (2, 64))
+    with pytest.raises(ValueError, match="fan_in_fan_out must be False with a QuantWeight"):
+        F.dense_forward(np.ones((3, 64), np.float32), qw, fan_in_fan_out=True)
+    with pytest.raises(ValueError, match="d_in"):
+        F.dense_forward(np.ones((3, 32), np.float32), qw)
+    assert np.array_equal(data, quantize(x, "Q4_0").data)  # nothing written
+
+
+# --------------------------------------------------------------------- products
+
+
+@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 4, 5, 70])
+def test_products_against_float64(qtype, dtype, n):
+    rng = np.random.default_rng(n)
+    d_out, d_in = (640, 512) if n == 70 else (96, 256)  # 640 x 512 float32: two 1 MB tiles
+    if qtype in ("Q4_K", "Q6_K"):  # read-only types: bytes from gguf's layout
+        nbytes = QTYPES[qtype][1]
+        raw = rng.integers(0, 256, (d_out, d_in // 256 * nbytes), dtype=np.uint8)
+        blocks = raw.reshape(-1, nbytes)
+        scales = (rng.random((len(blocks), 2)) * 0.01).astype(np.float16).view(np.uint8)
+        if qtype == "Q6_K":
+            blocks[:, 208:210] = scales[:, :2]
+        else:  # d and dmin
+            blocks[:, 0:4] = scales
+        qt = QTensor(raw, qtype, (d_out, d_in))
+    else:
+        qt = quantize(rng.standard_normal((d_out, d_in)), qtype)
+    W = qt.dequantize().astype(np.float64)
+    x = rng.standard_normal((n, d_in)).astype(dtype)
+    bias = rng.standard_normal(d_out).astype(dtype)
+    res = rng.standard_normal((n, d_out)).astype(dtype)
+    qw = qt.kernel_weight()
+    y = F.dense_forward(x, qw, bias, residual=res)
+    want = x.astype(np.float64) @ W.T + bias + res
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, want, rtol=0, atol=tol * np.abs(want).max())
+    dy = rng.standard_normal((n, d_out)).astype(dtype)
+    dx, dw = F.dense_backward(dy, x, qw, need_dweight=False)
+    want = dy.astype(np.float64) @ W
+    assert dw is None
+    np.testing.assert_allclose(dx, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n", [1, 3, 48])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_over_a_quantized_base_against_float64(n, dropout):
+    rng = np.random.default_rng(7)
+    d_in, d_out, r, scale = 256, 160, 8, 2.0
+    qt = quantize(rng.standard_normal((d_out, d_in)) / 16, "Q4_1")
+    W = qt.dequantize().astype(np.float64)
+    A = rng.standard_normal((r, d_in)).astype(np.float32) / 16
+    B = rng.standard_normal((d_out, r)).astype(np.float32)
+    bias = rng.standard_normal(d_out).astype(np.float32)
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    seed = 11 if dropout else None
+    y, xa = F.linear_forward(x, qt.kernel_weight(), A, B, scale, bias, dropout=dropout,
+                             seed=seed)
+    x64 = [a.astype(np.float64) for a in (x, A, B, bias)]
+    want, _ = R.linear_forward(x64[0], W, x64[1], x64[2], scale, x64[3], dropout=dropout,
+                               seed=seed)
+    np.testing.assert_allclose(y, want, rtol=0, atol=3e-6 * np.abs(want).max())
+    dy = rng.standard_normal((n, d_out)).astype(np.float32)
+    dx, dA, dB = F.linear_backward(dy, x, xa, qt.kernel_weight(), A, B, scale,
+                                   dropout=dropout, seed=seed)
+    wants = R.linear_backward(dy.astype(np.float64), x64[0], xa.astype(np.float64), W, x64[1],
+                              x64[2], scale, dropout=dropout, seed=seed)
+    for got, want in zip((dx, dA, dB), wants, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=3e-6 * np.abs(want).max())
+
+
+def _mlp(seed=0):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.Linear(128, 256, rng=rng), nn.GELU(), nn.Linear(256, 64, rng=rng))
+
+
+def test_quantize_model_and_qlora_training_and_merge():
+    model = _mlp()
+    float_out = model(np.random.default_rng(1).standard_normal((8, 128)))
+    lora.quantize_model(model, "NF4", modules_to_not_convert=["2"])
+    assert model.quantized_modules == ["0"]
+    assert isinstance(model[0], nn.QuantLinear) and type(model[2]) is nn.Linear
+    assert not model[0].weight.requires_grad and model[0].weight.dtype == np.uint8
+    x = np.random.default_rng(1).standard_normal((8, 128))
+    y = model(x)
+    assert y.dtype == np.float32
+    assert np.abs(y - float_out).max() < 0.1 * np.abs(float_out).max()
+
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"])
+    model = lora.wrap(model, cfg, seed=2)
+    layer = model[0]
+    assert layer.quantized and layer.lora_A.dtype == np.float32
+    trainable, total = lora.print_trainable_parameters(model)
+    assert total == 128 * 256 + 256 + 256 * 64 + 64 + trainable
+    opt = lora.optim.AdamW(lora.trainable_parameters(model), lr=1e-2)
+    target = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+    losses = []
+    for _ in range(20):
+        loss, d = nn.mse_loss(model(x), target)
+        opt.zero_grad()
+        model.backward(d)
+        opt.step()
+        losses.append(loss)
+    assert losses[-1] < 0.8 * losses[0]
+    assert layer.lora_B.grad is not None and np.abs(layer.lora_B.data).max() > 0
+
+    with pytest.raises(ValueError, match="quantized.*merge_and_unload"):
+        layer.merge()
+    model.eval()
+    y_lora = model(x)
+    state = lora.tuners.merged_state_dict(model)
+    want_w = layer.base_layer().dequantize() + layer.scaling * (layer.lora_B.data @
+                                                                 layer.lora_A.data)
+    np.testing.assert_allclose(state["0.weight"], want_w, rtol=0, atol=1e-6)
+    merged = lora.merge_and_unload(model)
+    assert type(merged[0]) is nn.Linear and merged[0].weight.dtype == np.float32
+    np.testing.assert_allclose(merged(x), y_lora, rtol=0, atol=2e-5 * np.abs(y_lora).max())
+
+
+def test_quantized_model_pickles_and_state_dict_round_trips():
+    model = lora.quantize_model(_mlp(), "Q4_0")
+    x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
+    y = model(x)
+    again = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(again(x), y)
+    other = lora.quantize_model(_mlp(seed=9), "Q4_0")
+    other.load_state_dict(model.state_dict())
+    np.testing.assert_array_equal(other(x), y)
+
+
+def test_quantlinear_refuses_what_it_cannot_do():
+    q = nn.QuantLinear.from_linear(nn.Linear(64, 32), "Q8_0")
+    with pytest.raises(ValueError, match="not packed"):
+        q.pack()
+    q(np.ones((2, 64)))
+    q.weight.requires_grad = True
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        q.backward(np.ones((2, 32), np.float32))
+    with pytest.raises(TypeError, match="QTensor"):
+        nn.QuantLinear(np.zeros((32, 64)))
+    layer = lora.LoRALinear(nn.QuantLinear.from_linear(nn.Linear(64, 32), "Q8_0"), r=2)
+    with pytest.raises(ValueError, match="quantized"):
+        lora.init_lora_weights(layer, "pissa")
