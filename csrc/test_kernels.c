@@ -318,6 +318,44 @@ static void check_causal_attention(size_t batch, size_t seq, size_t heads, size_
     free(want_dq), free(want_dk), free(want_dv);
 }
 
+/* A quantized weight: quantize, dequantize, and the base products through dense_forward /
+ * dense_backward with a LoraPacked of qtype (the dot path for n <= LORA_QDOT_ROWS, tiles
+ * otherwise) against naive loops over the dequantized values. */
+static void check_quant(int qtype, size_t n, size_t d_in, size_t d_out) {
+    unsigned st = 777u + (unsigned)(n * 13 + d_in + d_out + (size_t)qtype);
+    const size_t nblocks = d_out * d_in / lora_qblock_elems(qtype);
+    float *W = random_array(d_out * d_in, &st), *x = random_array(n * d_in, &st);
+    float *dy = random_array(n * d_out, &st), *Wd = malloc(d_out * d_in * sizeof(float));
+    float *y = malloc(n * d_out * sizeof(float)), *dx = malloc(n * d_in * sizeof(float));
+    uint8_t *q = malloc(nblocks * lora_qblock_bytes(qtype));
+    lora_quantize(q, W, nblocks, qtype);
+    lora_dequantize(Wd, q, nblocks, qtype);
+    double *want_y = calloc(n * d_out, sizeof(double)), *want_dx = calloc(n * d_in, sizeof(double));
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d_out; j++)
+            for (size_t k = 0; k < d_in; k++) {
+                want_y[i * d_out + j] += (double)x[i * d_in + k] * Wd[j * d_in + k];
+                want_dx[i * d_in + k] += (double)dy[i * d_out + j] * Wd[j * d_in + k];
+            }
+    double worst = 0;
+    for (size_t i = 0; i < d_out * d_in; i++) worst = fmax(worst, fabs(Wd[i] - W[i]));
+    printf("%-44s max abs err %.2e %s\n", "quantize/dequantize round trip", worst,
+           worst < 0.3 ? "ok" : "FAIL");
+    failures += !(worst < 0.3);
+    size_t tile = lora_quant_scratch_elems(n, d_in, d_out, sizeof(float), 1);
+    LoraPacked pk = {q, malloc(tile * sizeof(float)), 0, qtype};
+    char what[64];
+    dense_forward_f32(y, x, NULL, NULL, NULL, n, d_in, d_out, 0, &pk);
+    snprintf(what, sizeof what, "quantized forward %s n=%zu %zux%zu", lora_qtype_name(qtype), n,
+             d_out, d_in);
+    expect_close(what, y, want_y, n * d_out);
+    dense_backward_f32(dx, NULL, dy, x, NULL, n, d_in, d_out, 0, 0, &pk);
+    snprintf(what, sizeof what, "quantized backward %s n=%zu", lora_qtype_name(qtype), n);
+    expect_close(what, dx, want_dx, n * d_in);
+    free(W), free(x), free(dy), free(Wd), free(y), free(dx), free(q), free(pk.xp);
+    free(want_y), free(want_dx);
+}
+
 int main(void) {
     check_layer(1, 9, 7, 1);
     check_layer(1, 300, 1001, 2); /* one row: the threaded gemv, an odd tail of rows */
@@ -342,6 +380,10 @@ int main(void) {
     check_causal_attention(3, 130, 9, 3, 64, 130, 130, 0); /* SmolLM2's heads, several tiles */
     check_causal_attention(2, 1, 9, 3, 64, 80, 57, 1);    /* one decode step on a KV cache */
     check_causal_attention(2, 5, 4, 1, 8, 40, 21, 0);     /* a chunk of queries on a cache */
+    check_quant(LORA_Q4_1, 1, 576, 192);
+    check_quant(LORA_Q8_0, 3, 96, 37);
+    check_quant(LORA_NF4, 4, 128, 65);
+    check_quant(LORA_Q4_0, 9, 512, 700); /* two tiles of rows */
     printf("%s\n", failures ? "FAILED" : "all kernel checks passed");
     return failures != 0;
 }

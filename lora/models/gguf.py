@@ -437,6 +437,7 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
               "output": "lm_head"}
 _ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama 3.1 rope scaling: per-frequency divisors
@@ -588,10 +589,31 @@ def _unpermute(w: np.ndarray, n_head: int, path: str, name: str) -> np.ndarray:
         w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2)).reshape(w.shape)
 
 
-def llama_tensors(header: GGUFHeader, config: dict) -> tuple[dict, np.ndarray | None]:
+def _keeps_quantized(info: TensorInfo) -> bool:
+    """A projection weight (q/k/v/o, gate/up/down) in a block format lora computes with."""
+    from ..quant import QTYPES
+
+    return (info.type_name in QTYPES and len(info.shape) == 2 and info.name.startswith("blk.")
+            and info.name.split(".")[2] in _PROJECTIONS)
+
+
+def _quantized(header: GGUFHeader, info: TensorInfo, data: np.ndarray):
+    """The tensor's blocks as a lora.quant.QTensor over the memory-mapped file (no copy)."""
+    from ..quant import QTensor
+
+    rows, cols = info.shape
+    return QTensor(data[info.offset:info.offset + info.nbytes].reshape(rows, -1),
+                   info.type_name, (rows, cols))
+
+
+def llama_tensors(header: GGUFHeader, config: dict,
+                  keep_quantized: bool = False) -> tuple[dict, np.ndarray | None]:
     """The weights of a llama or qwen2 GGUF file as float32 arrays under transformers' names,
     dequantized one at a time (q and k un-permuted for llama, whose converter permutes them;
-    qwen2's are not), and the rope_freqs divisors (or None). `config` is llama_config's."""
+    qwen2's are not), and the rope_freqs divisors (or None). `config` is llama_config's.
+    With keep_quantized, the projection weights held in a block format lora computes with
+    (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) come as lora.quant.QTensor over the memory-mapped file,
+    never dequantized (q and k's rows un-permuted: a copy of their blocks)."""
     unknown = [n for n in header.tensors if n != _ROPE_FREQS and hf_name(n) is None]
     if unknown:
         raise ValueError(f"{header.path}: tensors a {config['model_type']} model has no place "
@@ -600,29 +622,38 @@ def llama_tensors(header: GGUFHeader, config: dict) -> tuple[dict, np.ndarray | 
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     data = np.memmap(header.path, dtype=np.uint8, mode="r")
     tensors, factors = {}, None
-    for name in header.tensors:
-        t = read_tensor(header, name, data)
+    for name, info in header.tensors.items():
+        if keep_quantized and _keeps_quantized(info):
+            t = _quantized(header, info, data)
+        else:
+            t = read_tensor(header, name, data)
         if name == _ROPE_FREQS:
             factors = t.astype(np.float64).reshape(-1)
             continue
         kind = name.split(".")[2] if name.startswith("blk.") else ""
         if permuted and kind in heads:
-            t = _unpermute(t, heads[kind], header.path, name)
+            if isinstance(t, np.ndarray):
+                t = _unpermute(t, heads[kind], header.path, name)
+            else:  # a permutation of rows: the same on the rows of blocks
+                t = type(t)(_unpermute(t.data, heads[kind], header.path, name), t.qtype, t.shape)
         tensors[hf_name(name)] = t
-    del data
+    if not keep_quantized:
+        del data  # with keep_quantized the QTensors hold the map
     return tensors, factors
 
 
-def load_llama(cls, path: str | os.PathLike, **config_overrides):
+def load_llama(cls, path: str | os.PathLike, keep_quantized: bool = False, **config_overrides):
     """`cls` (LlamaForCausalLM) from a llama or qwen2 GGUF file, in eval mode: the config from
-    the metadata (`config_overrides` replace fields), the weights dequantized to float32. A
-    rope_freqs tensor (Llama 3.1's rope scaling as llama.cpp stores it) divides the rotary
-    inverse frequencies, as llama.cpp applies it."""
+    the metadata (`config_overrides` replace fields), the weights dequantized to float32, or
+    with keep_quantized the projections kept in the file's blocks as lora.nn.QuantLinear
+    layers (memory-mapped; embeddings, norms and lm_head float32). A rope_freqs tensor
+    (Llama 3.1's rope scaling as llama.cpp stores it) divides the rotary inverse frequencies,
+    as llama.cpp applies it."""
     from .llama import LlamaConfig
 
     header = read_header(path)
     raw = llama_config(header)
-    tensors, factors = llama_tensors(header, raw)
+    tensors, factors = llama_tensors(header, raw, keep_quantized)
     raw.update(config_overrides)
     try:
         config = LlamaConfig.from_dict(raw)

@@ -24,6 +24,7 @@ import shutil
 import numpy as np
 
 from .. import nn
+from ..quant import QTensor
 from ..io.safetensors import (
     INDEX_FILE,
     INTEGER,
@@ -205,12 +206,20 @@ class Weights:
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"from_pretrained: {name!r} has shape {t.shape}, expected {shape}")
             self.used.add(name)
+            if isinstance(t, QTensor):  # kept quantized, but wanted here as floats
+                return t.dequantize()
             return np.ascontiguousarray(t, dtype=np.float32)
         if kind == "normal":
             return (0.02 * self.rng.standard_normal(shape)).astype(np.float32)
         return (np.ones if kind == "ones" else np.zeros)(shape, dtype=np.float32)
 
     def linear(self, prefix: str, d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
+        """A Linear, or a QuantLinear when the checkpoint holds the weight as a QTensor."""
+        q = (self.tensors or {}).get(prefix + ".weight")
+        if isinstance(q, QTensor) and q.shape == (d_out, d_in):
+            self.used.add(prefix + ".weight")
+            return nn.QuantLinear(
+                q, self.get(prefix + ".bias", (d_out,), "zeros") if bias else None)
         weight = self.get(prefix + ".weight", (d_out, d_in), "normal")
         return nn.Linear.from_arrays(
             weight, self.get(prefix + ".bias", (d_out,), "zeros") if bias else None)

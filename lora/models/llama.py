@@ -409,13 +409,20 @@ class LlamaForCausalLM(Module):
         self.hf_config: dict = {}  # that checkpoint's config.json, for save_pretrained
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **config_overrides) -> LlamaForCausalLM:
+    def from_pretrained(cls, directory: str | os.PathLike, *, keep_quantized: bool = False,
+                        **config_overrides) -> LlamaForCausalLM:
         """Load `<directory>/config.json` (model_type llama, mistral or qwen2) and its
         safetensors weights (float32, float16 or bfloat16, one file or shards), or a `.gguf`
         file (llama or qwen2; lora.models.gguf dequantizes it to float32), in eval mode.
+        keep_quantized (GGUF only): the attention and MLP projections stay in the file's
+        blocks (lora.nn.QuantLinear over the memory-mapped file; QLoRA trains LoRA on top).
         `config_overrides` replace config fields."""
         if is_gguf(directory):
-            return load_gguf(cls, directory, **config_overrides)
+            return load_gguf(cls, directory, keep_quantized, **config_overrides)
+        if keep_quantized:
+            raise ValueError(f"{os.fspath(directory)}: keep_quantized applies to a GGUF file's "
+                             "blocks; quantize a float model with lora.quantize_model(model, "
+                             "qtype)")
         raw = read_config(directory)
         raw.update(config_overrides)
         kind = raw.get("model_type")
