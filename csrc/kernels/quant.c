@@ -286,6 +286,127 @@ void lora_quantize(uint8_t *q, const float *x, size_t nblocks, int qtype) {
     lora_parallel_for(nblocks, 512, 1, blocks_range, &a);
 }
 
+/* ------------------------------------------------------------------ decode dot products
+ * acc[i] = x_i . w for the n <= LORA_QDOT_ROWS float32 rows x_i (ldx apart) and one row w of
+ * nb blocks, straight from the blocks: each block's quants widened to float in registers and
+ * multiplied with x there, its scales applied once per block (d * (q . x) + m * sum(x) for
+ * Q4_1, with m = -8 d for Q4_0). The sums are reassociated against dequantize-then-dot, so
+ * they agree with it within float32 rounding, not bit for bit. Written with AVX2/FMA/F16C
+ * intrinsics (GCC's generic vectors lower byte-to-float widening to scalar code) and used
+ * when the CPU has them; otherwise, and for Q4_K, Q6_K and NF4, the generic path runs (a
+ * chunk of the row dequantized into L1, then plain dot products). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LORA_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+static LORA_AVX2 inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static LORA_AVX2 inline __m256 f16_splat(const uint8_t *p) {
+    return _mm256_set1_ps(_cvtsh_ss((unsigned short)(p[0] | p[1] << 8)));
+}
+
+/* 8 bytes at p (unsigned or signed) as 8 floats. */
+static LORA_AVX2 inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+static LORA_AVX2 inline __m256 i8x8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* n is a constant at each call (dot_q4_avx2's switch), so t and u stay in registers. */
+static LORA_AVX2 inline __attribute__((always_inline)) void
+dot_q4_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, int with_min,
+         const int n) {
+    __m256 t[LORA_QDOT_ROWS], u[LORA_QDOT_ROWS];
+    for (int i = 0; i < n; i++) t[i] = u[i] = _mm256_setzero_ps();
+    const size_t bytes = with_min ? 20 : 18;
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (size_t k = 0; k < nb; k++, b += bytes) {
+        const __m256 d = f16_splat(b);
+        const __m256 m = with_min ? f16_splat(b + 2) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(b + bytes - 16));
+        const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        const __m256 q0 = u8x8(lo), q1 = u8x8(_mm_srli_si128(lo, 8));
+        const __m256 q2 = u8x8(hi), q3 = u8x8(_mm_srli_si128(hi, 8));
+        for (int i = 0; i < n; i++) {
+            const float *xi = x + (size_t)i * ldx + 32 * k;
+            const __m256 x0 = _mm256_loadu_ps(xi), x1 = _mm256_loadu_ps(xi + 8);
+            const __m256 x2 = _mm256_loadu_ps(xi + 16), x3 = _mm256_loadu_ps(xi + 24);
+            __m256 s = _mm256_mul_ps(q0, x0);
+            s = _mm256_fmadd_ps(q1, x1, s);
+            s = _mm256_fmadd_ps(q2, x2, s);
+            s = _mm256_fmadd_ps(q3, x3, s);
+            const __m256 xs = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
+            t[i] = _mm256_fmadd_ps(d, s, t[i]);
+            u[i] = _mm256_fmadd_ps(m, xs, u[i]);
+        }
+    }
+    for (int i = 0; i < n; i++) acc[i] = hsum256(_mm256_add_ps(t[i], u[i]));
+}
+
+static LORA_AVX2 inline __attribute__((always_inline)) void
+dot_q8_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, const int n) {
+    __m256 t[LORA_QDOT_ROWS], u[LORA_QDOT_ROWS];
+    for (int i = 0; i < n; i++) t[i] = u[i] = _mm256_setzero_ps();
+    for (size_t k = 0; k < nb; k++, b += 34) {
+        const __m256 d = f16_splat(b);
+        const __m256 q0 = i8x8(b + 2), q1 = i8x8(b + 10), q2 = i8x8(b + 18), q3 = i8x8(b + 26);
+        for (int i = 0; i < n; i++) {
+            const float *xi = x + (size_t)i * ldx + 32 * k;
+            __m256 s = _mm256_mul_ps(q0, _mm256_loadu_ps(xi));
+            s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xi + 8), s);
+            __m256 s2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xi + 16));
+            s2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xi + 24), s2);
+            t[i] = _mm256_fmadd_ps(d, s, t[i]);
+            u[i] = _mm256_fmadd_ps(d, s2, u[i]);
+        }
+    }
+    for (int i = 0; i < n; i++) acc[i] = hsum256(_mm256_add_ps(t[i], u[i]));
+}
+
+static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x, size_t ldx,
+                               size_t n, size_t nb, int qtype) {
+    const int q8 = qtype == LORA_Q8_0, m = qtype == LORA_Q4_1;
+#define LORA_DOT_CASE(N) \
+    case N: q8 ? dot_q8_n(acc, row, x, ldx, nb, N) : dot_q4_n(acc, row, x, ldx, nb, m, N); break;
+    switch (n) {
+        LORA_DOT_CASE(1)
+        LORA_DOT_CASE(2)
+        LORA_DOT_CASE(3)
+        default: LORA_DOT_CASE(4)
+    }
+#undef LORA_DOT_CASE
+}
+
+static int have_avx2(void) {
+#ifdef LORA_NO_CLONES /* sanitizer builds: the generic path (and no ifunc-time CPU checks) */
+    return 0;
+#else
+    static int cached = -1;
+    if (cached < 0)
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                 __builtin_cpu_supports("f16c");
+    return cached;
+#endif
+}
+#endif
+
+/* acc[i] = x_i . row for the types with a direct path on this CPU; 0 (acc untouched) for
+ * the others. */
+static int dot_row_f32(float *acc, const uint8_t *row, const float *x, size_t ldx, size_t n,
+                       size_t nb, int qtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if ((qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0) && have_avx2()) {
+        dot_avx2(acc, row, x, ldx, n, nb, qtype);
+        return 1;
+    }
+#endif
+    (void)acc, (void)row, (void)x, (void)ldx, (void)n, (void)nb, (void)qtype;
+    return 0;
+}
+
 /* One row's blocks [b0, b0 + nb) into y (nb * block_elems floats). */
 static inline void deq_blocks(float *y, const uint8_t *row, size_t b0, size_t nb, int qtype) {
     formats[qtype].deq(y, row + b0 * formats[qtype].bytes, nb);

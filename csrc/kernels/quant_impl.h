@@ -66,6 +66,16 @@ static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t e
     float buf[LORA_QCHUNK];
     for (size_t j = begin; j < end; j++) {
         const uint8_t *row = a->W + j * row_bytes;
+#ifdef LORA_T_IS_F32
+        float direct[LORA_QDOT_ROWS] = {0};
+        if (dot_row_f32(direct, row, a->x, K, a->n, nb, a->qtype)) {
+            for (size_t i = 0; i < a->n; i++) {
+                T *yij = a->y + i * a->N + j;
+                *yij = a->beta != 0 ? direct[i] + a->beta * *yij : direct[i];
+            }
+            continue;
+        }
+#endif
         T acc[LORA_QDOT_ROWS] = {0};
         for (size_t b0 = 0; b0 < nb; b0 += per) {
             const size_t m = nb - b0 < per ? nb - b0 : per, len = m * e;
