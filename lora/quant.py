@@ -20,7 +20,7 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["QTYPES", "QTensor", "dequantize", "quantize"]
+__all__ = ["QTYPES", "QTensor", "dequantize", "loftq", "quantize"]
 
 # name -> (elements per block, bytes per block, lora can write it)
 QTYPES = {
@@ -116,3 +116,31 @@ def dequantize(data: np.ndarray, qtype: str, shape) -> np.ndarray:
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data)
     return F.dequantize(data, qtype, tuple(shape))
+
+
+def loftq(weight, r: int, qtype: str = "NF4", num_iter: int = 1, scaling: float = 1.0):
+    """LoftQ (Li et al. 2023), as PEFT's loftq_init: alternately quantize what the low-rank
+    part leaves of W and take the rank-r SVD of what quantization leaves, so that
+    Q + scaling * B A starts close to W. Returns (Q as a QTensor, A (r, in), B (out, r)),
+    float64 A and B.
+
+    The loop (num_iter >= 1): Q = quantize(W - scaling B A) (B A = 0 at first), then B, A =
+    the top-r singular triplets of W - dequantize(Q), split as sqrt(S / scaling) on either
+    side. PEFT assigns its factors without the scaling (it assumes lora_alpha = r); here
+    scaling * B A is the SVD part whatever lora_alpha is."""
+    _check_qtype(qtype, writing=True)
+    if not isinstance(num_iter, int) or num_iter < 1:
+        raise ValueError(f"loftq: num_iter must be an int >= 1, got {num_iter!r}")
+    W = np.asarray(weight, np.float64)
+    if W.ndim != 2 or not 1 <= r <= min(W.shape):
+        raise ValueError(f"loftq: weight must be 2-D with r <= min(shape); got shape "
+                         f"{W.shape}, r={r}")
+    target = W
+    for i in range(num_iter):
+        q = quantize(target.astype(np.float32), qtype)
+        U, S, Vt = np.linalg.svd(W - q.dequantize(), full_matrices=False)
+        root = np.sqrt(S[:r] / scaling)
+        B, A = U[:, :r] * root, root[:, None] * Vt[:r]
+        if i + 1 < num_iter:
+            target = W - scaling * (B @ A)
+    return q, A, B

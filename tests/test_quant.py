@@ -279,3 +279,99 @@ def test_quantlinear_refuses_what_it_cannot_do():
     layer = lora.LoRALinear(nn.QuantLinear.from_linear(nn.Linear(64, 32), "Q8_0"), r=2)
     with pytest.raises(ValueError, match="quantized"):
         lora.init_lora_weights(layer, "pissa")
+
+
+# --------------------------------------------------------------------- LoftQ
+
+
+def test_loftq_reduces_the_error_of_plain_quantization():
+    # a weight with a low-rank part, as trained weights have, plus noise
+    rng = np.random.default_rng(5)
+    W = (rng.standard_normal((192, 16)) @ rng.standard_normal((16, 256)) / 4
+         + rng.standard_normal((192, 256)) / 8).astype(np.float32)
+    for qtype in ("NF4", "Q4_0"):
+        plain = np.linalg.norm(W - quantize(W, qtype).dequantize())
+        errs = []
+        for it in (1, 3):
+            q, A, B = lora.quant.loftq(W, 16, qtype, it, scaling=2.0)
+            assert A.shape == (16, 256) and B.shape == (192, 16)
+            errs.append(np.linalg.norm(W - (q.dequantize() + 2.0 * B @ A)))
+        assert errs[0] < 0.9 * plain, (qtype, plain, errs)
+        assert errs[1] <= errs[0] * 1.001, (qtype, errs)
+
+
+def test_wrap_with_loftq_quantizes_the_base_and_starts_near_w():
+    model = _mlp(3)
+    W = model[0].weight.data.copy()
+    x = np.random.default_rng(6).standard_normal((256, 128)).astype(np.float32)
+    y_float = model(x)
+    plain = lora.quantize_model(_mlp(3), "NF4", modules_to_not_convert=[])(x)
+    cfg = lora.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"],
+                          init_lora_weights="loftq", loftq_config={"loftq_iter": 2})
+    model = lora.wrap(model, cfg, seed=0)
+    layer = model[0]
+    assert layer.quantized and layer.base_layer().qtype == "NF4"
+    merged = lora.tuners.merged_state_dict(model)["0.weight"]
+    assert np.linalg.norm(merged - W) < np.linalg.norm(layer.base_layer().dequantize() - W)
+    assert np.linalg.norm(model(x) - y_float) < np.linalg.norm(plain - y_float)
+    assert lora.LoraConfig.from_dict(cfg.to_dict()).loftq_config == {"loftq_iter": 2}
+    with pytest.raises(ValueError, match="loftq_config"):
+        lora.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3})
+    with pytest.raises(ValueError, match="quantized already"):
+        lora.wrap(lora.quantize_model(_mlp(), "Q8_0", modules_to_not_convert=[]),
+                  target_modules=["0"], init_lora_weights="loftq")
+
+
+# --------------------------------------------------------------------- models
+
+
+def test_gguf_keep_quantized_matches_the_dequantized_model(tmp_path):
+    test_gguf = pytest.importorskip("test_gguf")
+    from gguf.constants import GGMLQuantizationType as T
+
+    import lora.models.gguf
+    from lora.models import LlamaForCausalLM
+
+    cfg = dict(test_gguf.BASE)
+    weights = test_gguf.random_weights(cfg, np.random.default_rng(0))
+    test_gguf.write_gguf(tmp_path / "m.gguf", cfg, weights, [T.Q4_1, T.Q8_0, T.Q4_0, T.F16])
+    full = LlamaForCausalLM.from_pretrained(tmp_path / "m.gguf")
+    kept = LlamaForCausalLM.from_pretrained(tmp_path / "m.gguf", keep_quantized=True)
+    layers = dict(kept.named_modules())
+    header = lora.models.gguf.read_header(tmp_path / "m.gguf")
+    kinds = set()
+    for name, info in header.tensors.items():
+        path = lora.models.gguf.hf_name(name).rpartition(".")[0]
+        if "_proj" not in path:
+            continue
+        layer = layers[path]
+        kinds.add(info.type_name)
+        if info.type_name in QTYPES:  # kept as the file's blocks (q and k rows un-permuted)
+            assert isinstance(layer, nn.QuantLinear) and layer.qtype == info.type_name
+            want = dict(full.named_modules())[path].weight.data
+            np.testing.assert_array_equal(layer.dequantize(), want, err_msg=path)
+        else:
+            assert type(layer) is nn.Linear, path
+    assert kinds == {"Q4_1", "Q8_0", "Q4_0", "F16"}
+    assert type(layers["lm_head"]) is nn.Linear
+    ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], (2, 24))
+    want = full(ids)
+    np.testing.assert_allclose(kept(ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    greedy = full.generate(ids[:1, :6], max_new_tokens=8, eos_token_id=[])
+    np.testing.assert_array_equal(kept.generate(ids[:1, :6], max_new_tokens=8,
+                                                eos_token_id=[]), greedy)
+    # QLoRA: the LoRA gradients over the kept blocks are those over the dequantized floats
+    for m in (full, kept):
+        lora.wrap(m, target_modules="all-linear", r=4, lora_alpha=8, seed=0,
+                  init_lora_weights=False)
+        m.train()
+        m(ids, labels=ids)
+        m.backward()
+    got = {n: p.grad for n, p in kept.named_parameters() if p.grad is not None}
+    want = {n: p.grad for n, p in full.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(got) == 2 * 7 * cfg["num_hidden_layers"]
+    for n in got:
+        np.testing.assert_allclose(got[n], want[n], rtol=0,
+                                   atol=1e-4 * np.abs(want[n]).max(), err_msg=n)
+    with pytest.raises(ValueError, match="keep_quantized applies to a GGUF"):
+        LlamaForCausalLM.from_pretrained(tmp_path, keep_quantized=True)

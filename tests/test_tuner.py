@@ -210,7 +210,8 @@ def test_config_names_defaults_and_round_trip():
     for bad in [
         {"r": 0},
         {"bias": "some"},
-        {"init_lora_weights": "loftq"},
+        {"init_lora_weights": "eva"},
+        {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}},
         {"lora_dropout": 1.0},
         {"use_dora": True},
         {"init_lora_weights": 1},

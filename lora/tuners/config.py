@@ -15,7 +15,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
-INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
+INIT_METHODS = (True, False, "gaussian", "pissa", "olora", "loftq")
 
 # PEFT's task types (peft.TaskType) -> the task heads PEFT trains in full and saves for them
 # (PeftModelForSequenceClassification and ...ForTokenClassification add "classifier", a BERT
@@ -127,7 +127,6 @@ _PEFT_METADATA = {
     "revision",
     "peft_version",
     "megatron_core",
-    "loftq_config",
     "eva_config",
     "corda_config",
     "lora_ga_config",
@@ -154,6 +153,27 @@ _PEFT_UNSUPPORTED = {
 }
 
 
+def loftq_qtype(loftq_config: dict) -> tuple[str, int]:
+    """(qtype, iterations) from a LoraConfig's loftq_config (PEFT's loftq_bits: 4 is NF4, as
+    bitsandbytes', 8 is Q8_0; or lora's own "qtype")."""
+    from ..quant import QTYPES
+
+    unknown = set(loftq_config) - {"loftq_bits", "loftq_iter", "qtype"}
+    if unknown:
+        raise ValueError(f"LoraConfig: loftq_config has unknown keys {sorted(unknown)} "
+                         "(loftq_bits, loftq_iter, qtype)")
+    bits = loftq_config.get("loftq_bits", 4)
+    qtype = loftq_config.get("qtype") or {4: "NF4", 8: "Q8_0"}.get(bits)
+    if qtype is None or qtype not in QTYPES or not QTYPES[qtype][2]:
+        raise ValueError(f"LoraConfig: loftq_config gives no writable quantized type (loftq_bits "
+                         f"4 or 8, or qtype one of Q8_0, Q4_0, Q4_1, NF4), got {loftq_config}")
+    iters = loftq_config.get("loftq_iter", 1)
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f"LoraConfig: loftq_config['loftq_iter'] must be an int >= 1, got "
+                         f"{iters!r}")
+    return qtype, iters
+
+
 @dataclass
 class LoraConfig:
     """LoRA settings, as peft.LoraConfig.
@@ -163,7 +183,10 @@ class LoraConfig:
     module names (a module path equal to an entry or ending in "." + entry), a regex that must
     match the whole path, or "all-linear"; exclude_modules: the same forms, never wrapped;
     bias: "none", "all" or "lora_only" (which biases train); init_lora_weights: True, False,
-    "gaussian", "pissa" or "olora"; modules_to_save: modules trained in full and saved with the
+    "gaussian", "pissa", "olora" or "loftq" (the base quantized, A and B from LoftQ:
+    lora.quant.loftq); loftq_config: PEFT's {"loftq_bits": 4 (NF4) or 8 (Q8_0),
+    "loftq_iter": 1}, plus lora's "qtype" (any writable lora.quant type) to pick the format
+    instead of the bits; modules_to_save: modules trained in full and saved with the
     adapter; fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D; set
     automatically for Conv1D targets); rank_pattern / alpha_pattern: {module regex: r or
     alpha}, the first key k with `(.*\\.)?(k)$` matching the path wins; task_type: PEFT's
@@ -186,6 +209,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -224,6 +248,8 @@ class LoraConfig:
             )
         if self.use_dora:
             raise ValueError("LoraConfig: use_dora=True (DoRA) is not supported")
+        self.loftq_config = dict(self.loftq_config or {})
+        loftq_qtype(self.loftq_config)  # validated now, used by init_lora_weights="loftq"
 
     def rank_for(self, path: str) -> int:
         """The rank of the module at `path` (rank_pattern, else r)."""

@@ -98,6 +98,7 @@ class LoRALinear(_Packable, _LoRABase):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         rng: np.random.Generator | None = None,
+        loftq_config: dict | None = None,
     ):
         super().__init__()
         if not isinstance(base, (Linear, Conv1D)):
@@ -112,7 +113,7 @@ class LoRALinear(_Packable, _LoRABase):
         dtype = self.compute_dtype
         self.lora_A = Parameter(np.zeros((r, self.in_features), dtype))
         self.lora_B = Parameter(np.zeros((self.out_features, r), dtype))
-        _init_weights(self, init_lora_weights)
+        _init_weights(self, init_lora_weights, loftq_config)
 
     def _pair(self):
         return self.lora_A, self.lora_B
@@ -285,14 +286,18 @@ class LoRAEmbedding(_LoRABase):
         )
 
 
-def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True) -> None:
+def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True,
+                      loftq_config: dict | None = None) -> None:
     """Initialise a LoRA layer's A and B in place, as PEFT's `init_lora_weights`.
 
     LoRALinear: True: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0;
     "gaussian": A ~ N(0, (1/r)^2), B = 0; False: A as True and B ~ U(-1/sqrt(r), 1/sqrt(r))
     (not a no-op; for tests); "pissa": A, B from the top-r singular triplets of W and the base
     weight replaced by W - scaling * B A (Meng et al. 2024); "olora": A, B from W's QR
-    decomposition, base likewise replaced (Buyukakyuz 2024). LoRAEmbedding: any true value
+    decomposition, base likewise replaced (Buyukakyuz 2024); "loftq": the base becomes a
+    lora.nn.QuantLinear holding W quantized and A, B come from LoftQ (lora.quant.loftq; Li et
+    al. 2023), so the quantized base plus the update starts close to W; loftq_config as
+    LoraConfig's (default NF4, one iteration). LoRAEmbedding: any true value
     gives A = 0, B ~ N(0, 1); False gives A, B ~ N(0, 1). Random draws use layer.rng.
     """
     rng, dtype = layer.rng, getattr(layer, "compute_dtype", layer.weight.dtype)
@@ -310,6 +315,8 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
     elif init == "gaussian":
         A.data[...] = rng.standard_normal(A.shape) / r
         B.data[...] = 0
+    elif init == "loftq":
+        _loftq_init(layer, loftq_config or {})
     elif init in ("pissa", "olora"):
         if isinstance(layer.base_layer(), QuantLinear):
             raise ValueError(f"init_lora_weights={init!r} replaces the base weight, which is "
@@ -331,6 +338,26 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
         layer.weight.data[...] = residual.T if layer.fan_in_fan_out else residual
     else:
         raise ValueError(f"init_lora_weights: unknown method {init!r}")
+
+
+def _loftq_init(layer: LoRALinear, loftq_config: dict) -> None:
+    from .. import quant
+    from .config import loftq_qtype
+
+    qtype, iters = loftq_qtype(loftq_config)
+    if layer.quantized:
+        raise ValueError("init_lora_weights='loftq' needs the float base weight, and this one "
+                         "is quantized already; wrap the float model (LoftQ quantizes it)")
+    if layer.fan_in_fan_out or layer.merged:
+        raise ValueError("init_lora_weights='loftq': the base must be an unmerged Linear "
+                         "(not a Conv1D)")
+    q, a, b = quant.loftq(layer.weight.data, layer.r, qtype, iters, layer.scaling)
+    layer.lora_A.data[...], layer.lora_B.data[...] = a, b
+    base = QuantLinear(q, None, dtype=layer.compute_dtype)
+    base.bias = layer.bias
+    layer.unpack()
+    object.__setattr__(layer, "_base", base)
+    layer.weight = base.weight
 
 
 _init_weights = init_lora_weights  # the layers' argument of the same name shadows it

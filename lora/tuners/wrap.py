@@ -159,6 +159,7 @@ def wrap(
                 use_rslora=config.use_rslora,
                 init_lora_weights=config.init_lora_weights,
                 rng=layer_rng,
+                loftq_config=config.loftq_config,
             )
         layer.train(model.training)
         model.set_submodule(path, layer)
