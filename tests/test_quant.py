@@ -2,6 +2,7 @@
 gguf.quants (and NF4 against lora._reference's NumPy twin of QLoRA's algorithm), the
 quantized products against float64 on the dequantized weight, LoRA over a quantized base."""
 
+import os
 import pickle
 
 import numpy as np
@@ -375,3 +376,85 @@ def test_gguf_keep_quantized_matches_the_dequantized_model(tmp_path):
                                    atol=1e-4 * np.abs(want[n]).max(), err_msg=n)
     with pytest.raises(ValueError, match="keep_quantized applies to a GGUF"):
         LlamaForCausalLM.from_pretrained(tmp_path, keep_quantized=True)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
+def test_export_gguf_of_a_merged_model_loads_back(qtype, tmp_path):
+    test_gguf = pytest.importorskip("test_gguf")
+    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType as T
+
+    from lora.models import LlamaForCausalLM
+    from lora.models.gguf import read_header
+    from lora.models.gguf_export import export_gguf
+
+    cfg = dict(test_gguf.BASE, tie_word_embeddings=True, rope_scaling=test_gguf.LLAMA3)
+    weights = test_gguf.random_weights(cfg, np.random.default_rng(0))
+    tokens = [f"t{i}" for i in range(cfg["vocab_size"])]
+    src = tmp_path / "src.gguf"
+    test_gguf.write_gguf(src, cfg, weights, [T.Q4_1, T.F16], tokens)
+    model = LlamaForCausalLM.from_pretrained(src, keep_quantized=True)
+    lora.wrap(model, target_modules="all-linear", r=4, lora_alpha=8, seed=1,
+              init_lora_weights=False)  # B != 0: the merge changes every projection
+    merged = lora.tuners.merged_state_dict(model)
+    out = tmp_path / f"out.{qtype}.gguf"
+    stats = export_gguf(model, out, qtype)
+    assert stats["types"].get(qtype if qtype != "F16" else "F16", 0) >= 14
+    with pytest.raises(FileExistsError):
+        export_gguf(model, out, qtype)
+    assert not [p for p in os.listdir(tmp_path) if ".lora-export-" in p]
+
+    h_src, h_out = read_header(src), read_header(out)
+    assert h_out.metadata.pop("general.file_type") == {"Q8_0": 7, "Q4_0": 2, "F16": 1}[qtype]
+    h_src.metadata.pop("general.file_type", None)
+    assert h_out.metadata.keys() == h_src.metadata.keys()
+    assert h_out.metadata["tokenizer.ggml.tokens"] == tokens
+    assert list(h_out.tensors) == list(h_src.tensors)
+    reader = GGUFReader(str(out))  # the gguf package reads it
+    assert len(reader.tensors) == len(h_src.tensors)
+    back = LlamaForCausalLM.from_pretrained(out)
+    for name, p in back.named_parameters():
+        want = merged[name]
+        if p.data.ndim == 2 and qtype != "F16":
+            want = quantize(want, qtype).dequantize()  # exactly what the file holds
+        elif p.data.ndim == 2:
+            want = want.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(p.data, want, err_msg=name)
+    np.testing.assert_array_equal(back.model.inv_freq, model.model.inv_freq)  # rope_freqs
+
+
+def test_export_gguf_refuses_a_model_without_a_gguf_source(tmp_path):
+    from lora.models import LlamaForCausalLM, LlamaConfig
+    from lora.models.gguf_export import export_gguf
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1))
+    with pytest.raises(ValueError, match="needs the GGUF file"):
+        export_gguf(model, tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="qtype"):
+        export_gguf(model, tmp_path / "x.gguf", "Q4_K")
+
+
+def test_lora_merge_cli_writes_gguf_from_a_gguf_base(tmp_path):
+    test_gguf = pytest.importorskip("test_gguf")
+    from gguf.constants import GGMLQuantizationType as T
+
+    from lora.cli.commands import main
+    from lora.models import LlamaForCausalLM
+    from lora.models.gguf_export import export_gguf
+
+    cfg = dict(test_gguf.BASE)
+    src = tmp_path / "src.gguf"
+    test_gguf.write_gguf(src, cfg, test_gguf.random_weights(cfg, np.random.default_rng(2)),
+                         [T.Q8_0])
+    model = LlamaForCausalLM.from_pretrained(src)
+    lora.wrap(model, target_modules=["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4,
+              seed=3, init_lora_weights=False)
+    lora.save_adapter(model, tmp_path / "adapter")
+    export_gguf(model, tmp_path / "direct.gguf", "Q4_0")
+    assert main(["merge", str(src), str(tmp_path / "adapter"), "-o",
+                 str(tmp_path / "cli.gguf"), "--qtype", "Q4_0", "-q"]) == 0
+    assert (tmp_path / "cli.gguf").read_bytes() == (tmp_path / "direct.gguf").read_bytes()
+    assert main(["merge", str(src), str(tmp_path / "adapter"), "-o",
+                 str(tmp_path / "cli.gguf"), "-q"]) == 1  # exists, no --force

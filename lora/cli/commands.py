@@ -112,11 +112,15 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "Merge PEFT LoRA adapters into a Hugging Face safetensors checkpoint, one tensor at "
         "a time, and write a new checkpoint directory."
     )
-    parser.add_argument("base", metavar="BASE_DIR", help="Hugging Face model directory")
+    parser.add_argument("base", metavar="BASE",
+                        help="Hugging Face model directory, or a Llama-family GGUF file")
     parser.add_argument("adapters", metavar="ADAPTER_DIR", nargs="+",
                         help="PEFT adapter directories, merged in order")  # fmt: skip
-    parser.add_argument("-o", "--output", metavar="OUT_DIR", required=True,
-                        help="directory to create (written beside it, then renamed)")  # fmt: skip
+    parser.add_argument("-o", "--output", metavar="OUT", required=True,
+                        help="directory to create (written beside it, then renamed); for a "
+                             "GGUF base, the GGUF file to write")  # fmt: skip
+    parser.add_argument("--qtype", choices=["F16", "Q8_0", "Q4_0"], default="Q8_0",
+                        help="GGUF base only: the type of the merged weights (default Q8_0)")
     parser.add_argument("--scale", metavar="S", type=float, nargs="+", default=None,
                         help="multiplier per adapter on lora_alpha/r (default 1.0)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
@@ -128,10 +132,18 @@ def run_merge(args: argparse.Namespace) -> int:
     """Run `lora merge` from parsed arguments; returns the exit status (0, or 1 with one
     error line on stderr)."""
     from ..io.checkpoint import merge_checkpoint
+    from ..models.gguf import is_gguf
 
     try:
-        stats = merge_checkpoint(args.base, args.adapters, args.output, scales=args.scale,
-                                 force=args.force, progress=not args.quiet)  # fmt: skip
+        if is_gguf(args.base):
+            from ..models.gguf_export import merge_gguf
+
+            stats = merge_gguf(args.base, args.adapters, args.output, qtype=args.qtype,
+                               scales=args.scale, force=args.force)
+            stats["tensors_merged"] = stats["tensors"]
+        else:
+            stats = merge_checkpoint(args.base, args.adapters, args.output, scales=args.scale,
+                                     force=args.force, progress=not args.quiet)  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"lora merge: error: {e}", file=sys.stderr)
         return 1
@@ -144,9 +156,11 @@ def run_merge(args: argparse.Namespace) -> int:
 def _add_merge(subparsers) -> None:
     p = subparsers.add_parser(
         "merge",
-        help="merge PEFT adapters into a Hugging Face checkpoint, streaming, offline",
+        help="merge PEFT adapters into a Hugging Face checkpoint or a GGUF file, offline",
         description="Merge one or more PEFT LoRA adapters into a Hugging Face model directory, "
-        "one tensor at a time, and write the merged checkpoint to OUT_DIR.",
+        "one tensor at a time, and write the merged checkpoint to OUT; or into a Llama-family "
+        "GGUF file, writing a GGUF file (--qtype F16, Q8_0 or Q4_0; the source's metadata and "
+        "tokenizer) that llama.cpp runs.",
     )
     add_merge_arguments(p)
     p.set_defaults(run=run_merge)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -120,6 +120,7 @@ class GGUFHeader:
     alignment: int
     data_offset: int
     file_size: int
+    kv_raw: dict = field(default_factory=dict)  # key -> the pair's bytes, as in the file
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -259,12 +260,15 @@ def _parse(cur: _Cursor, size: int) -> GGUFHeader:
         cur.fail(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in "
                  f"{size} bytes (truncated?)")
     metadata: dict = {}
+    kv_raw: dict = {}
     for i in range(n_kv):
+        start = cur.off
         key = cur.string(f"metadata key #{i}")
         if key in metadata:
             cur.fail(f"metadata key {key!r} appears twice")
         vtype = cur.u32(f"the type of {key!r}")
         metadata[key] = cur.value(vtype, repr(key))
+        kv_raw[key] = bytes(cur.buf[start:cur.off])
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
             or alignment & (alignment - 1)):
@@ -303,7 +307,7 @@ def _parse(cur: _Cursor, size: int) -> GGUFHeader:
                      f"the file's {size} bytes (truncated?)")
         tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(ne)), ggml_type, start,
                                    nbytes)
-    return GGUFHeader(path, version, metadata, tensors, alignment, data_offset, size)
+    return GGUFHeader(path, version, metadata, tensors, alignment, data_offset, size, kv_raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,6 +677,7 @@ def load_llama(cls, path: str | os.PathLike, keep_quantized: bool = False, **con
             raise ValueError(f"{header.path}: rope_freqs has shape {factors.shape}, expected "
                              f"{inv.shape} positive divisors")
         object.__setattr__(model.model, "inv_freq", inv / factors)
+    model.name_or_path = header.path  # its tokenizer, and the metadata an export copies
     return model.eval()
 
 
