@@ -343,18 +343,18 @@ def test_gguf_keep_quantized_matches_the_dequantized_model(tmp_path):
     kinds = set()
     for name, info in header.tensors.items():
         path = lora.models.gguf.hf_name(name).rpartition(".")[0]
-        if "_proj" not in path:
+        if info.shape[-1] != cfg["hidden_size"] and "_proj" not in path or "norm" in path:
             continue
         layer = layers[path]
         kinds.add(info.type_name)
         if info.type_name in QTYPES:  # kept as the file's blocks (q and k rows un-permuted)
-            assert isinstance(layer, nn.QuantLinear) and layer.qtype == info.type_name
+            assert isinstance(layer, (nn.QuantLinear, nn.QuantEmbedding)), path
+            assert layer.qtype == info.type_name
             want = dict(full.named_modules())[path].weight.data
             np.testing.assert_array_equal(layer.dequantize(), want, err_msg=path)
         else:
-            assert type(layer) is nn.Linear, path
+            assert type(layer) in (nn.Linear, nn.Embedding), path
     assert kinds == {"Q4_1", "Q8_0", "Q4_0", "F16"}
-    assert type(layers["lm_head"]) is nn.Linear
     ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], (2, 24))
     want = full(ids)
     np.testing.assert_allclose(kept(ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -397,6 +397,9 @@ def test_export_gguf_of_a_merged_model_loads_back(qtype, tmp_path):
     lora.wrap(model, target_modules="all-linear", r=4, lora_alpha=8, seed=1,
               init_lora_weights=False)  # B != 0: the merge changes every projection
     merged = lora.tuners.merged_state_dict(model)
+    for path, m in model.named_modules():  # the layers kept quantized, as floats
+        if isinstance(m, (nn.QuantLinear, nn.QuantEmbedding)):
+            merged[path + ".weight"] = m.dequantize()
     out = tmp_path / f"out.{qtype}.gguf"
     stats = export_gguf(model, out, qtype)
     assert stats["types"].get(qtype if qtype != "F16" else "F16", 0) >= 14
@@ -458,3 +461,23 @@ def test_lora_merge_cli_writes_gguf_from_a_gguf_base(tmp_path):
     assert (tmp_path / "cli.gguf").read_bytes() == (tmp_path / "direct.gguf").read_bytes()
     assert main(["merge", str(src), str(tmp_path / "adapter"), "-o",
                  str(tmp_path / "cli.gguf"), "-q"]) == 1  # exists, no --force
+
+
+def test_quant_embedding_lookup_and_lora_on_it():
+    rng = np.random.default_rng(8)
+    qt = quantize(rng.standard_normal((50, 64)), "Q8_0")
+    emb = nn.QuantEmbedding(qt)
+    ids = rng.integers(0, 50, (3, 7))
+    table = qt.dequantize()
+    np.testing.assert_array_equal(emb(ids), table[ids])
+    with pytest.raises(IndexError):
+        emb(np.array([50]))
+    layer = lora.LoRAEmbedding(emb, r=4, lora_alpha=8, init_lora_weights=False,
+                               rng=np.random.default_rng(0))
+    A, B = layer.lora_embedding_A.data, layer.lora_embedding_B.data
+    np.testing.assert_allclose(layer(ids), table[ids] + 2.0 * (A.T[ids] @ B.T), rtol=1e-6,
+                               atol=1e-6)
+    layer.backward(np.ones((3, 7, 64), np.float32))
+    assert layer.lora_embedding_B.grad is not None
+    with pytest.raises(ValueError, match="quantized"):
+        layer.merge()

@@ -264,7 +264,7 @@ def _steps(model, ids, mask, max_new, do_sample, temp, k, p, penalty, rng, eos, 
     batch, prompt_len = ids.shape
     total = prompt_len + max_new
     decoder = model.model
-    dtype = decoder.embed_tokens.weight.dtype
+    dtype = getattr(decoder.embed_tokens, "compute_dtype", decoder.embed_tokens.weight.dtype)
     attn = decoder.layers[0].self_attn if len(decoder.layers) else None
     kv_dim = attn.num_key_value_heads * attn.head_dim if attn is not None else 0
     key_mask = None

@@ -594,11 +594,15 @@ def _unpermute(w: np.ndarray, n_head: int, path: str, name: str) -> np.ndarray:
 
 
 def _keeps_quantized(info: TensorInfo) -> bool:
-    """A projection weight (q/k/v/o, gate/up/down) in a block format lora computes with."""
+    """A projection weight (q/k/v/o, gate/up/down), the token embedding or the output layer,
+    in a block format lora computes with."""
     from ..quant import QTYPES
 
-    return (info.type_name in QTYPES and len(info.shape) == 2 and info.name.startswith("blk.")
-            and info.name.split(".")[2] in _PROJECTIONS)
+    if info.type_name not in QTYPES or len(info.shape) != 2:
+        return False
+    if info.name in ("token_embd.weight", "output.weight"):
+        return True
+    return info.name.startswith("blk.") and info.name.split(".")[2] in _PROJECTIONS
 
 
 def _quantized(header: GGUFHeader, info: TensorInfo, data: np.ndarray):
@@ -615,8 +619,9 @@ def llama_tensors(header: GGUFHeader, config: dict,
     """The weights of a llama or qwen2 GGUF file as float32 arrays under transformers' names,
     dequantized one at a time (q and k un-permuted for llama, whose converter permutes them;
     qwen2's are not), and the rope_freqs divisors (or None). `config` is llama_config's.
-    With keep_quantized, the projection weights held in a block format lora computes with
-    (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) come as lora.quant.QTensor over the memory-mapped file,
+    With keep_quantized, the projections, token embedding and output weights held in a block
+    format lora computes with (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) come as lora.quant.QTensor over
+    the memory-mapped file,
     never dequantized (q and k's rows un-permuted: a copy of their blocks)."""
     unknown = [n for n in header.tensors if n != _ROPE_FREQS and hf_name(n) is None]
     if unknown:
@@ -649,8 +654,8 @@ def llama_tensors(header: GGUFHeader, config: dict,
 def load_llama(cls, path: str | os.PathLike, keep_quantized: bool = False, **config_overrides):
     """`cls` (LlamaForCausalLM) from a llama or qwen2 GGUF file, in eval mode: the config from
     the metadata (`config_overrides` replace fields), the weights dequantized to float32, or
-    with keep_quantized the projections kept in the file's blocks as lora.nn.QuantLinear
-    layers (memory-mapped; embeddings, norms and lm_head float32). A rope_freqs tensor
+    with keep_quantized the projections, embedding and lm_head kept in the file's blocks
+    (lora.nn.QuantLinear / QuantEmbedding over the memory map; norms float32). A rope_freqs tensor
     (Llama 3.1's rope scaling as llama.cpp stores it) divides the rotary inverse frequencies,
     as llama.cpp applies it."""
     from .llama import LlamaConfig

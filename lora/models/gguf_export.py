@@ -46,13 +46,13 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _float_weights(model) -> dict:
     """The model's weights under transformers' names as float32: LoRA merged in (without
     changing the model), quantized layers dequantized."""
-    from ..nn import QuantLinear
+    from ..nn import QuantEmbedding, QuantLinear
     from ..tuners import lora_layers, merged_state_dict
 
     state = merged_state_dict(model) if lora_layers(model) else {
         n: p.data for n, p in model.named_parameters()}
     for path, m in model.named_modules():
-        if isinstance(m, QuantLinear) and path + ".weight" in state:
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and path + ".weight" in state:
             state[path + ".weight"] = m.dequantize()
     return state
 

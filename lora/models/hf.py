@@ -225,6 +225,10 @@ class Weights:
             weight, self.get(prefix + ".bias", (d_out,), "zeros") if bias else None)
 
     def embedding(self, prefix: str, num: int, dim: int, padding_idx=None) -> nn.Embedding:
+        q = (self.tensors or {}).get(prefix + ".weight")
+        if isinstance(q, QTensor) and q.shape == (num, dim):
+            self.used.add(prefix + ".weight")
+            return nn.QuantEmbedding(q, padding_idx)
         emb = nn.Embedding(1, dim)  # given its arrays below: no throw-away random table
         emb.num_embeddings, emb.padding_idx = num, padding_idx
         emb.weight = nn.Parameter(self.get(prefix + ".weight", (num, dim), "normal"))

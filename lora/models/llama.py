@@ -399,9 +399,13 @@ class LlamaForCausalLM(Module):
         init = Weights(_tensors, np.random.default_rng(seed))
         self.config = config
         self.model = LlamaModel(config, init)
-        if config.tie_word_embeddings:
-            self.lm_head = nn.Linear.from_arrays(self.model.embed_tokens.weight.data)
-            self.lm_head.weight = self.model.embed_tokens.weight
+        emb = self.model.embed_tokens
+        if config.tie_word_embeddings and isinstance(emb, nn.QuantEmbedding):
+            self.lm_head = nn.QuantLinear(emb.qweight, dtype=emb.compute_dtype)
+            self.lm_head.weight = emb.weight  # the same blocks
+        elif config.tie_word_embeddings:
+            self.lm_head = nn.Linear.from_arrays(emb.weight.data)
+            self.lm_head.weight = emb.weight
         else:
             self.lm_head = init.linear("lm_head", config.hidden_size, config.vocab_size, False)
         self._init_used = init.used
@@ -458,16 +462,17 @@ class LlamaForCausalLM(Module):
         if labels.shape != h.shape[:2]:
             raise ValueError(f"labels shape {labels.shape} != input_ids shape {h.shape[:2]}")
         head = self.lm_head
-        if type(head) is not nn.Linear or head.bias is not None:
+        quantized = type(head) is nn.QuantLinear  # its fused loss takes the floats, frozen
+        if type(head) is not nn.Linear and not quantized or head.bias is not None:
             loss, d = nn.causal_lm_loss(head(h), labels)
             object.__setattr__(self, "_loss_grad", ("dlogits", d))
             return loss
         b, s, hidden = h.shape
         shifted = np.ascontiguousarray(h[:, :-1]).reshape(-1, hidden)
-        need_dw = head.weight.requires_grad and self.training
+        need_dw = head.weight.requires_grad and self.training and not quantized
         loss, dh, dw = F.linear_cross_entropy(
-            shifted, head.weight.data, labels[:, 1:].reshape(-1), need_dhidden=self.training,
-            need_dweight=need_dw)
+            shifted, head.dequantize() if quantized else head.weight.data,
+            labels[:, 1:].reshape(-1), need_dhidden=self.training, need_dweight=need_dw)
         object.__setattr__(self, "_loss_grad", ("dhidden", (dh, dw, h.shape)) if self.training
                            else None)
         return loss

@@ -24,7 +24,7 @@ from .layers import (
     pack_weights,
     unpack_weights,
 )
-from .quantized import QuantLinear, quantize_model
+from .quantized import QuantEmbedding, QuantLinear, quantize_model
 from .losses import causal_lm_loss, cross_entropy, mse_loss
 from .module import Module, ModuleDict, ModuleList, Parameter, Sequential
 
@@ -35,6 +35,7 @@ __all__ = [
     "unpack_weights",
     "Linear",
     "QuantLinear",
+    "QuantEmbedding",
     "quantize_model",
     "Conv1D",
     "Embedding",

@@ -15,10 +15,10 @@ import numpy as np
 from .. import functional as F
 from .. import quant
 from .._checks import kernel_dtype
-from .layers import Linear, _rows, as_input
+from .layers import Embedding, Linear, _check_ids, _rows, as_input
 from .module import Module, Parameter
 
-__all__ = ["QuantLinear", "quantize_model"]
+__all__ = ["QuantEmbedding", "QuantLinear", "quantize_model"]
 
 
 class QuantLinear(Linear):
@@ -106,6 +106,56 @@ class QuantLinear(Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qtype={self.qtype}, bias={self.bias is not None}")
+
+
+class QuantEmbedding(Embedding):
+    """Row lookup from a table frozen as `qtype` blocks: y = dequantize(W[ids]), only the
+    rows looked up dequantized. `weight` holds the block bytes (uint8, (num, row bytes)),
+    frozen; outputs are `dtype`. A tied lm_head computes with the same blocks (a QuantLinear
+    sharing this Parameter)."""
+
+    def __init__(self, qweight: quant.QTensor, padding_idx: int | None = None, *,
+                 dtype=np.float32):
+        Module.__init__(self)
+        if not isinstance(qweight, quant.QTensor) or qweight.ndim != 2:
+            raise TypeError(f"QuantEmbedding: qweight must be a 2-D QTensor, got {qweight!r}")
+        self.compute_dtype = np.dtype(kernel_dtype(dtype, "QuantEmbedding"))
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
+        self.qtype = qweight.qtype
+        self.weight = Parameter(qweight.data, requires_grad=False)
+        object.__setattr__(self, "_qt", qweight)
+
+    qweight = QuantLinear.qweight
+    dequantize = QuantLinear.dequantize
+
+    @property
+    def out_features(self) -> int:  # for qweight's shape
+        return self.num_embeddings
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding_dim
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """The rows `ids` (checked) as floats, ids.shape + (embedding_dim,)."""
+        rows = self.weight.data[ids.reshape(-1)]
+        out = F.dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim))
+        return out.reshape(*ids.shape, self.embedding_dim).astype(self.compute_dtype,
+                                                                   copy=False)
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = _check_ids(ids, self.num_embeddings)
+        self._save(ids)
+        return self.lookup(ids)
+
+    def backward(self, dout: np.ndarray) -> None:
+        if self.weight.requires_grad:
+            raise RuntimeError("QuantEmbedding.backward: the quantized table cannot be trained")
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
 
 
 def quantize_model(model: Module, qtype: str = "Q4_0", *,

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import functional as F
-from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantLinear
+from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantEmbedding, QuantLinear
 from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows, as_input
 from .config import MAX_ALPHA, check_positive_int, check_real, scaling_factor
 
@@ -43,6 +43,16 @@ class _LoRABase(Module):
         """The wrapped layer, sharing this layer's weight (and bias) Parameters."""
         return self._base
 
+    @property
+    def quantized(self) -> bool:
+        """The base weight is held quantized (a lora.nn.QuantLinear or QuantEmbedding)."""
+        return isinstance(self._base, (QuantLinear, QuantEmbedding))
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The dtype of inputs and outputs: the weight's, or a quantized base's."""
+        return self._base.compute_dtype if self.quantized else self.weight.dtype
+
     def _pair(self) -> tuple[Parameter, Parameter]:
         raise NotImplementedError
 
@@ -51,7 +61,7 @@ class _LoRABase(Module):
         safe_merge the result is computed in a copy and committed only if it is finite."""
         if self.merged:
             return
-        if isinstance(self._base, QuantLinear):
+        if self.quantized:
             raise ValueError(f"{type(self).__name__}.merge: the base weight is quantized "
                              f"({self._base.qtype}) and cannot take the update in place; "
                              "lora.merge_and_unload gives the merged model in float weights")
@@ -126,15 +136,6 @@ class LoRALinear(_Packable, _LoRABase):
             return self._base._weight_arg(x, backward)
         return super()._weight_arg(x, backward)
 
-    @property
-    def compute_dtype(self) -> np.dtype:
-        """The dtype of inputs and outputs: the weight's, or a quantized base's."""
-        return self._base.compute_dtype if self.quantized else self.weight.dtype
-
-    @property
-    def quantized(self) -> bool:
-        """The base weight is held quantized (a lora.nn.QuantLinear)."""
-        return isinstance(self._base, QuantLinear)
 
     def merged_float_base(self, safe_merge: bool = False) -> Linear:
         """For a quantized base: a new float Linear holding dequantize(W) + scaling * B A
@@ -240,7 +241,7 @@ class LoRAEmbedding(_LoRABase):
         self._setup(base, r, lora_alpha, use_rslora, rng)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
-        dtype = self.weight.dtype
+        dtype = getattr(base, "compute_dtype", self.weight.dtype)
         self.lora_embedding_A = Parameter(np.zeros((r, self.num_embeddings), dtype))
         self.lora_embedding_B = Parameter(np.zeros((self.embedding_dim, r), dtype))
         _init_weights(self, init_lora_weights)
@@ -256,7 +257,7 @@ class LoRAEmbedding(_LoRABase):
         if self.disabled and self.merged:
             self.unmerge()
         ids = _check_ids(ids, self.num_embeddings)
-        y = self.weight.data[ids]
+        y = self._base.lookup(ids) if self.quantized else self.weight.data[ids]
         if self.disabled or self.merged:
             self._save(ids, None)
             return y

@@ -240,8 +240,7 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
             if p is A or p is B:
                 continue
             if p is layer.weight and not layer.merged:
-                quantized = isinstance(layer, LoRALinear) and layer.quantized
-                value = layer.base_layer().dequantize() if quantized else value.copy()
+                value = layer.base_layer().dequantize() if layer.quantized else value.copy()
                 layer._merge_into(value, A.data, B.data, layer.scaling)
         out[name.replace(".modules_to_save.", ".")] = value
     return out
