@@ -129,7 +129,7 @@ def kernels(out: dict) -> dict:
     # the read bandwidth of this machine: float32 gemv over a matrix 8x the L3
     big = rng.standard_normal((8192, 8192)).astype(np.float32)
     v = rng.standard_normal((1, 8192)).astype(np.float32)
-    out["gemv_read_gb_s"] = big.nbytes / best(lambda: F.dense_forward(v, big), 5) / 1e9
+    out["gemv_read_gb_s"] = big.nbytes / best(lambda m=big: F.dense_forward(v, m), 5) / 1e9
     del big
     rows = []
     for d_out, d_in in ((1536, 576), (576, 1536)):
@@ -160,7 +160,8 @@ def export_child(threads: int) -> dict:
     path = os.path.join(tempfile.mkdtemp(), "smollm2-lora-export.Q4_0.gguf")
     t0 = time.perf_counter()
     stats = export_gguf(_model("f32"), path, "Q4_0")
-    out = {"side": "export", "export_s": time.perf_counter() - t0, "export_mb": stats["bytes"] / 2**20}
+    out = {"side": "export", "export_s": time.perf_counter() - t0,
+           "export_mb": stats["bytes"] / 2**20}
     llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     chat, _, _ = BL._inputs(smollm2_path())
