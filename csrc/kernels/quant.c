@@ -260,6 +260,8 @@ size_t lora_qblock_elems(int qtype) { return formats[qtype].elems; }
 size_t lora_qblock_bytes(int qtype) { return formats[qtype].bytes; }
 int lora_qtype_writable(int qtype) { return formats[qtype].quant != NULL; }
 
+static inline void deq_blocks(float *y, const uint8_t *row, size_t b0, size_t nb, int qtype);
+
 /* Blocks [begin, end) of a tensor, in either direction, on lora's threads. */
 typedef struct {
     float *x;
@@ -273,7 +275,7 @@ static void blocks_range(void *arg, size_t begin, size_t end) {
     if (a->write)
         formats[a->qtype].quant(a->q + begin * nbytes, a->x + begin * e, end - begin);
     else
-        formats[a->qtype].deq(a->x + begin * e, a->q + begin * nbytes, end - begin);
+        deq_blocks(a->x + begin * e, a->q, begin, end - begin, a->qtype);
 }
 
 void lora_dequantize(float *y, const uint8_t *q, size_t nblocks, int qtype) {
@@ -315,35 +317,37 @@ static LORA_AVX2 inline __m256 i8x8(const uint8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* n is a constant at each call (dot_q4_avx2's switch), so t and u stay in registers. */
+/* n is a constant at each call (dot_avx2's switch), so the accumulators stay in registers.
+ * xsum[i * nb + k]: the sum of x_i over block k (the m term of every row of W needs it). */
 static LORA_AVX2 inline __attribute__((always_inline)) void
-dot_q4_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, int with_min,
-         const int n) {
-    __m256 t[LORA_QDOT_ROWS], u[LORA_QDOT_ROWS];
-    for (int i = 0; i < n; i++) t[i] = u[i] = _mm256_setzero_ps();
+dot_q4_n(float *acc, const uint8_t *b, const float *x, const float *xsum, size_t ldx,
+         size_t nb, int with_min, const int n) {
+    __m256 t[LORA_QDOT_ROWS];
+    float u[LORA_QDOT_ROWS];
+    for (int i = 0; i < n; i++) t[i] = _mm256_setzero_ps(), u[i] = 0.0f;
     const size_t bytes = with_min ? 20 : 18;
     const __m128i m4 = _mm_set1_epi8(15);
     for (size_t k = 0; k < nb; k++, b += bytes) {
-        const __m256 d = f16_splat(b);
-        const __m256 m = with_min ? f16_splat(b + 2) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        uint32_t dm;
+        memcpy(&dm, b, sizeof dm);
+        const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* d, m (Q4_1) */
+        const __m256 d = _mm256_broadcastss_ps(dmf);
+        const float m = with_min ? _mm_cvtss_f32(_mm_movehdup_ps(dmf)) : -8.0f * _mm_cvtss_f32(dmf);
         const __m128i raw = _mm_loadu_si128((const __m128i *)(b + bytes - 16));
         const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
         const __m256 q0 = u8x8(lo), q1 = u8x8(_mm_srli_si128(lo, 8));
         const __m256 q2 = u8x8(hi), q3 = u8x8(_mm_srli_si128(hi, 8));
         for (int i = 0; i < n; i++) {
             const float *xi = x + (size_t)i * ldx + 32 * k;
-            const __m256 x0 = _mm256_loadu_ps(xi), x1 = _mm256_loadu_ps(xi + 8);
-            const __m256 x2 = _mm256_loadu_ps(xi + 16), x3 = _mm256_loadu_ps(xi + 24);
-            __m256 s = _mm256_mul_ps(q0, x0);
-            s = _mm256_fmadd_ps(q1, x1, s);
-            s = _mm256_fmadd_ps(q2, x2, s);
-            s = _mm256_fmadd_ps(q3, x3, s);
-            const __m256 xs = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
+            __m256 s = _mm256_mul_ps(q0, _mm256_loadu_ps(xi));
+            s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xi + 8), s);
+            s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xi + 16), s);
+            s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xi + 24), s);
             t[i] = _mm256_fmadd_ps(d, s, t[i]);
-            u[i] = _mm256_fmadd_ps(m, xs, u[i]);
+            u[i] += m * xsum[(size_t)i * nb + k];
         }
     }
-    for (int i = 0; i < n; i++) acc[i] = hsum256(_mm256_add_ps(t[i], u[i]));
+    for (int i = 0; i < n; i++) acc[i] = hsum256(t[i]) + u[i];
 }
 
 static LORA_AVX2 inline __attribute__((always_inline)) void
@@ -366,11 +370,12 @@ dot_q8_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, co
     for (int i = 0; i < n; i++) acc[i] = hsum256(_mm256_add_ps(t[i], u[i]));
 }
 
-static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x, size_t ldx,
-                               size_t n, size_t nb, int qtype) {
+static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x,
+                               const float *xsum, size_t ldx, size_t n, size_t nb, int qtype) {
     const int q8 = qtype == LORA_Q8_0, m = qtype == LORA_Q4_1;
 #define LORA_DOT_CASE(N) \
-    case N: q8 ? dot_q8_n(acc, row, x, ldx, nb, N) : dot_q4_n(acc, row, x, ldx, nb, m, N); break;
+    case N: q8 ? dot_q8_n(acc, row, x, ldx, nb, N) : dot_q4_n(acc, row, x, xsum, ldx, nb, m, N); \
+        break;
     switch (n) {
         LORA_DOT_CASE(1)
         LORA_DOT_CASE(2)
@@ -378,6 +383,40 @@ static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x, s
         default: LORA_DOT_CASE(4)
     }
 #undef LORA_DOT_CASE
+}
+
+/* Rows of blocks dequantized with the same widening, each value rounded as gguf.quants
+ * rounds it (a product, then a sum: no FMA), so bit for bit as the scalar loops. */
+static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, size_t nb,
+                               int qtype) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (size_t k = 0; k < nb; k++, y += 32) {
+        if (qtype == LORA_Q8_0) {
+            const __m256 d = f16_splat(b);
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(i8x8(b + 2 + 8 * j), d));
+            b += 34;
+            continue;
+        }
+        const int with_min = qtype == LORA_Q4_1;
+        const size_t bytes = with_min ? 20 : 18;
+        const __m256 d = f16_splat(b);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(b + bytes - 16));
+        const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        if (with_min) {
+            const __m256 m = f16_splat(b + 2);
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(y + 8 * j, _mm256_add_ps(_mm256_mul_ps(u8x8(parts[j]), d), m));
+        } else {
+            for (int j = 0; j < 4; j++) {
+                const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[j]), eight);
+                _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+            }
+        }
+        b += bytes;
+    }
 }
 
 static int have_avx2(void) {
@@ -393,22 +432,38 @@ static int have_avx2(void) {
 }
 #endif
 
-/* acc[i] = x_i . row for the types with a direct path on this CPU; 0 (acc untouched) for
- * the others. */
-static int dot_row_f32(float *acc, const uint8_t *row, const float *x, size_t ldx, size_t n,
-                       size_t nb, int qtype) {
+/* acc[i] = x_i . row on the direct path (xsum: the block sums of x, see dot_q4_n); 0 (acc
+ * untouched) without one. */
+static int dot_row_f32(float *acc, const uint8_t *row, const float *x, const float *xsum,
+                       size_t ldx, size_t n, size_t nb, int qtype) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if ((qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0) && have_avx2()) {
-        dot_avx2(acc, row, x, ldx, n, nb, qtype);
+    if (xsum && have_avx2()) {
+        dot_avx2(acc, row, x, xsum, ldx, n, nb, qtype);
         return 1;
     }
 #endif
-    (void)acc, (void)row, (void)x, (void)ldx, (void)n, (void)nb, (void)qtype;
+    (void)acc, (void)row, (void)x, (void)xsum, (void)ldx, (void)n, (void)nb, (void)qtype;
     return 0;
+}
+
+/* The types with a direct dot path on this CPU. */
+static int has_dot_path(int qtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0) && have_avx2();
+#else
+    (void)qtype;
+    return 0;
+#endif
 }
 
 /* One row's blocks [b0, b0 + nb) into y (nb * block_elems floats). */
 static inline void deq_blocks(float *y, const uint8_t *row, size_t b0, size_t nb, int qtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (has_dot_path(qtype)) {
+        deq_avx2(y, row + b0 * formats[qtype].bytes, nb, qtype);
+        return;
+    }
+#endif
     formats[qtype].deq(y, row + b0 * formats[qtype].bytes, nb);
 }
 

@@ -53,6 +53,7 @@ static void FN(deq_tile)(T *tile, const uint8_t *W, int qtype, size_t j0, size_t
 typedef struct {
     T *y;
     const T *x;
+    const float *xsum; /* the block sums of x for the direct path, or NULL */
     const uint8_t *W;
     T beta;
     size_t n, K, N;
@@ -68,7 +69,7 @@ static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t e
         const uint8_t *row = a->W + j * row_bytes;
 #ifdef LORA_T_IS_F32
         float direct[LORA_QDOT_ROWS] = {0};
-        if (dot_row_f32(direct, row, a->x, K, a->n, nb, a->qtype)) {
+        if (dot_row_f32(direct, row, a->x, a->xsum, K, a->n, nb, a->qtype)) {
             for (size_t i = 0; i < a->n; i++) {
                 T *yij = a->y + i * a->N + j;
                 *yij = a->beta != 0 ? direct[i] + a->beta * *yij : direct[i];
@@ -99,7 +100,23 @@ void FN(quant_forward)(T *y, T *tile, const T *x, const uint8_t *W, int qtype, T
                        size_t K, size_t N) {
     if (n == 0) return;
     if (n <= LORA_QDOT_ROWS) {
-        FN(QDot) a = {y, x, W, beta, n, K, N, qtype};
+        /* the direct path's block sums of x (32 elements each), once for all rows of W; rows
+         * of x longer than 16384 (too many sums for the stack) take the generic path */
+#ifdef LORA_T_IS_F32
+        float xsum[LORA_QDOT_ROWS * 512];
+        const size_t nb = K / 32;
+        const int direct = has_dot_path(qtype) && nb <= 512;
+        for (size_t i = 0; direct && i < n; i++)
+            for (size_t k = 0; k < nb; k++) {
+                float s = 0;
+                for (int e = 0; e < 32; e++) s += x[i * K + 32 * k + e];
+                xsum[i * nb + k] = s;
+            }
+        const float *sums = direct ? xsum : NULL;
+#else
+        const float *sums = NULL;
+#endif
+        FN(QDot) a = {y, x, sums, W, beta, n, K, N, qtype};
         lora_parallel_for(N, (1 << 15) / K + 4, 4, FN(qdot_rows), &a);
         return;
     }
