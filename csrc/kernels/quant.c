@@ -419,16 +419,15 @@ static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, siz
     }
 }
 
+/* Checked at run time (not through an ifunc), so sanitizer builds run these paths too. */
 static int have_avx2(void) {
-#ifdef LORA_NO_CLONES /* sanitizer builds: the generic path (and no ifunc-time CPU checks) */
-    return 0;
-#else
     static int cached = -1;
-    if (cached < 0)
+    if (cached < 0) {
+        __builtin_cpu_init();
         cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                  __builtin_cpu_supports("f16c");
+    }
     return cached;
-#endif
 }
 #endif
 
