@@ -292,11 +292,12 @@ void lora_quantize(uint8_t *q, const float *x, size_t nblocks, int qtype) {
  * acc[i] = x_i . w for the n <= LORA_QDOT_ROWS float32 rows x_i (ldx apart) and one row w of
  * nb blocks, straight from the blocks: each block's quants widened to float in registers and
  * multiplied with x there, its scales applied once per block (d * (q . x) + m * sum(x) for
- * Q4_1, with m = -8 d for Q4_0). The sums are reassociated against dequantize-then-dot, so
- * they agree with it within float32 rounding, not bit for bit. Written with AVX2/FMA/F16C
- * intrinsics (GCC's generic vectors lower byte-to-float widening to scalar code) and used
- * when the CPU has them; otherwise, and for Q4_K, Q6_K and NF4, the generic path runs (a
- * chunk of the row dequantized into L1, then plain dot products). */
+ * Q4_1, with m = -8 d for Q4_0; NF4's codes looked up with two vpermps tables). The sums
+ * are reassociated against dequantize-then-dot, so they agree with it within float32
+ * rounding, not bit for bit. Written with AVX2/FMA/F16C intrinsics (GCC's generic vectors
+ * lower byte-to-float widening to scalar code) and used when the CPU has them; otherwise,
+ * and for Q4_K and Q6_K, the generic path runs (a chunk of the row dequantized into L1, then
+ * plain dot products). */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define LORA_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -370,11 +371,62 @@ dot_q8_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, co
     for (int i = 0; i < n; i++) acc[i] = hsum256(_mm256_add_ps(t[i], u[i]));
 }
 
+/* NF4: 8 codes (lanes of idx, 0..15) to their floats: two 8-entry vpermps tables and a
+ * blend on bit 3. The 32 codes of 16 bytes in element order: byte i holds elements 2i (high
+ * nibble) and 2i + 1 (low). */
+static LORA_AVX2 inline __m256 nf4_values(__m256i idx, __m256 tab_lo, __m256 tab_hi) {
+    const __m256 lo = _mm256_permutevar8x32_ps(tab_lo, idx), hi = _mm256_permutevar8x32_ps(tab_hi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static LORA_AVX2 inline void nf4_codes(const uint8_t *p, __m256i idx[4]) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4), lo = _mm_and_si128(raw, m4);
+    const __m128i e0 = _mm_unpacklo_epi8(hi, lo), e1 = _mm_unpackhi_epi8(hi, lo);
+    idx[0] = _mm256_cvtepu8_epi32(e0), idx[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(e0, 8));
+    idx[2] = _mm256_cvtepu8_epi32(e1), idx[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8));
+}
+
+static LORA_AVX2 inline __attribute__((always_inline)) void
+dot_nf4_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, const int n) {
+    const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
+    __m256 t[LORA_QDOT_ROWS];
+    for (int i = 0; i < n; i++) t[i] = _mm256_setzero_ps();
+    for (size_t k = 0; k < nb; k++, b += 36) {
+        float amax;
+        memcpy(&amax, b, sizeof amax);
+        const __m256 a = _mm256_set1_ps(amax);
+        __m256 v[8];
+        for (int h = 0; h < 2; h++) {
+            __m256i idx[4];
+            nf4_codes(b + 4 + 16 * h, idx);
+            for (int j = 0; j < 4; j++) v[4 * h + j] = nf4_values(idx[j], tab_lo, tab_hi);
+        }
+        for (int i = 0; i < n; i++) {
+            const float *xi = x + (size_t)i * ldx + 64 * k;
+            __m256 s0 = _mm256_mul_ps(v[0], _mm256_loadu_ps(xi));
+            __m256 s1 = _mm256_mul_ps(v[1], _mm256_loadu_ps(xi + 8));
+            for (int j = 2; j < 8; j += 2) {
+                s0 = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xi + 8 * j), s0);
+                s1 = _mm256_fmadd_ps(v[j + 1], _mm256_loadu_ps(xi + 8 * j + 8), s1);
+            }
+            t[i] = _mm256_fmadd_ps(a, _mm256_add_ps(s0, s1), t[i]);
+        }
+    }
+    for (int i = 0; i < n; i++) acc[i] = hsum256(t[i]);
+}
+
 static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x,
                                const float *xsum, size_t ldx, size_t n, size_t nb, int qtype) {
-    const int q8 = qtype == LORA_Q8_0, m = qtype == LORA_Q4_1;
-#define LORA_DOT_CASE(N) \
-    case N: q8 ? dot_q8_n(acc, row, x, ldx, nb, N) : dot_q4_n(acc, row, x, xsum, ldx, nb, m, N); \
+    const int q8 = qtype == LORA_Q8_0, nf4 = qtype == LORA_NF4, m = qtype == LORA_Q4_1;
+#define LORA_DOT_CASE(N)                                                                      \
+    case N:                                                                                   \
+        if (q8)                                                                               \
+            dot_q8_n(acc, row, x, ldx, nb, N);                                                \
+        else if (nf4)                                                                         \
+            dot_nf4_n(acc, row, x, ldx, nb, N);                                               \
+        else                                                                                  \
+            dot_q4_n(acc, row, x, xsum, ldx, nb, m, N);                                       \
         break;
     switch (n) {
         LORA_DOT_CASE(1)
@@ -391,6 +443,22 @@ static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, siz
                                int qtype) {
     const __m128i m4 = _mm_set1_epi8(15);
     const __m256i eight = _mm256_set1_epi32(8);
+    if (qtype == LORA_NF4) {
+        const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
+        for (size_t k = 0; k < nb; k++, b += 36, y += 64) {
+            float amax;
+            memcpy(&amax, b, sizeof amax);
+            const __m256 a = _mm256_set1_ps(amax);
+            for (int h = 0; h < 2; h++) {
+                __m256i idx[4];
+                nf4_codes(b + 4 + 16 * h, idx);
+                for (int j = 0; j < 4; j++)
+                    _mm256_storeu_ps(y + 32 * h + 8 * j,
+                                     _mm256_mul_ps(nf4_values(idx[j], tab_lo, tab_hi), a));
+            }
+        }
+        return;
+    }
     for (size_t k = 0; k < nb; k++, y += 32) {
         if (qtype == LORA_Q8_0) {
             const __m256 d = f16_splat(b);
@@ -448,7 +516,8 @@ static int dot_row_f32(float *acc, const uint8_t *row, const float *x, const flo
 /* The types with a direct dot path on this CPU. */
 static int has_dot_path(int qtype) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0) && have_avx2();
+    return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0 || qtype == LORA_NF4) &&
+           have_avx2();
 #else
     (void)qtype;
     return 0;
