@@ -96,18 +96,23 @@ def adam_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
     param -= (lr / bc1) * (m / denom)
 
 
+def _normal_cdf(x):
+    """Phi(x) = erfc(-x / sqrt 2) / 2: unlike (1 + erf(x / sqrt 2)) / 2 it does not cancel to 0
+    for x below -8, where Phi is still ~1e-16."""
+    from math import erfc, sqrt
+
+    return 0.5 * np.vectorize(erfc, otypes=[np.float64])(-x / sqrt(2.0))
+
+
 def gelu_forward(x):
     """x * Phi(x), Phi the standard normal CDF (exact GELU)."""
-    from math import erf, sqrt
-
-    return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / sqrt(2.0)))
+    return x * _normal_cdf(x)
 
 
 def gelu_backward(dy, x):
-    from math import erf, pi, sqrt
+    from math import pi, sqrt
 
-    cdf = 0.5 * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / sqrt(2.0)))
-    return dy * (cdf + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi))
+    return dy * (_normal_cdf(x) + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi))
 
 
 def layer_norm_forward(x, weight, bias=None, *, eps=1e-5):
