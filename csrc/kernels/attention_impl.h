@@ -67,6 +67,80 @@ static inline __attribute__((always_inline)) void FN(gemm_block)(
 #undef ATTN_ROW
 #undef ATTN_STORE
 
+/* The same block for CPUs without AVX-512, with 32-byte vectors, which GCC keeps in AVX2's
+ * registers (its 64-byte ones it lowers there with the accumulators and the broadcasts
+ * through the stack, which ran small_gemm at 1-2 GFLOP/s): R rows (6 or 1) by two 32-byte
+ * vectors, 12 accumulators and 2 of V in 16 registers. */
+typedef T FN(hvec) __attribute__((vector_size(32)));
+#define HVL (32 / sizeof(T))
+static inline FN(hvec) FN(hload)(const T *p) {
+    FN(hvec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void FN(hstore)(T *p, FN(hvec) v) { memcpy(p, &v, sizeof v); }
+
+#define ATTN_HROW(ii)                                                                        \
+    do {                                                                                     \
+        const T c_ = c[(ii) * cs_i];                                                         \
+        h##ii##0 += c_ * v0;                                                                 \
+        h##ii##1 += c_ * v1;                                                                 \
+    } while (0)
+#define ATTN_HSTORE(ii)                                                                      \
+    do {                                                                                     \
+        FN(hstore)(out + (ii) * ldo, alpha * h##ii##0);                                      \
+        FN(hstore)(out + (ii) * ldo + HVL, alpha * h##ii##1);                                \
+    } while (0)
+
+static inline __attribute__((always_inline)) void FN(gemm_block_narrow)(
+    T *out, size_t ldo, const T *C, size_t cs_i, size_t cs_k, const T *V, size_t ldv, T alpha,
+    size_t inner, int R) {
+    FN(hvec) h00 = {0}, h01 = {0}, h10 = {0}, h11 = {0}, h20 = {0}, h21 = {0}, h30 = {0},
+             h31 = {0}, h40 = {0}, h41 = {0}, h50 = {0}, h51 = {0};
+    if (R == 6) {
+        for (size_t k = 0; k < inner; k++) {
+            const FN(hvec) v0 = FN(hload)(V + k * ldv), v1 = FN(hload)(V + k * ldv + HVL);
+            const T *c = C + k * cs_k;
+            ATTN_HROW(0); ATTN_HROW(1); ATTN_HROW(2); ATTN_HROW(3); ATTN_HROW(4); ATTN_HROW(5);
+        }
+        ATTN_HSTORE(0); ATTN_HSTORE(1); ATTN_HSTORE(2); ATTN_HSTORE(3); ATTN_HSTORE(4);
+        ATTN_HSTORE(5);
+    } else {
+        for (size_t k = 0; k < inner; k++) {
+            const FN(hvec) v0 = FN(hload)(V + k * ldv), v1 = FN(hload)(V + k * ldv + HVL);
+            const T *c = C + k * cs_k;
+            ATTN_HROW(0);
+        }
+        ATTN_HSTORE(0);
+    }
+}
+#undef ATTN_HROW
+#undef ATTN_HSTORE
+
+/* R <= 8 rows by 2 AVL columns of W = alpha C V, through the block that suits the CPU. */
+static inline __attribute__((always_inline)) void FN(gemm_rows)(
+    T *out, size_t ldo, const T *C, size_t cs_i, size_t cs_k, const T *V, size_t ldv, T alpha,
+    size_t inner, size_t R, int wide) {
+    if (wide) {
+        if (R == 8)
+            FN(gemm_block)(out, ldo, C, cs_i, cs_k, V, ldv, alpha, inner, 8);
+        else
+            for (size_t ii = 0; ii < R; ii++)
+                FN(gemm_block)(out + ii * ldo, ldo, C + ii * cs_i, cs_i, cs_k, V, ldv, alpha,
+                               inner, 1);
+        return;
+    }
+    for (size_t half = 0; half < 2 * AVL; half += 2 * HVL) {
+        size_t ii = 0;
+        for (; ii + 6 <= R; ii += 6)
+            FN(gemm_block_narrow)(out + ii * ldo + half, ldo, C + ii * cs_i, cs_i, cs_k,
+                                  V + half, ldv, alpha, inner, 6);
+        for (; ii < R; ii++)
+            FN(gemm_block_narrow)(out + ii * ldo + half, ldo, C + ii * cs_i, cs_i, cs_k,
+                                  V + half, ldv, alpha, inner, 1);
+    }
+}
+
 /* W (rows x cols, row stride ldw) = alpha * C V, overwriting; C(i, k) = C[i*cs_i + k*cs_k]
  * (so C or its transpose, at any row stride) and V (inner x cols, row stride ldv). Eight rows
  * by two vectors of W stay in 16 registers while the inner dimension runs. The last columns
@@ -77,27 +151,23 @@ static LORA_CLONES LORA_FMA void FN(small_gemm)(T *restrict W, size_t ldw, const
                                                 size_t ldv, T alpha, size_t rows, size_t cols,
                                                 size_t inner, T *restrict tail) {
     const size_t full = cols - cols % (2 * AVL), rest = cols - full;
-    size_t i0 = 0;
-    for (; i0 + 8 <= rows; i0 += 8)
+    const int wide = attn_wide();
+    const size_t RB = wide ? 8 : 12; /* rows per call of gemm_rows: narrow blocks are 6 */
+    for (size_t i0 = 0; i0 < rows; i0 += RB) {
+        const size_t R = rows - i0 < RB ? rows - i0 : RB;
         for (size_t j = 0; j < full; j += 2 * AVL)
-            FN(gemm_block)(W + i0 * ldw + j, ldw, C + i0 * cs_i, cs_i, cs_k, V + j, ldv, alpha,
-                           inner, 8);
-    for (; i0 < rows; i0++)
-        for (size_t j = 0; j < full; j += 2 * AVL)
-            FN(gemm_block)(W + i0 * ldw + j, ldw, C + i0 * cs_i, cs_i, cs_k, V + j, ldv, alpha,
-                           inner, 1);
+            for (size_t r0 = 0; r0 < R; r0 += 8)
+                FN(gemm_rows)(W + (i0 + r0) * ldw + j, ldw, C + (i0 + r0) * cs_i, cs_i, cs_k,
+                              V + j, ldv, alpha, inner, R - r0 < 8 ? R - r0 : 8, wide);
+    }
     if (!rest) return;
     for (size_t k = 0; k < inner; k++)
         for (size_t j = 0; j < 2 * AVL; j++) tail[k * 2 * AVL + j] = j < rest ? V[k * ldv + full + j] : 0;
     T block[8 * 2 * AVL];
-    for (i0 = 0; i0 < rows; i0 += 8) {
+    for (size_t i0 = 0; i0 < rows; i0 += 8) {
         const size_t R = rows - i0 < 8 ? rows - i0 : 8;
-        if (R == 8)
-            FN(gemm_block)(block, 2 * AVL, C + i0 * cs_i, cs_i, cs_k, tail, 2 * AVL, alpha, inner, 8);
-        else
-            for (size_t ii = 0; ii < R; ii++)
-                FN(gemm_block)(block + ii * 2 * AVL, 2 * AVL, C + (i0 + ii) * cs_i, cs_i, cs_k,
-                               tail, 2 * AVL, alpha, inner, 1);
+        FN(gemm_rows)(block, 2 * AVL, C + i0 * cs_i, cs_i, cs_k, tail, 2 * AVL, alpha, inner, R,
+                      wide);
         for (size_t ii = 0; ii < R; ii++)
             memcpy(W + (i0 + ii) * ldw + full, block + ii * 2 * AVL, rest * sizeof(T));
     }
