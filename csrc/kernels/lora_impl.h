@@ -235,10 +235,50 @@ static inline __attribute__((always_inline)) void FN(dot_block)(T *out, size_t l
  * (a dropout tile, a tile of the forward's or the backward's row pass), where a small GEMM
  * would run single-threaded in OpenBLAS with its packing overhead. Each row of X is read
  * once, 4 rows at a time against 4 rows of V in L1/L2. */
+/* dot_block for CPUs without AVX-512: R <= 4 rows of X by KB <= 2 rows of V in 32-byte
+ * vectors (8 accumulators, 4 + 2 loads: 14 of AVX2's 16 registers; the 4 x 4 64-byte block
+ * above spilled there). */
+static inline __attribute__((always_inline)) void FN(dot_block_narrow)(
+    T *out, size_t ldo, const T *X, const T *V, size_t K, int R, int KB) {
+    FN(rvec) acc[4][2] = {{{0}}};
+    const size_t full = K - K % RVL;
+    for (size_t j = 0; j < full; j += RVL) {
+        FN(rvec) xv[4], vv[2];
+        for (int ii = 0; ii < R; ii++) xv[ii] = FN(rload)(X + ii * K + j);
+        for (int kk = 0; kk < KB; kk++) vv[kk] = FN(rload)(V + kk * K + j);
+        for (int ii = 0; ii < R; ii++)
+            for (int kk = 0; kk < KB; kk++) acc[ii][kk] += xv[ii] * vv[kk];
+    }
+    for (int ii = 0; ii < R; ii++)
+        for (int kk = 0; kk < KB; kk++) {
+            T sum = 0;
+            for (size_t l = 0; l < RVL; l++) sum += acc[ii][kk][l];
+            for (size_t j = full; j < K; j++) sum += X[ii * K + j] * V[kk * K + j];
+            out[ii * ldo + kk] = sum;
+        }
+}
+
 static LORA_CLONES LORA_FMA void FN(row_dots)(T *restrict out, const T *restrict X,
                                               const T *restrict V, size_t rows, size_t K,
                                               size_t r) {
     size_t i = 0;
+    if (!lora_wide_vectors()) {
+        for (; i + 4 <= rows; i += 4) {
+            size_t k = 0;
+            for (; k + 2 <= r; k += 2)
+                FN(dot_block_narrow)(out + i * r + k, r, X + i * K, V + k * K, K, 4, 2);
+            for (; k < r; k++)
+                FN(dot_block_narrow)(out + i * r + k, r, X + i * K, V + k * K, K, 4, 1);
+        }
+        for (; i < rows; i++) {
+            size_t k = 0;
+            for (; k + 2 <= r; k += 2)
+                FN(dot_block_narrow)(out + i * r + k, r, X + i * K, V + k * K, K, 1, 2);
+            for (; k < r; k++)
+                FN(dot_block_narrow)(out + i * r + k, r, X + i * K, V + k * K, K, 1, 1);
+        }
+        return;
+    }
     for (; i + 4 <= rows; i += 4) {
         size_t k = 0;
         for (; k + 4 <= r; k += 4) FN(dot_block)(out + i * r + k, r, X + i * K, V + k * K, K, 4, 4);
