@@ -121,15 +121,13 @@ def decode_rate(gen) -> tuple[float, object]:
     return (long - short) / (min(times) - t_short), tokens
 
 
-def llamacpp_child(task: str, threads: int) -> dict:
-    """llama.cpp on the Q4_1 file: decode measured as decode_rate does; prefill as bench_llama."""
-    if task != "decode":
-        return BL.llamacpp_child([task], threads)
+def _llamacpp_greedy(path: str, threads: int):
+    """llama.cpp on `path` and gen(n): the first n greedy tokens after the chat prompt."""
     import llama_cpp
 
     from lora.models.gguf import smollm2_path
 
-    llm = llama_cpp.Llama(model_path=smollm2_path(), n_ctx=1024, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     chat, _, _ = BL._inputs(smollm2_path())
 
@@ -141,6 +139,18 @@ def llamacpp_child(task: str, threads: int) -> dict:
                 break
         return got
 
+    return llm, gen
+
+
+def llamacpp_child(task: str, threads: int) -> dict:
+    """llama.cpp on the Q4_1 file: decode measured as decode_rate does; prefill as bench_llama."""
+    if task != "decode":
+        return BL.llamacpp_child([task], threads)
+    import llama_cpp
+
+    from lora.models.gguf import smollm2_path
+
+    _, gen = _llamacpp_greedy(smollm2_path(), threads)
     rate, tokens = decode_rate(gen)
     return {"side": "llama.cpp", "blas": "llama.cpp " + llama_cpp.__version__ + " Q4_1",
             "decode_tok_s": rate, "tokens": [int(t) for t in tokens]}
@@ -185,9 +195,7 @@ def kernels(out: dict) -> dict:
 
 def export_child(threads: int) -> dict:
     """The float32 model exported as Q4_0 GGUF by lora, then decoded by llama.cpp."""
-    import llama_cpp
 
-    from lora.models.gguf import smollm2_path
     from lora.models.gguf_export import export_gguf
 
     path = os.path.join(tempfile.mkdtemp(), "smollm2-lora-export.Q4_0.gguf")
@@ -195,18 +203,7 @@ def export_child(threads: int) -> dict:
     stats = export_gguf(_model("f32"), path, "Q4_0")
     out = {"side": "export", "export_s": time.perf_counter() - t0,
            "export_mb": stats["bytes"] / 2**20}
-    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    chat, _, _ = BL._inputs(smollm2_path())
-
-    def gen(n):
-        got = []
-        for tok in llm.generate(chat[0].tolist(), temp=0.0, top_k=1, reset=True):
-            got.append(tok)
-            if len(got) == n:
-                break
-        return got
-
+    llm, gen = _llamacpp_greedy(path, threads)
     gen(2)
     t1 = min(BL._timed(lambda: gen(1)) for _ in range(2))
     t = min(BL._timed(lambda: gen(BL.DECODE + 1)) for _ in range(2))

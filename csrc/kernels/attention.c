@@ -53,17 +53,5 @@ size_t lora_attention_scratch_bytes(const LoraAttnDims *d, size_t elem, size_t p
     return attention_items_bytes(d) + parts * attention_part_bytes(d, elem);
 }
 
-/* small_gemm's blocks: 8 rows x 2 64-byte vectors with AVX-512, 6 rows x 2 32-byte vectors
- * without it (attention_impl.h, gemm_block_narrow). Read once. */
-static int attn_wide(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx512f");
-    return cached;
-#else
-    return 0;
-#endif
-}
-
 #define LORA_IMPL "attention_impl.h"
 #include "instantiate.h"

@@ -71,14 +71,7 @@ static inline __attribute__((always_inline)) void FN(gemm_block)(
  * registers (its 64-byte ones it lowers there with the accumulators and the broadcasts
  * through the stack, which ran small_gemm at 1-2 GFLOP/s): R rows (6 or 1) by two 32-byte
  * vectors, 12 accumulators and 2 of V in 16 registers. */
-typedef T FN(hvec) __attribute__((vector_size(32)));
 #define HVL (32 / sizeof(T))
-static inline FN(hvec) FN(hload)(const T *p) {
-    FN(hvec) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void FN(hstore)(T *p, FN(hvec) v) { memcpy(p, &v, sizeof v); }
 
 #define ATTN_HROW(ii)                                                                        \
     do {                                                                                     \
@@ -88,18 +81,18 @@ static inline void FN(hstore)(T *p, FN(hvec) v) { memcpy(p, &v, sizeof v); }
     } while (0)
 #define ATTN_HSTORE(ii)                                                                      \
     do {                                                                                     \
-        FN(hstore)(out + (ii) * ldo, alpha * h##ii##0);                                      \
-        FN(hstore)(out + (ii) * ldo + HVL, alpha * h##ii##1);                                \
+        FN(vstore32)(out + (ii) * ldo, alpha * h##ii##0);                                      \
+        FN(vstore32)(out + (ii) * ldo + HVL, alpha * h##ii##1);                                \
     } while (0)
 
 static inline __attribute__((always_inline)) void FN(gemm_block_narrow)(
     T *out, size_t ldo, const T *C, size_t cs_i, size_t cs_k, const T *V, size_t ldv, T alpha,
     size_t inner, int R) {
-    FN(hvec) h00 = {0}, h01 = {0}, h10 = {0}, h11 = {0}, h20 = {0}, h21 = {0}, h30 = {0},
+    FN(vec32) h00 = {0}, h01 = {0}, h10 = {0}, h11 = {0}, h20 = {0}, h21 = {0}, h30 = {0},
              h31 = {0}, h40 = {0}, h41 = {0}, h50 = {0}, h51 = {0};
     if (R == 6) {
         for (size_t k = 0; k < inner; k++) {
-            const FN(hvec) v0 = FN(hload)(V + k * ldv), v1 = FN(hload)(V + k * ldv + HVL);
+            const FN(vec32) v0 = FN(vload32)(V + k * ldv), v1 = FN(vload32)(V + k * ldv + HVL);
             const T *c = C + k * cs_k;
             ATTN_HROW(0); ATTN_HROW(1); ATTN_HROW(2); ATTN_HROW(3); ATTN_HROW(4); ATTN_HROW(5);
         }
@@ -107,7 +100,7 @@ static inline __attribute__((always_inline)) void FN(gemm_block_narrow)(
         ATTN_HSTORE(5);
     } else {
         for (size_t k = 0; k < inner; k++) {
-            const FN(hvec) v0 = FN(hload)(V + k * ldv), v1 = FN(hload)(V + k * ldv + HVL);
+            const FN(vec32) v0 = FN(vload32)(V + k * ldv), v1 = FN(vload32)(V + k * ldv + HVL);
             const T *c = C + k * cs_k;
             ATTN_HROW(0);
         }
@@ -151,7 +144,7 @@ static LORA_CLONES LORA_FMA void FN(small_gemm)(T *restrict W, size_t ldw, const
                                                 size_t ldv, T alpha, size_t rows, size_t cols,
                                                 size_t inner, T *restrict tail) {
     const size_t full = cols - cols % (2 * AVL), rest = cols - full;
-    const int wide = attn_wide();
+    const int wide = lora_wide_vectors();
     const size_t RB = wide ? 8 : 12; /* rows per call of gemm_rows: narrow blocks are 6 */
     for (size_t i0 = 0; i0 < rows; i0 += RB) {
         const size_t R = rows - i0 < RB ? rows - i0 : RB;
@@ -359,3 +352,4 @@ void FN(attention_backward)(T *dq, T *dk, T *dv, void *scratch, const T *dctx, c
 }
 
 #undef AVL
+#undef HVL

@@ -42,6 +42,12 @@
  * LORA_MAX_THREADS, at least one (threads.c). */
 size_t lora_threads(size_t work);
 
+/* Whether the CPU has AVX-512 (read once, threads.c). The register-blocked loops written with
+ * the 64-byte vectors below keep their tiles in AVX-512's 32 registers; GCC lowers them for
+ * AVX2 with the tiles on the stack, so without AVX-512 they take tiles of 32-byte vectors
+ * instead (attention's small_gemm, lora's rank_update and row_dots). */
+int lora_wide_vectors(void);
+
 /* SplitMix64's finaliser (Steele, Lea, Flood 2014): a bijective mix with full avalanche,
  * so consecutive element indices give independent-looking bits. */
 static inline uint64_t mix64(uint64_t z) {
@@ -89,6 +95,19 @@ static inline __attribute__((always_inline)) float exp_f32(float x) {
 LORA_VEC(float, f32)
 LORA_VEC(double, f64)
 #undef LORA_VEC
+
+/* A 32-byte vector of T and its loads and stores, for the tiles of CPUs without AVX-512. */
+#define LORA_VEC32(T, SUF)                                                                    \
+    typedef T vec32_##SUF __attribute__((vector_size(32)));                                   \
+    static inline vec32_##SUF vload32_##SUF(const T *p) {                                    \
+        vec32_##SUF v;                                                                        \
+        memcpy(&v, p, sizeof v);                                                              \
+        return v;                                                                             \
+    }                                                                                         \
+    static inline void vstore32_##SUF(T *p, vec32_##SUF v) { memcpy(p, &v, sizeof v); }
+LORA_VEC32(float, f32)
+LORA_VEC32(double, f64)
+#undef LORA_VEC32
 
 /* Prototypes that cross files, for both types:
  *   dropout_rows (elementwise.c): out (rows, d_in) = dropout(x rows row0 .. row0+rows-1),

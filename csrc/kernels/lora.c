@@ -76,17 +76,5 @@ static inline __attribute__((always_inline)) lora_v16 hsum16(const lora_v16 a[16
 }
 #endif
 
-/* rank_update's tile (lora_impl.h): 4 x 4 64-byte vectors with AVX-512, 4 x 2 32-byte ones
- * without it. Read once. */
-static int lora_wide_vectors(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx512f");
-    return cached;
-#else
-    return 0;
-#endif
-}
-
 #define LORA_IMPL "lora_impl.h"
 #include "instantiate.h"

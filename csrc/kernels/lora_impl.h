@@ -63,37 +63,30 @@ static T FN(fill_init)(T *y, const T *bias, const T *res, size_t n, size_t d_out
  * accumulators on the stack and ran the LoRA forward at about 2x the base GEMM's time at
  * r = 16 instead of the few percent of the AVX-512 figures). rank_update runs it four times
  * over a tile's columns. */
-typedef T FN(rvec) __attribute__((vector_size(32)));
 #define RVL (32 / sizeof(T))
-static inline FN(rvec) FN(rload)(const T *p) {
-    FN(rvec) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void FN(rstore)(T *p, FN(rvec) v) { memcpy(p, &v, sizeof v); }
 
 static inline __attribute__((always_inline)) void FN(rank_tile_narrow)(
     T *w0, T *w1, T *w2, T *w3, const T *V, size_t cols, T (*c)[LORA_GEMM_RANK], size_t r,
     int overwrite, const T *init) {
-    FN(rvec) a00, a01, a10, a11, a20, a21, a30, a31;
+    FN(vec32) a00, a01, a10, a11, a20, a21, a30, a31;
     if (overwrite) {
-        const FN(rvec) zero = {0};
-        const FN(rvec) b0 = init ? FN(rload)(init) : zero, b1 = init ? FN(rload)(init + RVL) : zero;
+        const FN(vec32) zero = {0};
+        const FN(vec32) b0 = init ? FN(vload32)(init) : zero, b1 = init ? FN(vload32)(init + RVL) : zero;
         a00 = a10 = a20 = a30 = b0, a01 = a11 = a21 = a31 = b1;
     } else {
-        a00 = FN(rload)(w0), a01 = FN(rload)(w0 + RVL), a10 = FN(rload)(w1);
-        a11 = FN(rload)(w1 + RVL), a20 = FN(rload)(w2), a21 = FN(rload)(w2 + RVL);
-        a30 = FN(rload)(w3), a31 = FN(rload)(w3 + RVL);
+        a00 = FN(vload32)(w0), a01 = FN(vload32)(w0 + RVL), a10 = FN(vload32)(w1);
+        a11 = FN(vload32)(w1 + RVL), a20 = FN(vload32)(w2), a21 = FN(vload32)(w2 + RVL);
+        a30 = FN(vload32)(w3), a31 = FN(vload32)(w3 + RVL);
     }
     for (size_t k = 0; k < r; k++) {
-        const FN(rvec) v0 = FN(rload)(V + k * cols), v1 = FN(rload)(V + k * cols + RVL);
+        const FN(vec32) v0 = FN(vload32)(V + k * cols), v1 = FN(vload32)(V + k * cols + RVL);
         const T c0 = c[0][k], c1 = c[1][k], c2 = c[2][k], c3 = c[3][k];
         a00 += c0 * v0, a01 += c0 * v1, a10 += c1 * v0, a11 += c1 * v1;
         a20 += c2 * v0, a21 += c2 * v1, a30 += c3 * v0, a31 += c3 * v1;
     }
-    FN(rstore)(w0, a00), FN(rstore)(w0 + RVL, a01), FN(rstore)(w1, a10);
-    FN(rstore)(w1 + RVL, a11), FN(rstore)(w2, a20), FN(rstore)(w2 + RVL, a21);
-    FN(rstore)(w3, a30), FN(rstore)(w3 + RVL, a31);
+    FN(vstore32)(w0, a00), FN(vstore32)(w0 + RVL, a01), FN(vstore32)(w1, a10);
+    FN(vstore32)(w1 + RVL, a11), FN(vstore32)(w2, a20), FN(vstore32)(w2 + RVL, a21);
+    FN(vstore32)(w3, a30), FN(vstore32)(w3 + RVL, a31);
 }
 
 static LORA_CLONES LORA_FMA void FN(rank_update)(T *restrict W, const T *restrict C, size_t cs_i,
@@ -240,12 +233,12 @@ static inline __attribute__((always_inline)) void FN(dot_block)(T *out, size_t l
  * above spilled there). */
 static inline __attribute__((always_inline)) void FN(dot_block_narrow)(
     T *out, size_t ldo, const T *X, const T *V, size_t K, int R, int KB) {
-    FN(rvec) acc[4][2] = {{{0}}};
+    FN(vec32) acc[4][2] = {{{0}}};
     const size_t full = K - K % RVL;
     for (size_t j = 0; j < full; j += RVL) {
-        FN(rvec) xv[4], vv[2];
-        for (int ii = 0; ii < R; ii++) xv[ii] = FN(rload)(X + ii * K + j);
-        for (int kk = 0; kk < KB; kk++) vv[kk] = FN(rload)(V + kk * K + j);
+        FN(vec32) xv[4], vv[2];
+        for (int ii = 0; ii < R; ii++) xv[ii] = FN(vload32)(X + ii * K + j);
+        for (int kk = 0; kk < KB; kk++) vv[kk] = FN(vload32)(V + kk * K + j);
         for (int ii = 0; ii < R; ii++)
             for (int kk = 0; kk < KB; kk++) acc[ii][kk] += xv[ii] * vv[kk];
     }
@@ -291,6 +284,7 @@ static LORA_CLONES LORA_FMA void FN(row_dots)(T *restrict out, const T *restrict
     }
 }
 #undef VL
+#undef RVL
 #undef TILE_COLS
 
 /* dst (r, d) = src (d, r) transposed: B^T made contiguous for the row kernels. In blocks of

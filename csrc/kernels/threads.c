@@ -218,6 +218,17 @@ static void run_chunk(void *arg, int i) {
 }
 
 /* See internal.h. */
+int lora_wide_vectors(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static int cached = -1;
+    if (cached < 0) cached = __builtin_cpu_supports("avx512f");
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+/* See internal.h. */
 size_t lora_threads(size_t work) {
     size_t threads = (size_t)CBLAS_FUNC(openblas_get_num_threads)();
     if (threads > work) threads = work;
