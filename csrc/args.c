@@ -102,6 +102,44 @@ int arg_inplace(Call *c, PyArrayObject **slot, const char *name, PyObject *obj) 
     return get_array(c, slot, name, obj, 1);
 }
 
+static int as_carray(PyArrayObject **a);
+
+int arg_array_list(Call *c, const char *name, PyObject *obj, int ndim, PyArrayObject ***items,
+                   Py_ssize_t *len) {
+    const int slot = c->list[0] ? 1 : 0;
+    if (c->list[slot]) {
+        PyErr_Format(PyExc_SystemError, PREFIX "%s: more than two list arguments", c->func);
+        return -1;
+    }
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+        PyErr_Format(PyExc_TypeError,
+                     PREFIX "%s: argument '%s' must be a list or tuple of numpy.ndarray, got %s",
+                     c->func, name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyArrayObject **arr = PyMem_Calloc(n ? (size_t)n : 1, sizeof *arr);
+    if (!arr) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    c->list[slot] = arr, c->list_n[slot] = n;
+    PyObject **seq = PySequence_Fast_ITEMS(obj);
+    char item[96];
+    for (Py_ssize_t k = 0; k < n; k++) {
+        snprintf(item, sizeof item, "%s[%zd]", name, k);
+        /* get_array holds its result in the Call; take it back into the list instead */
+        const int held = c->n;
+        PyArrayObject *a = NULL;
+        if (get_array(c, &a, item, seq[k], 0)) return -1;
+        c->n = held;
+        arr[k] = a;
+        if (check_ndim(c, item, a, ndim, 0) || as_carray(&arr[k])) return -1;
+    }
+    *items = arr, *len = n;
+    return 0;
+}
+
 /* Replaces a read-only input by an aligned, native-order, C-contiguous copy when it is not
  * one already. */
 static int as_carray(PyArrayObject **a) {
@@ -342,5 +380,9 @@ PyObject *call_end(Call *c, PyObject *result) {
     give_scratch(c->scratch[1]);
     for (int i = 0; i < c->n; i++) Py_CLEAR(*c->held[i]);
     Py_XDECREF(c->obj);
+    for (int l = 0; l < 2; l++) {
+        for (Py_ssize_t k = 0; c->list[l] && k < c->list_n[l]; k++) Py_XDECREF(c->list[l][k]);
+        PyMem_Free(c->list[l]);
+    }
     return result;
 }

@@ -27,9 +27,12 @@ typedef struct {
     unsigned char input[CALL_MAX_ARRAYS];  /* read-only inputs, which call_carrays may copy */
     PyObject *obj;        /* one more reference released by call_end (a PackedWeight) */
     void *scratch[2];     /* scratch given back by call_end */
+    PyArrayObject **list[2]; /* the arrays of list arguments (arg_array_list) */
+    Py_ssize_t list_n[2];
 } Call;
 
-#define CALL_INIT(func, type_ref) {(func), (type_ref), -1, 0, {NULL}, {0}, NULL, {NULL, NULL}}
+#define CALL_INIT(func, type_ref)                                                            \
+    {(func), (type_ref), -1, 0, {NULL}, {0}, NULL, {NULL, NULL}, {NULL, NULL}, {0, 0}}
 
 /* "float32" or "float64". */
 const char *type_name(int type);
@@ -44,6 +47,11 @@ int arg_optional(Call *c, PyArrayObject **slot, const char *name, PyObject *obj)
 /* An array updated in place: also writeable, aligned, native-order and C-contiguous; never
  * copied, since a copy would lose the update. */
 int arg_inplace(Call *c, PyArrayObject **slot, const char *name, PyObject *obj);
+/* A list or tuple of `ndim`-D arrays of the call's dtype (the messages name item k as
+ * name[k]), each made C-contiguous (copied when it is not); *items is held by the Call, at
+ * most two lists a call. */
+int arg_array_list(Call *c, const char *name, PyObject *obj, int ndim, PyArrayObject ***items,
+                   Py_ssize_t *len);
 /* Has the Call hold *slot, a new reference (or NULL); `input`: call_carrays may copy it. */
 int call_hold(Call *c, PyArrayObject **slot, int input);
 

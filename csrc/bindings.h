@@ -21,6 +21,8 @@ LORA_KW_BINDING(linear_forward);
 LORA_KW_BINDING(linear_backward);
 LORA_KW_BINDING(dense_forward);
 LORA_KW_BINDING(dense_backward);
+/* bind_multi.c */
+LORA_KW_BINDING(mixed_forward);
 /* bind_merge.c */
 LORA_KW_BINDING(merge);
 LORA_KW_BINDING(unmerge);

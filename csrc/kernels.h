@@ -34,6 +34,14 @@
  * runs at every n. */
 #define LORA_BWD_ROW_PASS_MIN 256
 
+/* Batches mixing adapters (lora_mixed_forward, kernels/multi_impl.h): the scratch of one part
+ * (a thread), the size_t's of the sort of the rows by adapter, and the parts m rows with an
+ * adapter split into. Ranks from LORA_GEMM_RANK go through GEMMs on tiles of this many rows. */
+#define LORA_MIXED_GEMM_TILE 64
+size_t lora_mixed_part_elems(size_t d_in, size_t d_out, size_t r_max);
+size_t lora_mixed_index_elems(size_t n, size_t n_adapters);
+size_t lora_mixed_parts(size_t m, size_t d_in, size_t d_out, size_t r_max);
+
 /* Packed weights (csrc/kernels/panel_gemm.c): a panel is LORA_PANEL_BYTES wide
  * (32 float32 or 16 float64 columns). The GEMM that reads panels copies its left operand X
  * (n, K) whole when that takes at most LORA_PANEL_WHOLE_BYTES (small batches: each thread then
@@ -162,6 +170,12 @@ size_t lora_lm_loss_scratch_bytes(size_t chunk, size_t V, size_t elem);
     void dense_backward_##SUF(T *dx, T *dW, const T *dy, const T *x, const T *W, size_t n,    \
                               size_t d_in, size_t d_out, int wt, int acc,                     \
                               const LoraPacked *pk);                                          \
+    void lora_mixed_forward_##SUF(T *y, T *scratch, size_t *index, const T *x, const T *W,    \
+                                  const T *bias, const T *res, const void *const *A,          \
+                                  const void *const *B, const double *scale,                  \
+                                  const size_t *rank, const int64_t *ids, size_t n,           \
+                                  size_t d_in, size_t d_out, size_t n_adapters, size_t r_max, \
+                                  size_t parts, int wt, const LoraPacked *pk);                \
     /* P = panels of M (K, N), or of M^T when trans (M stored (N, K)): ceil(N / panel width)  \
      * panels of K x width elements, zero past N. */                                         \
     void pack_panels_##SUF(T *P, const T *M, size_t K, size_t N, int trans);                 \

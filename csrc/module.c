@@ -1,6 +1,7 @@
 /* module.c: the module lora._C: its method table and its initialisation, nothing else.
  *
- * The functions live by family in bind_linear.c (linear and dense layers), bind_merge.c
+ * The functions live by family in bind_linear.c (linear and dense layers), bind_multi.c
+ * (mixed_forward: a batch whose rows use different adapters), bind_merge.c
  * (merge, unmerge), bind_optim.c (adam_step), bind_nn.c (GELU, LayerNorm, attention), bind_llama.c
  * (RMSNorm, RoPE, SwiGLU, causal GQA attention), bind_quant.c (quantize, dequantize, the
  * QuantWeight type) and bind_blas.c (set_num_threads, blas_info); the PackedWeight type in
@@ -26,6 +27,7 @@ static PyMethodDef methods[] = {
     KW_METHOD(unmerge),
     KW_METHOD(dense_forward),
     KW_METHOD(dense_backward),
+    KW_METHOD(mixed_forward),
     KW_METHOD(adam_step),
     KW_METHOD(layer_norm_forward),
     KW_METHOD(layer_norm_backward),

@@ -43,6 +43,18 @@ def linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None)
     return y.reshape(*lead, weight.shape[0]), xa.reshape(*lead, A.shape[0])
 
 
+def mixed_forward(x, weight, A, B, scales, adapter_ids, bias=None):
+    """Row by row: y_i = x_i W^T + bias + scales[a] (x_i A[a]^T) B[a]^T, a = adapter_ids[i]
+    (none for -1)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    ids = np.asarray(adapter_ids).reshape(-1)
+    y = x2 @ weight.T + (0 if bias is None else bias)
+    for i, a in enumerate(ids):
+        if a >= 0:
+            y[i] += scales[a] * ((x2[i] @ A[a].T) @ B[a].T)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear_backward(dy, x, xa, weight, A, B, scale, *, need_dx=True, dropout=0.0, seed=None):
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])

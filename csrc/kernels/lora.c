@@ -2,7 +2,8 @@
  *
  * Holds the scratch sizes of the LoRA forward and backward, the lane-sum tree of row_dots
  * and, from lora_impl.h, the kernels themselves (lora_forward/backward, lora_merge and its
- * naive spec, dense_forward/backward) with the row kernels they are built from. It
+ * naive spec, dense_forward/backward, lora_mixed_forward from multi_impl.h) with the row
+ * kernels they are built from. It
  * deliberately holds neither the packed GEMM (panel_gemm.c) nor the dropout mask
  * (elementwise.c), only calls them.
  */
@@ -34,6 +35,21 @@ size_t lora_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t r, int has
            parts * lora_part_elems(d_in, d_out, r, has_dropout) + 16;
 }
 
+/* Batches mixing adapters (multi_impl.h): a part's B^T, and a tile's rows of x, xa and
+ * the update; the sort's counts, order and cursors; parts of at least ~256k FMAs, one part
+ * when a rank takes the GEMM path (whose GEMMs thread themselves). */
+size_t lora_mixed_part_elems(size_t d_in, size_t d_out, size_t r_max) {
+    const size_t tile = r_max < LORA_GEMM_RANK ? LORA_BWD_TILE : LORA_MIXED_GEMM_TILE;
+    return (r_max * d_out + tile * (d_in + r_max + d_out) + 15) / 16 * 16;
+}
+
+size_t lora_mixed_index_elems(size_t n, size_t n_adapters) { return n + 2 * n_adapters + 1; }
+
+size_t lora_mixed_parts(size_t m, size_t d_in, size_t d_out, size_t r_max) {
+    if (r_max >= LORA_GEMM_RANK) return 1;
+    const size_t parts = lora_threads(m * (d_in + d_out) * r_max / (1 << 18));
+    return parts < m ? parts : (m ? m : 1);
+}
 
 /* The 16 lane sums of 16 vectors of 16 floats, as one vector: lane l = the sum of a[l]. Four
  * rounds of shuffle-and-add, each halving the lanes per sum (the inputs are taken in

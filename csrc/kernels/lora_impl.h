@@ -4,7 +4,8 @@
  * anywhere else.
  *
  * Holds the LoRA layer (forward, backward, merge and its naive spec), the dense layer, and
- * the row kernels they are built from (the bias fill, rank_update, row_dots, transpose).
+ * the row kernels they are built from (the bias fill, rank_update, row_dots, transpose), and,
+ * through multi_impl.h, the forward of batches mixing adapters.
  * Row-major throughout; see kernels.h for shapes.
  */
 
@@ -697,6 +698,9 @@ void FN(dense_backward)(T *dx, T *dW, const T *dy, const T *x, const T *W, size_
         GEMM(ROW, TR, NT, (int)d_in, (int)d_out, (int)n, 1, x, (int)d_in, dy, (int)d_out, 0, dW,
              (int)d_out);
 }
+
+/* Batches whose rows use different adapters, built on the row kernels above. */
+#include "multi_impl.h"
 
 #undef ROW
 #undef NT
