@@ -19,7 +19,7 @@ import numpy as np
 
 from ..nn import Embedding, Module, Parameter
 from ..tuners.config import LoraConfig
-from ..tuners.lora import LoRAEmbedding
+from ..tuners.lora import LoRAEmbedding, check_adapter_name
 from ..tuners.wrap import (
     ModulesToSaveWrapper,
     _modules_to_save_paths,
@@ -63,20 +63,25 @@ def _saved_paths(model: Module) -> list[str]:
     return [p for p, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
-def adapter_state_dict(model: Module) -> dict[str, np.ndarray]:
-    """The tensors save_adapter writes, under PEFT's keys: for every LoRA layer
-    `base_model.model.<path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), or
-    `.lora_embedding_A` (r, num) and `.lora_embedding_B` (dim, r); the trained copies of
-    modules_to_save as `base_model.model.<path>.weight`/`.bias`; biases per config.bias."""
-    config = _config_of(model)
+def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[str, np.ndarray]:
+    """The tensors save_adapter writes for one adapter (default: the first active one), under
+    PEFT's keys: for every LoRA layer it covers `base_model.model.<path>.lora_A.weight`
+    (r, in) and `.lora_B.weight` (out, r), or `.lora_embedding_A` (r, num) and
+    `.lora_embedding_B` (dim, r); the trained copies of modules_to_save as
+    `base_model.model.<path>.weight`/`.bias`; biases per config.bias (the first adapter's)."""
+    name, config = _config_of(model, adapter_name)
     layers = lora_layers(model)
     tensors = {}
     for path, layer in layers:
+        if name not in layer.adapters:
+            continue
         keys = (
             fmt.embedding_keys(path) if isinstance(layer, LoRAEmbedding) else fmt.linear_keys(path)
         )
-        for key, p in zip(keys, layer._pair(), strict=True):
+        for key, p in zip(keys, layer._pair(name), strict=True):
             tensors[key] = p.data
+    if config.bias == "none" and not config.modules_to_save:
+        return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     saved_paths = _saved_paths(model)
     for name, p in _extra_params(model, {p for p, _ in layers}, saved_paths).items():
         in_saved = any(name.startswith(s + ".") for s in saved_paths)
@@ -89,11 +94,17 @@ def adapter_state_dict(model: Module) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
-def _config_of(model: Module) -> LoraConfig:
-    config = model.__dict__.get("lora_config")
-    if not isinstance(config, LoraConfig) or not lora_layers(model):
+def _config_of(model: Module, adapter_name: str | None = None) -> tuple[str, LoraConfig]:
+    """(name, config) of `adapter_name`, or of the first active adapter."""
+    known = model.__dict__.get("lora_configs")
+    if not known or not lora_layers(model):
         raise ValueError("the model has no LoRA adapter (wrap it with lora.wrap first)")
-    return config
+    if adapter_name is None:
+        active = model.__dict__.get("lora_active") or list(known)
+        adapter_name = active[0]
+    if adapter_name not in known:
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(known)}")
+    return adapter_name, known[adapter_name]
 
 
 def _write_all(f, data: bytes) -> None:
@@ -123,19 +134,33 @@ def _carry_over(old: str, new: str) -> None:
                 shutil.copy2(src, dst)
 
 
-def save_adapter(model: Module, directory: str | os.PathLike) -> None:
-    """Write the model's adapter to `directory` (created if needed) as PEFT does:
-    adapter_config.json (sorted keys, 2-space indent, inference_mode true) and
-    adapter_model.safetensors (metadata {"format": "pt"}).
+def save_adapter(model: Module, directory: str | os.PathLike,
+                 selected_adapters: list[str] | None = None) -> None:
+    """Write the model's adapters to `directory` (created if needed) as PEFT's
+    save_pretrained does: adapter_config.json (sorted keys, 2-space indent, inference_mode
+    true) and adapter_model.safetensors (metadata {"format": "pt"}) of the adapter named
+    "default" in `directory` itself, and of each other adapter in `directory/<name>`.
+    selected_adapters (default: all of them) picks which.
 
     The directory changes as one: both files are written and fsynced in a new directory
     beside it (with the directory's other files linked in), which then replaces it in one
     atomic rename (lora/io/atomic.py). A save that fails or is killed at any moment leaves
     either the previous adapter or the new one, never the weights of one save next to the
-    config of another; the next save removes what a killed one left behind.
+    config of another; the next save removes what a killed one left behind. With several
+    adapters each directory changes as one, the subdirectories first.
     """
-    config = _config_of(model)
-    tensors = adapter_state_dict(model)
+    known = model.__dict__.get("lora_configs") or {}
+    names = list(known) if selected_adapters is None else list(selected_adapters)
+    for name in names or [None]:
+        _config_of(model, name)  # every name checked before anything is written
+    target = os.fspath(directory)
+    for name in sorted(names, key=lambda n: n == "default"):  # the root last: it carries
+        _save_one(model, name, target if name == "default" else os.path.join(target, name))
+
+
+def _save_one(model: Module, name: str, directory: str) -> None:
+    _, config = _config_of(model, name)
+    tensors = adapter_state_dict(model, name)
     config_dict = dataclasses.replace(config, inference_mode=True).to_dict()
     config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()
     weights_bytes = safetensors.serialize(tensors, metadata={"format": "pt"})
@@ -162,21 +187,30 @@ def save_adapter(model: Module, directory: str | os.PathLike) -> None:
         raise
 
 
-def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | None = None) -> Module:
-    """Load the adapter in `directory` (written by PEFT or save_adapter) and return the model.
+def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: str = "default",
+                 seed: int | None = None, is_trainable: bool | None = None) -> Module:
+    """Load the adapter in `directory` (written by PEFT or save_adapter) as `adapter_name`
+    and return the model.
 
-    A plain model is wrapped from the file's config (seed seeds the layers' dropout); a
-    wrapped one must have exactly the file's LoRA layers. Every LoRA pair must have the
-    shapes of its layer and the rank the config gives it; modules_to_save and bias tensors
-    must name parameters of matching shape. The first mismatch raises AdapterFormatError
-    naming it, before anything is changed. Unknown config keys are ignored with a warning.
-    Values are cast to the model's dtype; the layers' scaling comes from the file's config.
-    Base weights are never changed: a "pissa"/"olora" adapter applies to the residual base
-    it was trained with, so its initialisation is not re-run.
+    A plain model is wrapped from the file's config (seed seeds the layers' dropout), the
+    adapter becoming its first, active and trainable. On a wrapped model, an adapter of that
+    name already there must have exactly the file's LoRA layers and takes its values; a new
+    name is added beside the others (lora.add_adapter), inactive and frozen as PEFT's
+    load_adapter leaves it (is_trainable=True makes it trainable; set_adapter activates it).
+    Every LoRA pair must have the shapes of its layer and the rank the config gives it;
+    modules_to_save and bias tensors must name parameters of matching shape. The first
+    mismatch raises AdapterFormatError naming it, before anything is changed. Unknown config
+    keys are ignored with a warning. Values are cast to the model's dtype; the layers'
+    scaling comes from the file's config. Base weights are never changed: a "pissa"/"olora"
+    adapter applies to the residual base it was trained with, so its initialisation is not
+    re-run.
     """
+    from ..tuners import adapters as named
+
     directory = os.fspath(directory)
     where = os.path.join(directory, fmt.CONFIG_NAME)
     try:
+        check_adapter_name(adapter_name, "load_adapter")
         config = LoraConfig.from_dict(fmt.read_config(directory), where=where)
     except AdapterFormatError:
         raise
@@ -185,13 +219,20 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | Non
     pairs, others = fmt.split_lora_tensors(fmt.read_tensors(directory))
 
     wrapped = bool(lora_layers(model))
-    if wrapped:
+    known = model.__dict__.get("lora_configs") or {}
+    existing = wrapped and adapter_name in known
+    if wrapped and not existing and (config.modules_to_save or config.bias != "none"):
+        raise AdapterFormatError(f"load_adapter: {where} has modules_to_save or trained biases, "
+                                 "which belong to a model's first adapter; load it into the "
+                                 "plain model")
+    if existing:
         merged = [p for p, layer in lora_layers(model) if layer.merged]
         if merged:
             raise AdapterFormatError(f"load_adapter: layer {merged[0]!r} is merged; unmerge first")
         expected = {
-            path: (_kind(layer), layer._pair()[0].shape, layer._pair()[1].shape)
-            for path, layer in lora_layers(model)
+            path: (_kind(layer), layer._pair(adapter_name)[0].shape,
+                   layer._pair(adapter_name)[1].shape)
+            for path, layer in lora_layers(model) if adapter_name in layer.adapters
         }
     else:
         if config.target_modules is None:
@@ -222,54 +263,70 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, seed: int | Non
                 f"{extra[name].shape}"
             )
     # -- everything checked; from here on only assignment, undone if anything still fails --
-    if wrapped:
-        undo = _snapshot(model, pairs, extra)
+    if existing:
+        undo = _snapshot(model, pairs, extra, adapter_name)
+    init = dataclasses.replace(config, init_lora_weights=True)
     try:
         if not wrapped:
-            wrap(model, dataclasses.replace(config, init_lora_weights=True), seed=seed)
+            wrap(model, init, seed=seed, adapter_name=adapter_name)
             extra = _extra_params(model, set(expected), _saved_paths(model))
-        _assign(model, config, pairs, others, extra)
+        elif not existing:
+            named.add_adapter(model, adapter_name, init, seed=seed)
+        _assign(model, config, pairs, others, extra, adapter_name)
+        if wrapped and not existing and is_trainable:
+            for _, layer in lora_layers(model):
+                if adapter_name in layer.adapters:
+                    ad = layer.adapter(adapter_name)
+                    ad.A.requires_grad = ad.B.requires_grad = True
     except BaseException:
-        if wrapped:
+        if existing:
             undo()
+        elif wrapped:
+            if adapter_name in (model.__dict__.get("lora_configs") or {}):
+                named.delete_adapter(model, adapter_name)
         else:
             unload(model)
         raise
     return model
 
 
-def _assign(model: Module, config: LoraConfig, pairs: dict, others: dict, extra: dict) -> None:
+def _assign(model: Module, config: LoraConfig, pairs: dict, others: dict, extra: dict,
+            adapter_name: str) -> None:
     layers = dict(lora_layers(model))
     for path, t in pairs.items():
-        layer = layers[path]
-        A, B = layer._pair()
-        A.data[...] = t.A
-        B.data[...] = t.B
-        layer.lora_alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
-        layer.scaling = config.scaling_for(path, t.r)
+        ad = layers[path].adapter(adapter_name)
+        ad.A.data[...] = t.A
+        ad.B.data[...] = t.B
+        ad.lora_alpha, ad.use_rslora = config.alpha_for(path), config.use_rslora
+        ad.scaling = config.scaling_for(path, t.r)
     for key, value in others.items():
         name = _extra_name(key)
         if name is not None:
             extra[name].data[...] = value
-    model.lora_config = config
+    known = dict(model.__dict__.get("lora_configs") or {})
+    known[adapter_name] = config
+    model.lora_configs = known
+    active = model.__dict__.get("lora_active") or [adapter_name]
+    model.lora_config = known[active[0]]
 
 
-def _snapshot(model: Module, pairs: dict, extra: dict):
-    """A function that puts back what _assign changes on a wrapped model: the LoRA pairs, the
-    layers' alpha and scaling, the extra parameters and the model's config."""
+def _snapshot(model: Module, pairs: dict, extra: dict, adapter_name: str):
+    """A function that puts back what _assign changes on a wrapped model: the adapter's
+    pairs, alpha and scaling, the extra parameters and the model's configs."""
     layers = dict(lora_layers(model))
-    arrays = [(p, p.data.copy()) for path in pairs for p in layers[path]._pair()]
+    ads = [layers[path].adapter(adapter_name) for path in pairs]
+    arrays = [(p, p.data.copy()) for ad in ads for p in (ad.A, ad.B)]
     arrays += [(p, p.data.copy()) for p in extra.values()]
-    attrs = [(layers[path], layers[path].lora_alpha, layers[path].use_rslora,
-              layers[path].scaling) for path in pairs]
+    attrs = [(ad, ad.lora_alpha, ad.use_rslora, ad.scaling) for ad in ads]
+    configs = dict(model.__dict__.get("lora_configs") or {})
     config = model.__dict__.get("lora_config")
 
     def undo() -> None:
         for p, data in arrays:
             p.data[...] = data
-        for layer, alpha, rslora, scaling in attrs:
-            layer.lora_alpha, layer.use_rslora, layer.scaling = alpha, rslora, scaling
-        model.lora_config = config
+        for ad, alpha, rslora, scaling in attrs:
+            ad.lora_alpha, ad.use_rslora, ad.scaling = alpha, rslora, scaling
+        model.lora_configs, model.lora_config = configs, config
 
     return undo
 
@@ -279,7 +336,7 @@ def _kind(layer: Module) -> str:
 
 
 def _expected_shapes(base: Module, r: int) -> tuple[str, tuple, tuple]:
-    if isinstance(base, Embedding):
+    if isinstance(base, (Embedding, LoRAEmbedding)):
         return "embedding", (r, base.num_embeddings), (base.embedding_dim, r)
     return "linear", (r, base.in_features), (base.out_features, r)
 

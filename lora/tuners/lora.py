@@ -12,6 +12,7 @@ lora/tuners/wrap.py's job.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,20 +25,157 @@ from .config import MAX_ALPHA, check_positive_int, check_real, scaling_factor
 __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
 
 
-class _LoRABase(Module):
-    """What LoRALinear and LoRAEmbedding share: the base layer, scaling, merged/disabled."""
+ADAPTER_NAME = "default"  # the name of a model's first adapter, as PEFT's
+BASE_ROWS = "__base__"  # in lora.adapter_names: a row that runs the base layer alone
 
-    def _setup(self, base: Module, r: int, lora_alpha: float, use_rslora: bool, rng) -> None:
-        check_positive_int(r, "r", type(self).__name__)
-        check_real(lora_alpha, "lora_alpha", type(self).__name__, MAX_ALPHA)
+
+@dataclasses.dataclass(eq=False)
+class Adapter:
+    """One named adapter of one LoRA layer: its pair of matrices and how they are scaled."""
+
+    A: Parameter
+    B: Parameter
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    scaling: float
+    lora_dropout: float = 0.0
+
+
+def check_adapter_name(name, where: str) -> None:
+    """ValueError unless `name` can name an adapter: a non-empty string without dots or
+    slashes (it becomes a parameter name's last part and a subdirectory of a save), and not
+    BASE_ROWS."""
+    if not isinstance(name, str) or not name or set(name) & set("./\\\0") or name == BASE_ROWS:
+        raise ValueError(f"{where}: an adapter name must be a non-empty string without '.', "
+                         f"'/' or '\\\\', and not {BASE_ROWS!r}; got {name!r}")
+
+
+def check_adapter_args(where: str, name, r, lora_alpha, lora_dropout) -> None:
+    """ValueError naming the argument unless the name, r, lora_alpha and lora_dropout can
+    make an adapter."""
+    check_adapter_name(name, where)
+    check_positive_int(r, "r", where)
+    check_real(lora_alpha, "lora_alpha", where, MAX_ALPHA)
+    check_real(lora_dropout, "lora_dropout", where)
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{where}: lora_dropout must be in [0, 1), got {lora_dropout}")
+
+
+def _pair_property(i: int, what: str) -> property:
+    return property(lambda self: self._pair()[i],
+                    doc=f"The {what} Parameter of the active adapter (the first of several).")
+
+
+def _adapter_property(field: str) -> property:
+    def get(self):
+        return getattr(self._current(), field)
+
+    def set_(self, value):
+        setattr(self._current(), field, value)
+
+    return property(get, set_, doc=f"{field} of the active adapter (the first of several).")
+
+
+class _LoRABase(Module):
+    """What LoRALinear and LoRAEmbedding share: the base layer, the named adapters (each a
+    pair of Parameters with its rank and scaling), which are active and which merged, the
+    disabled flag and a mixed batch's per-row adapters.
+
+    The first adapter's Parameters keep the single-adapter names (lora_A, lora_B) when it is
+    named "default"; any other adapter's are registered as lora_A.<name> and lora_B.<name>,
+    PEFT's path for them. `lora_A`, `r`, `scaling`, ... read the active adapter (the first
+    of several active ones)."""
+
+    _PAIR = ("lora_A", "lora_B")
+
+    def _setup(self, base: Module, rng) -> None:
         object.__setattr__(self, "_base", base)  # not a child: its Parameters are ours
+        object.__setattr__(self, "_adapters", {})
+        object.__setattr__(self, "_rows", None)  # set by lora.adapter_names
         self.weight = base.weight
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.scaling = scaling_factor(lora_alpha, r, use_rslora)
-        self.merged = False
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
         self.disabled = False  # set by lora.disable_adapters: run the base layer only
         self.rng = rng if rng is not None else np.random.default_rng()
         self.weight.requires_grad = False
+
+    def _new_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool,
+                     lora_dropout: float, shape_a: tuple, shape_b: tuple, dtype) -> Adapter:
+        where = type(self).__name__
+        check_adapter_args(where, name, r, lora_alpha, lora_dropout)
+        if name in self._adapters:
+            raise ValueError(f"{where}: the layer already has an adapter named {name!r}")
+        ad = Adapter(Parameter(np.zeros(shape_a, dtype)), Parameter(np.zeros(shape_b, dtype)), r,
+                     lora_alpha, use_rslora, scaling_factor(lora_alpha, r, use_rslora),
+                     lora_dropout)
+        for field, p in zip(self._PAIR, (ad.A, ad.B), strict=True):
+            self._parameters[self.param_name(field, name)] = p
+        first = not self._adapters
+        self._adapters[name] = ad
+        if first:
+            self.active_adapters = [name]
+        else:
+            ad.A.requires_grad = ad.B.requires_grad = False
+        return ad
+
+    @staticmethod
+    def param_name(field: str, adapter: str) -> str:
+        """The name a pair's Parameter is registered under: `field` for "default",
+        `field.<adapter>` otherwise."""
+        return field if adapter == ADAPTER_NAME else f"{field}.{adapter}"
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """The layer's adapters by name, in the order they were added (read only)."""
+        return dict(self._adapters)
+
+    def adapter(self, name: str) -> Adapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise KeyError(f"{type(self).__name__}: no adapter named {name!r}; it has "
+                           f"{list(self._adapters)}") from None
+
+    def _current(self) -> Adapter:
+        names = self.active_adapters or list(self._adapters)
+        return self._adapters[names[0]]
+
+    def _pair(self, name: str | None = None) -> tuple[Parameter, Parameter]:
+        ad = self._current() if name is None else self.adapter(name)
+        return ad.A, ad.B
+
+    r = _adapter_property("r")
+    lora_alpha = _adapter_property("lora_alpha")
+    use_rslora = _adapter_property("use_rslora")
+    scaling = _adapter_property("scaling")
+    lora_dropout = _adapter_property("lora_dropout")
+
+    @property
+    def merged(self) -> bool:
+        """Some adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make the layer's adapters among `names` active (they sum) and trainable, and the
+        others inactive and frozen, as PEFT's set_adapter. Names the layer does not have are
+        skipped (an adapter need not cover every layer)."""
+        names = [names] if isinstance(names, str) else list(names)
+        self.active_adapters = [n for n in names if n in self._adapters]
+        for name, ad in self._adapters.items():
+            ad.A.requires_grad = ad.B.requires_grad = name in self.active_adapters
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (unmerged first if merged) from the layer."""
+        ad = self.adapter(name)
+        if name in self.merged_adapters:
+            self._merge_into(self.weight.data, ad.A.data, ad.B.data, -ad.scaling)
+            self.merged_adapters.remove(name)
+            self._weight_changed()
+        for field in self._PAIR:
+            del self._parameters[self.param_name(field, name)]
+        del self._adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def base_layer(self) -> Module:
         """The wrapped layer, sharing this layer's weight (and bias) Parameters."""
@@ -53,50 +191,76 @@ class _LoRABase(Module):
         """The dtype of inputs and outputs: the weight's, or a quantized base's."""
         return self._base.compute_dtype if self.quantized else self.weight.dtype
 
-    def _pair(self) -> tuple[Parameter, Parameter]:
-        raise NotImplementedError
+    def _live(self) -> list[Adapter]:
+        """The adapters a forward adds: the active ones, none when merged or disabled (a
+        merged layer computes its merged weight alone, as PEFT's)."""
+        if self.disabled or self.merged:
+            return []
+        return [self._adapters[n] for n in self.active_adapters]
 
-    def merge(self, safe_merge: bool = False) -> None:
-        """weight += scaling * (B @ A), in place, once (a second call does nothing). With
-        safe_merge the result is computed in a copy and committed only if it is finite."""
-        if self.merged:
+    def _row_ids(self, batch: int) -> tuple[np.ndarray, list[Adapter]]:
+        """In a mixed batch: each batch row's index into the layer's adapters (-1: none)."""
+        names, where = self._rows
+        if batch != len(names):
+            raise ValueError(f"lora.adapter_names: {len(names)} adapter names for a batch of "
+                             f"{batch} rows ({where}); give one per row of the batch")
+        order = list(self._adapters)
+        ids = np.array([order.index(n) if n in self._adapters else -1 for n in names], np.int64)
+        return ids, list(self._adapters.values())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """weight += scaling * (B @ A), in place, for each of `adapter_names` (default: the
+        active adapters) not merged yet. With safe_merge each result is computed in a copy
+        and committed only if it is finite."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self._adapters and n not in self.merged_adapters]
+        if not names:
             return
         if self.quantized:
             raise ValueError(f"{type(self).__name__}.merge: the base weight is quantized "
                              f"({self._base.qtype}) and cannot take the update in place; "
                              "lora.merge_and_unload gives the merged model in float weights")
-        A, B = self._pair()
-        if safe_merge:
-            merged = self.weight.data.copy()
-            self._merge_into(merged, A.data, B.data, self.scaling)
-            if not np.isfinite(merged).all():
-                raise ValueError(f"{type(self).__name__}.merge: the merged weight is not finite")
-            self.weight.data[...] = merged
-        else:
-            self._merge_into(self.weight.data, A.data, B.data, self.scaling)
-        self.merged = True
+        for name in names:
+            ad = self._adapters[name]
+            if safe_merge:
+                merged = self.weight.data.copy()
+                self._merge_into(merged, ad.A.data, ad.B.data, ad.scaling)
+                if not np.isfinite(merged).all():
+                    raise ValueError(f"{type(self).__name__}.merge: the merged weight is not "
+                                     f"finite (adapter {name!r})")
+                self.weight.data[...] = merged
+            else:
+                self._merge_into(self.weight.data, ad.A.data, ad.B.data, ad.scaling)
+            self.merged_adapters.append(name)
         self._weight_changed()
 
     def unmerge(self) -> None:
-        """Undo merge() (weight -= scaling * (B @ A)); does nothing when not merged."""
+        """Undo merge() (weight -= scaling * (B @ A) for each merged adapter, last first);
+        does nothing when not merged."""
         if not self.merged:
             return
-        A, B = self._pair()
-        self._merge_into(self.weight.data, A.data, B.data, -self.scaling)
-        self.merged = False
+        for name in reversed(self.merged_adapters):
+            ad = self._adapters[name]
+            self._merge_into(self.weight.data, ad.A.data, ad.B.data, -ad.scaling)
+        self.merged_adapters = []
         self._weight_changed()
 
 
 class LoRALinear(_Packable, _LoRABase):
-    """A Linear (or Conv1D) layer with a LoRA update.
+    """A Linear (or Conv1D) layer with LoRA updates, one or several named adapters.
 
     Shapes: x (..., in), weight (out, in) ((in, out) when fan_in_fan_out), lora_A (r, in),
     lora_B (out, r), y (..., out). The base weight is frozen; its bias keeps whatever
     requires_grad it had. Dropout (probability lora_dropout, training mode only) applies to
     the LoRA branch's input; each forward draws a fresh mask seed from `rng` and backward
     replays it. When merged (or with adapters disabled) the forward is the plain dense layer.
-    pack() keeps a packed copy of the frozen weight for small batches (lora.nn.pack_weights).
+    Several active adapters sum, as PEFT's; in a mixed batch (lora.adapter_names) each row
+    of the batch takes its own adapter (forward only). pack() keeps a packed copy of the
+    frozen weight for small batches (lora.nn.pack_weights).
     """
+
+    lora_A = _pair_property(0, "lora_A (r, in)")
+    lora_B = _pair_property(1, "lora_B (out, r)")
 
     def __init__(
         self,
@@ -109,24 +273,32 @@ class LoRALinear(_Packable, _LoRABase):
         init_lora_weights: bool | str = True,
         rng: np.random.Generator | None = None,
         loftq_config: dict | None = None,
+        adapter_name: str = ADAPTER_NAME,
     ):
         super().__init__()
         if not isinstance(base, (Linear, Conv1D)):
             raise TypeError(f"LoRALinear wraps a Linear or Conv1D, got {type(base).__name__}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
-        self._setup(base, r, lora_alpha, use_rslora, rng)
+        check_adapter_args("LoRALinear", adapter_name, r, lora_alpha, lora_dropout)
+        self._setup(base, rng)
         self.bias = base.bias
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_dropout = lora_dropout
-        dtype = self.compute_dtype
-        self.lora_A = Parameter(np.zeros((r, self.in_features), dtype))
-        self.lora_B = Parameter(np.zeros((self.out_features, r), dtype))
-        _init_weights(self, init_lora_weights, loftq_config)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora,
+                         init_lora_weights=init_lora_weights, loftq_config=loftq_config)
 
-    def _pair(self):
-        return self.lora_A, self.lora_B
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8,
+                    lora_dropout: float = 0.0, *, use_rslora: bool = False,
+                    init_lora_weights: bool | str = True,
+                    loftq_config: dict | None = None) -> Adapter:
+        """Add adapter `name` (inactive and frozen unless it is the layer's first)."""
+        ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout,
+                               (r, self.in_features), (self.out_features, r), self.compute_dtype)
+        try:
+            _init_weights(self, init_lora_weights, loftq_config, adapter_name=name)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+        return ad
 
     def _merge_into(self, weight, A, B, scaling):
         F.merge(weight, A, B, scaling, fan_in_fan_out=self.fan_in_fan_out)
@@ -136,14 +308,18 @@ class LoRALinear(_Packable, _LoRABase):
             return self._base._weight_arg(x, backward)
         return super()._weight_arg(x, backward)
 
-
-    def merged_float_base(self, safe_merge: bool = False) -> Linear:
-        """For a quantized base: a new float Linear holding dequantize(W) + scaling * B A
-        and the base's bias (the merged weight is not quantized again)."""
+    def merged_float_base(self, safe_merge: bool = False,
+                          adapter_names: list[str] | None = None) -> Linear:
+        """For a quantized base: a new float Linear holding dequantize(W) plus scaling * B A
+        of each of `adapter_names` (default: the active adapters), and the base's bias (the
+        merged weight is not quantized again)."""
         if not self.quantized:
             raise ValueError("LoRALinear.merged_float_base: the base is not quantized; merge()")
         layer = self._base.to_linear()
-        self._merge_into(layer.weight.data, self.lora_A.data, self.lora_B.data, self.scaling)
+        for name in self.active_adapters if adapter_names is None else adapter_names:
+            if name in self._adapters:
+                ad = self._adapters[name]
+                self._merge_into(layer.weight.data, ad.A.data, ad.B.data, ad.scaling)
         if safe_merge and not np.isfinite(layer.weight.data).all():
             raise ValueError("LoRALinear.merge: the merged weight is not finite")
         return layer
@@ -155,56 +331,82 @@ class LoRALinear(_Packable, _LoRABase):
         return np.ascontiguousarray(w.T) if self.fan_in_fan_out else w
 
     def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """The base layer plus the LoRA branch, plus `residual` (a skip connection, added in
-        the same pass) if given."""
+        """The base layer plus the active adapters' LoRA branches, plus `residual` (a skip
+        connection, added in the same pass) if given."""
         x = as_input(x, self.compute_dtype)
         if self.disabled and self.merged:
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
         W, fifo = self._weight_arg(x)  # read in place in either layout, or packed
         bias = None if self.bias is None else self.bias.data
-        if self.disabled or self.merged:
+        if self._rows is not None and not self.disabled:
+            return self._mixed_forward(x, W, fifo, bias, residual)
+        live = self._live()
+        if not live:
             self._save("dense", x)
             return F.dense_forward(x, W, bias, fan_in_fan_out=fifo, residual=residual)
-        p = self.lora_dropout if self.training else 0.0
+        p = live[0].lora_dropout if self.training else 0.0
+        if len(live) == 1:
+            A, B, scale = live[0].A.data, live[0].B.data, live[0].scaling
+        else:  # several active adapters: one branch of the stacked pairs, B scaled
+            if self.training and any(ad.lora_dropout != p for ad in live):
+                raise ValueError("LoRALinear: training several active adapters needs one "
+                                 "lora_dropout for all of them (their branches share one "
+                                 f"mask); got {[ad.lora_dropout for ad in live]}")
+            A = np.concatenate([ad.A.data for ad in live])
+            B = np.concatenate([ad.scaling * ad.B.data for ad in live], axis=1).astype(A.dtype)
+            scale = 1.0
         seed = int(self.rng.integers(0, 2**63)) if p > 0 else None
-        y, xa = F.linear_forward(
-            x, W, self.lora_A.data, self.lora_B.data, self.scaling, bias, dropout=p, seed=seed,
-            fan_in_fan_out=fifo, residual=residual,
-        )
-        self._save("lora", x, xa, p, seed)
+        y, xa = F.linear_forward(x, W, A, B, scale, bias, dropout=p, seed=seed,
+                                 fan_in_fan_out=fifo, residual=residual)
+        self._save("lora", x, xa, p, seed, live, A, B, scale)
         return y
+
+    def _mixed_forward(self, x, W, fifo, bias, residual):
+        if self.merged:
+            raise ValueError("LoRALinear: a mixed-adapter batch (lora.adapter_names) needs "
+                             "unmerged adapters; unmerge first")
+        if x.ndim < 2:
+            raise ValueError(f"LoRALinear: a mixed-adapter batch needs x of shape (batch, ..., "
+                             f"in), got {x.shape}")
+        ids, ads = self._row_ids(x.shape[0])
+        ids = np.broadcast_to(ids.reshape((-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
+        self._save("mixed")
+        return F.mixed_forward(x, W, [ad.A.data for ad in ads], [ad.B.data for ad in ads],
+                               [ad.scaling for ad in ads], ids, bias, fan_in_fan_out=fifo,
+                               residual=residual)
 
     def backward(self, dout: np.ndarray, add_dx_to: np.ndarray | None = None) -> np.ndarray:
         """dx (None without need_input_grad); with `add_dx_to`, dx is added to that array in
         place and it is returned."""
-        kind, x, *rest = self._saved()
+        kind, *rest = self._saved()
+        if kind == "mixed":
+            raise RuntimeError("LoRALinear.backward: mixed-adapter batches (lora.adapter_names) "
+                               "are forward only; train each adapter on its own batches")
+        x = rest[0]
         W, fifo = self._weight_arg(x, backward=self.need_input_grad)
         add_dx_to = add_dx_to if self.need_input_grad else None
         if kind == "dense":
-            if self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            if self.merged and any(ad.A.requires_grad or ad.B.requires_grad
+                                   for ad in self._adapters.values()):
                 raise RuntimeError("LoRALinear.backward: the layer is merged; unmerge() to train")
             dx, _ = F.dense_backward(dout, x, W, need_dx=self.need_input_grad, need_dweight=False,
                                      fan_in_fan_out=fifo, add_dx_to=add_dx_to)
         else:
-            xa, p, seed = rest
-            dx, dA, dB = F.linear_backward(
-                dout,
-                x,
-                xa,
-                W,
-                self.lora_A.data,
-                self.lora_B.data,
-                self.scaling,
-                need_dx=self.need_input_grad,
-                dropout=p,
-                seed=seed,
-                fan_in_fan_out=fifo,
-                add_dx_to=add_dx_to,
-            )
-            if self.lora_A.requires_grad:
-                self.lora_A.accumulate(dA)
-            if self.lora_B.requires_grad:
-                self.lora_B.accumulate(dB)
+            _, xa, p, seed, live, A, B, scale = rest
+            dx, dA, dB = F.linear_backward(dout, x, xa, W, A, B, scale,
+                                           need_dx=self.need_input_grad, dropout=p, seed=seed,
+                                           fan_in_fan_out=fifo, add_dx_to=add_dx_to)
+            at = 0
+            for ad in live:  # one adapter, or the slices of the stacked pairs
+                if len(live) > 1:
+                    da, db = dA[at:at + ad.r], ad.scaling * dB[:, at:at + ad.r]
+                    at += ad.r
+                else:
+                    da, db = dA, dB
+                if ad.A.requires_grad:
+                    ad.A.accumulate(da)
+                if ad.B.requires_grad:
+                    ad.B.accumulate(db)
         if self.weight.requires_grad:
             _, dW = F.dense_backward(dout, x, self.weight.data, need_dx=False,
                                      fan_in_fan_out=self.fan_in_fan_out)
@@ -214,16 +416,24 @@ class LoRALinear(_Packable, _LoRABase):
         return dx
 
     def extra_repr(self) -> str:
+        named = "" if list(self._adapters) == [ADAPTER_NAME] else (
+            f", adapters={list(self._adapters)}, active={self.active_adapters}")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"scaling={self.scaling:g}, dropout={self.lora_dropout}, merged={self.merged}"
+            + named
         )
 
 
 class LoRAEmbedding(_LoRABase):
-    """An Embedding with a LoRA update, as PEFT: lora_embedding_A (r, num_embeddings),
+    """An Embedding with LoRA updates, as PEFT: lora_embedding_A (r, num_embeddings),
     lora_embedding_B (embedding_dim, r), y = W[ids] + scaling * A^T[ids] B^T; no dropout.
-    ids is an integer array of any shape, y is ids.shape + (embedding_dim,)."""
+    ids is an integer array of any shape, y is ids.shape + (embedding_dim,). Named adapters,
+    several active ones and mixed batches as LoRALinear."""
+
+    _PAIR = ("lora_embedding_A", "lora_embedding_B")
+    lora_embedding_A = _pair_property(0, "lora_embedding_A (r, num_embeddings)")
+    lora_embedding_B = _pair_property(1, "lora_embedding_B (embedding_dim, r)")
 
     def __init__(
         self,
@@ -234,20 +444,28 @@ class LoRAEmbedding(_LoRABase):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         rng: np.random.Generator | None = None,
+        adapter_name: str = ADAPTER_NAME,
     ):
         super().__init__()
         if not isinstance(base, Embedding):
             raise TypeError(f"LoRAEmbedding wraps an Embedding, got {type(base).__name__}")
-        self._setup(base, r, lora_alpha, use_rslora, rng)
+        check_adapter_args("LoRAEmbedding", adapter_name, r, lora_alpha, 0.0)
+        self._setup(base, rng)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
-        dtype = getattr(base, "compute_dtype", self.weight.dtype)
-        self.lora_embedding_A = Parameter(np.zeros((r, self.num_embeddings), dtype))
-        self.lora_embedding_B = Parameter(np.zeros((self.embedding_dim, r), dtype))
-        _init_weights(self, init_lora_weights)
+        self.add_adapter(adapter_name, r, lora_alpha, use_rslora=use_rslora,
+                         init_lora_weights=init_lora_weights)
 
-    def _pair(self):
-        return self.lora_embedding_A, self.lora_embedding_B
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8,
+                    lora_dropout: float = 0.0, *, use_rslora: bool = False,
+                    init_lora_weights: bool | str = True, loftq_config=None) -> Adapter:
+        """Add adapter `name` (inactive and frozen unless it is the layer's first); PEFT's
+        embedding LoRA has no dropout, so lora_dropout is not used."""
+        dtype = getattr(self._base, "compute_dtype", self.weight.dtype)
+        ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout,
+                               (r, self.num_embeddings), (self.embedding_dim, r), dtype)
+        _init_weights(self, init_lora_weights, adapter_name=name)
+        return ad
 
     def _merge_into(self, weight, A, B, scaling):
         # weight is (num_embeddings, dim) = (d_in, d_out): the transposed layout
@@ -258,24 +476,39 @@ class LoRAEmbedding(_LoRABase):
             self.unmerge()
         ids = _check_ids(ids, self.num_embeddings)
         y = self._base.lookup(ids) if self.quantized else self.weight.data[ids]
-        if self.disabled or self.merged:
-            self._save(ids, None)
+        if self._rows is not None and not self.disabled:
+            if self.merged:
+                raise ValueError("LoRAEmbedding: a mixed-adapter batch needs unmerged adapters")
+            if ids.ndim == 0:
+                raise ValueError("LoRAEmbedding: a mixed-adapter batch needs ids of shape "
+                                 "(batch, ...), got a scalar")
+            rows, ads = self._row_ids(ids.shape[0])
+            for k in np.unique(rows[rows >= 0]):
+                ad, sel = ads[k], rows == k
+                y[sel] += ad.scaling * (ad.A.data.T[ids[sel]] @ ad.B.data.T)
+            self._save(ids, None, [], True)
             return y
-        after_a = self.lora_embedding_A.data.T[ids]  # ids.shape + (r,)
-        self._save(ids, after_a)
-        return y + self.scaling * (after_a @ self.lora_embedding_B.data.T)
+        live = self._live()
+        after = [ad.A.data.T[ids] for ad in live]  # ids.shape + (r,) each
+        self._save(ids, after, live, False)
+        for ad, a in zip(live, after, strict=True):
+            y = y + ad.scaling * (a @ ad.B.data.T)
+        return y
 
     def backward(self, dout: np.ndarray) -> None:
-        ids, after_a = self._saved()
-        A, B = self.lora_embedding_A, self.lora_embedding_B
-        if after_a is not None:
-            dy = _rows(dout)
-            if B.requires_grad:
-                B.accumulate(self.scaling * (dy.T @ _rows(after_a)))
-            if A.requires_grad:  # torch's embedding gives the padding row no gradient
-                d_after = self.scaling * (dy @ B.data)
-                A.accumulate(_scatter_rows(ids, d_after, A.shape[::-1], self.padding_idx).T)
-        elif self.merged and (A.requires_grad or B.requires_grad):
+        ids, after, live, mixed = self._saved()
+        if mixed:
+            raise RuntimeError("LoRAEmbedding.backward: mixed-adapter batches are forward only")
+        dy = _rows(dout)
+        for ad, after_a in zip(live, after, strict=True):
+            if ad.B.requires_grad:
+                ad.B.accumulate(ad.scaling * (dy.T @ _rows(after_a)))
+            if ad.A.requires_grad:  # torch's embedding gives the padding row no gradient
+                d_after = ad.scaling * (dy @ ad.B.data)
+                ad.A.accumulate(_scatter_rows(ids, d_after, ad.A.shape[::-1],
+                                              self.padding_idx).T)
+        if not live and self.merged and any(ad.A.requires_grad or ad.B.requires_grad
+                                            for ad in self._adapters.values()):
             raise RuntimeError("LoRAEmbedding.backward: the layer is merged; unmerge() to train")
         if self.weight.requires_grad:
             self.weight.accumulate(_scatter_rows(ids, dout, self.weight.shape, self.padding_idx))
@@ -288,7 +521,8 @@ class LoRAEmbedding(_LoRABase):
 
 
 def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True,
-                      loftq_config: dict | None = None) -> None:
+                      loftq_config: dict | None = None, *,
+                      adapter_name: str | None = None) -> None:
     """Initialise a LoRA layer's A and B in place, as PEFT's `init_lora_weights`.
 
     LoRALinear: True: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), B = 0;
@@ -300,16 +534,17 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
     al. 2023), so the quantized base plus the update starts close to W; loftq_config as
     LoraConfig's (default NF4, one iteration). LoRAEmbedding: any true value
     gives A = 0, B ~ N(0, 1); False gives A, B ~ N(0, 1). Random draws use layer.rng.
+    `adapter_name` picks the adapter (default: the active one).
     """
+    if not isinstance(layer, (LoRALinear, LoRAEmbedding)):
+        raise TypeError(f"init_lora_weights: not a LoRA layer: {type(layer).__name__}")
     rng, dtype = layer.rng, getattr(layer, "compute_dtype", layer.weight.dtype)
+    ad = layer._current() if adapter_name is None else layer.adapter(adapter_name)
+    A, B, r = ad.A, ad.B, ad.r
     if isinstance(layer, LoRAEmbedding):
-        A, B = layer.lora_embedding_A, layer.lora_embedding_B
         A.data[...] = rng.standard_normal(A.shape) if init is False else 0
         B.data[...] = rng.standard_normal(B.shape)
         return
-    if not isinstance(layer, LoRALinear):
-        raise TypeError(f"init_lora_weights: not a LoRA layer: {type(layer).__name__}")
-    A, B, r = layer.lora_A, layer.lora_B, layer.r
     if init is True or init is False:
         A.data[...] = rng.uniform(-1, 1, A.shape) / math.sqrt(layer.in_features)
         B.data[...] = 0 if init else rng.uniform(-1, 1, B.shape) / math.sqrt(r)
@@ -317,7 +552,7 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
         A.data[...] = rng.standard_normal(A.shape) / r
         B.data[...] = 0
     elif init == "loftq":
-        _loftq_init(layer, loftq_config or {})
+        _loftq_init(layer, ad, loftq_config or {})
     elif init in ("pissa", "olora"):
         if isinstance(layer.base_layer(), QuantLinear):
             raise ValueError(f"init_lora_weights={init!r} replaces the base weight, which is "
@@ -329,19 +564,19 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
             raise ValueError(f"init_lora_weights={init!r}: r={r} exceeds min{W.shape}")
         if init == "pissa":
             U, S, Vt = np.linalg.svd(W, full_matrices=False)
-            root = np.sqrt(S[:r] / layer.scaling)
+            root = np.sqrt(S[:r] / ad.scaling)
             a, b = root[:, None] * Vt[:r], U[:, :r] * root
         else:
             Q, R = np.linalg.qr(W)
             a, b = R[:r], Q[:, :r]
         A.data[...], B.data[...] = a, b
-        residual = (W - layer.scaling * (b @ a)).astype(dtype)
+        residual = (W - ad.scaling * (b @ a)).astype(dtype)
         layer.weight.data[...] = residual.T if layer.fan_in_fan_out else residual
     else:
         raise ValueError(f"init_lora_weights: unknown method {init!r}")
 
 
-def _loftq_init(layer: LoRALinear, loftq_config: dict) -> None:
+def _loftq_init(layer: LoRALinear, ad: Adapter, loftq_config: dict) -> None:
     from .. import quant
     from .config import loftq_qtype
 
@@ -352,8 +587,8 @@ def _loftq_init(layer: LoRALinear, loftq_config: dict) -> None:
     if layer.fan_in_fan_out or layer.merged:
         raise ValueError("init_lora_weights='loftq': the base must be an unmerged Linear "
                          "(not a Conv1D)")
-    q, a, b = quant.loftq(layer.weight.data, layer.r, qtype, iters, layer.scaling)
-    layer.lora_A.data[...], layer.lora_B.data[...] = a, b
+    q, a, b = quant.loftq(layer.weight.data, ad.r, qtype, iters, ad.scaling)
+    ad.A.data[...], ad.B.data[...] = a, b
     base = QuantLinear(q, None, dtype=layer.compute_dtype)
     base.bias = layer.bias
     layer.unpack()

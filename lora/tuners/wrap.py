@@ -3,8 +3,9 @@ unload, disable_adapters.
 
 `wrap(model, config)` replaces the layers `config.target_modules` selects by LoRA layers (in
 place, keeping every module path), freezes everything else per `config.bias`, gives each of
-`config.modules_to_save` a trainable copy, and records the config as `model.lora_config`.
-One adapter per model: stacking or switching named adapters, as PEFT can, is not done here.
+`config.modules_to_save` a trainable copy, and records the config as the model's first
+adapter ("default" unless named). More adapters, switching between them and mixed batches are
+lora/tuners/adapters.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from .._checks import check_fields
 from .config import LoraConfig
-from .lora import LoRAEmbedding, LoRALinear
+from .lora import LoRAEmbedding, LoRALinear, check_adapter_name
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantLinear
 
 
@@ -69,12 +70,13 @@ def find_targets(model: Module, config: LoraConfig) -> list[tuple[str, Module]]:
     if config.target_modules == "all-linear":
         skip = _output_layer_paths(model)
         for path, m in model.named_modules():
-            if isinstance(m, (Linear, Conv1D)) and path not in skip and not config.excluded(path):
+            if (isinstance(m, (Linear, Conv1D, LoRALinear)) and path not in skip
+                    and not config.excluded(path)):
                 targets.append((path, m))
         return targets
     for path, m in model.named_modules():
         if path and config.matches(path):
-            if not isinstance(m, (Linear, Conv1D, Embedding)):
+            if not isinstance(m, (Linear, Conv1D, Embedding, LoRALinear, LoRAEmbedding)):
                 raise ValueError(
                     f"target module {path!r} is a {type(m).__name__}; LoRA supports Linear, "
                     "Conv1D and Embedding layers"
@@ -95,7 +97,8 @@ def _modules_to_save_paths(model: Module, names: list[str] | None) -> list[str]:
 
 
 def wrap(
-    model: Module, config: LoraConfig | None = None, *, seed: int | None = None, **config_kwargs
+    model: Module, config: LoraConfig | None = None, *, seed: int | None = None,
+    adapter_name: str = "default", **config_kwargs
 ) -> Module:
     """Put LoRA on `model` in place and return it.
 
@@ -103,7 +106,8 @@ def wrap(
     `wrap(model, target_modules=["q_proj", "v_proj"], r=8)`. Every parameter is frozen except
     the LoRA matrices, the biases `config.bias` asks for, and the trainable copies of
     `config.modules_to_save`. `seed` seeds the LoRA initialisation and dropout masks.
-    ValueError when nothing matches target_modules or the model already has LoRA layers.
+    `adapter_name` names the adapter (PEFT's "default"). ValueError when nothing matches
+    target_modules or the model already has LoRA layers (lora.add_adapter adds another).
     """
     if config is None:
         check_fields("wrap", config_kwargs, [f.name for f in dataclasses.fields(LoraConfig)])
@@ -111,7 +115,8 @@ def wrap(
     elif config_kwargs:
         raise TypeError("wrap: pass either a LoraConfig or its fields as keywords, not both")
     if lora_layers(model):
-        raise ValueError("wrap: the model already has LoRA layers (one adapter per model)")
+        raise ValueError("wrap: the model already has LoRA layers; lora.add_adapter(model, name, "
+                         "config) adds another adapter")
     if config.target_modules is None:
         raise ValueError("wrap: config.target_modules is None; name the layers to adapt")
     targets = find_targets(model, config)
@@ -130,6 +135,7 @@ def wrap(
                if config.task_type else ""),
             stacklevel=2,
         )
+    check_adapter_name(adapter_name, "wrap")
     rng = np.random.default_rng(seed)
     model.requires_grad_(False)
     for path, base in targets:
@@ -143,6 +149,7 @@ def wrap(
                 use_rslora=config.use_rslora,
                 init_lora_weights=config.init_lora_weights,
                 rng=layer_rng,
+                adapter_name=adapter_name,
             )
         else:
             if config.fan_in_fan_out != isinstance(base, Conv1D):
@@ -160,6 +167,7 @@ def wrap(
                 init_lora_weights=config.init_lora_weights,
                 rng=layer_rng,
                 loftq_config=config.loftq_config,
+                adapter_name=adapter_name,
             )
         layer.train(model.training)
         model.set_submodule(path, layer)
@@ -174,6 +182,7 @@ def wrap(
                 continue
             if isinstance(getattr(m, "bias", None), Parameter):
                 m.bias.requires_grad = True
+    model.lora_configs, model.lora_active = {adapter_name: config}, [adapter_name]
     model.lora_config = config
     return model
 
@@ -199,15 +208,19 @@ def print_trainable_parameters(model: Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _strip(model: Module, merge: bool, safe_merge: bool = False) -> Module:
+def _strip(model: Module, merge: bool, safe_merge: bool = False,
+           adapter_names: list[str] | None = None) -> Module:
+    names = model.__dict__.get("lora_active") if adapter_names is None else list(adapter_names)
     for path, layer in lora_layers(model):
         if not merge:
             layer.unmerge()
             base = layer.base_layer()
         elif isinstance(layer, LoRALinear) and layer.quantized:
-            base = layer.merged_float_base(safe_merge=safe_merge)
+            base = layer.merged_float_base(safe_merge=safe_merge, adapter_names=names)
         else:
-            layer.merge(safe_merge=safe_merge)
+            if any(n not in (names or layer.active_adapters) for n in layer.merged_adapters):
+                layer.unmerge()  # merged adapters not asked for come out again
+            layer.merge(safe_merge=safe_merge, adapter_names=names)
             base = layer.base_layer()
         base.train(model.training)
         if path:
@@ -217,8 +230,8 @@ def _strip(model: Module, merge: bool, safe_merge: bool = False) -> Module:
     for path, m in list(model.named_modules()):
         if isinstance(m, ModulesToSaveWrapper):
             model.set_submodule(path, m.modules_to_save)
-    if "lora_config" in model.__dict__:
-        del model.lora_config
+    for attr in ("lora_config", "lora_configs", "lora_active"):
+        model.__dict__.pop(attr, None)
     return model
 
 
@@ -227,32 +240,32 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
     as it is: each LoRA layer's weight plus scaling * B @ A (a new array; as it is when
     merged), the trained copies of modules_to_save under their module's own names, no LoRA
     matrices and no frozen originals. What a whole fine-tuned model is saved as."""
-    layers = dict(lora_layers(model))
+    layers = {id(layer.weight): layer for _, layer in lora_layers(model)}
+    pairs = {id(p) for layer in layers.values() for ad in layer._adapters.values()
+             for p in (ad.A, ad.B)}
     out = {}
     for name, p in model.named_parameters():
-        if ".original_module." in f".{name}":
+        if ".original_module." in f".{name}" or id(p) in pairs:
             continue
-        path, _, _ = name.rpartition(".")
         value = p.data
-        layer = layers.get(path)
-        if layer is not None:
-            A, B = layer._pair()
-            if p is A or p is B:
-                continue
-            if p is layer.weight and not layer.merged:
-                value = layer.base_layer().dequantize() if layer.quantized else value.copy()
-                layer._merge_into(value, A.data, B.data, layer.scaling)
+        layer = layers.get(id(p))
+        if layer is not None and not layer.merged:
+            value = layer.base_layer().dequantize() if layer.quantized else value.copy()
+            for ad in layer._live():
+                layer._merge_into(value, ad.A.data, ad.B.data, ad.scaling)
         out[name.replace(".modules_to_save.", ".")] = value
     return out
 
 
-def merge_and_unload(model: Module, *, safe_merge: bool = False) -> Module:
-    """Merge every LoRA update into its base weight and put the plain layers back (trained
-    copies of modules_to_save replace their originals). Returns the plain model; its
-    parameters stay frozen. safe_merge checks each merged weight is finite first. A layer
+def merge_and_unload(model: Module, *, safe_merge: bool = False,
+                     adapter_names: list[str] | None = None) -> Module:
+    """Merge the active adapters' updates (or those of `adapter_names`) into the base
+    weights and put the plain layers back (trained copies of modules_to_save replace their
+    originals); other adapters are dropped. Returns the plain model; its parameters stay
+    frozen. safe_merge checks each merged weight is finite first. A layer
     over a quantized base (lora.nn.QuantLinear) comes back as a float Linear holding the
     dequantized weight plus the update (quantize_model the result to quantize it again)."""
-    return _strip(model, merge=True, safe_merge=safe_merge)
+    return _strip(model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
 def unload(model: Module) -> Module:
