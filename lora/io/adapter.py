@@ -111,14 +111,14 @@ def _write_all(f, data: bytes) -> None:
     f.write(data)
 
 
-def _carry_over(old: str, new: str) -> None:
+def _carry_over(old: str, new: str, top: bool = True) -> None:
     """Give `new` every entry of the adapter directory `old` that a save does not write (a
     README, a tokenizer, subdirectories): files hard-linked (copied where links are not
-    possible), symbolic links recreated as links, directories likewise, recursively. The
-    temporary files of the in-place saves of earlier versions are dropped."""
+    possible), symbolic links recreated as links, directories likewise, recursively (other
+    adapters' subdirectories with their own two files). The temporary files of the in-place saves of earlier versions are dropped."""
     for entry in os.scandir(old):
         src, dst = entry.path, os.path.join(new, entry.name)
-        if entry.name in (fmt.CONFIG_NAME, fmt.WEIGHTS_NAME) or os.path.lexists(dst):
+        if top and entry.name in (fmt.CONFIG_NAME, fmt.WEIGHTS_NAME) or os.path.lexists(dst):
             continue
         if entry.name.startswith(".") and entry.name.endswith(".tmp"):
             continue
@@ -126,7 +126,7 @@ def _carry_over(old: str, new: str) -> None:
             os.symlink(os.readlink(src), dst)
         elif entry.is_dir():
             os.mkdir(dst)
-            _carry_over(src, dst)
+            _carry_over(src, dst, top=False)
         elif entry.is_file():
             try:
                 os.link(src, dst)

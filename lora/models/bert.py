@@ -31,6 +31,7 @@ from .. import functional as F
 from .. import nn
 from .._checks import check_fields
 from ..nn import Module
+from ..tuners.adapters import takes_adapter_names
 from ..tuners.wrap import merged_state_dict
 from .hf import (
     Weights,
@@ -453,7 +454,10 @@ class BertModel(Module):
             e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), np.float32(1e-12))
         return e.astype(np.float32, copy=False)
 
+    @takes_adapter_names
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """The last hidden states (batch, seq, hidden); adapter_names= (one adapter name per
+        row of the batch) runs a mixed-adapter batch, see lora.adapter_names."""
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
@@ -641,7 +645,9 @@ class BertForSequenceClassification(Module):
             return np.ascontiguousarray(cls_pool(h))
         return self.bert.pooler(h)
 
+    @takes_adapter_names
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """The logits (batch, num_labels); adapter_names= as BertModel.forward."""
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask)
         h = self.bert(input_ids, attention_mask, token_type_ids)

@@ -32,6 +32,8 @@ import numpy as np
 from .. import functional as F
 from .. import nn
 from ..nn import Module
+from ..tuners.adapters import adapter_names as adapter_rows
+from ..tuners.adapters import takes_adapter_names
 from ..tuners.wrap import merged_state_dict
 from .gguf import is_gguf
 from .gguf import load_llama as load_gguf
@@ -447,8 +449,11 @@ class LlamaForCausalLM(Module):
                              f"for: {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
         return model.eval()
 
+    @takes_adapter_names
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
-        """The logits (batch, seq, vocab); with `labels` (batch, seq), the causal-LM loss
+        """The logits (batch, seq, vocab); adapter_names= (one adapter name per row of the
+        batch) runs a mixed-adapter batch (lora.adapter_names). With `labels` (batch, seq),
+        the causal-LM loss
         instead (a float: position t predicts labels[:, t + 1], -100 ignored, the mean over
         the counted tokens, as transformers), and `backward()` with no argument then
         backpropagates it. The loss is fused with lm_head (lora.functional.
@@ -494,12 +499,16 @@ class LlamaForCausalLM(Module):
     def is_gradient_checkpointing(self) -> bool:
         return any(layer.gradient_checkpointing for layer in self.model.layers)
 
-    def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+    def generate(self, input_ids, attention_mask=None, *, adapter_names=None,
+                 **kwargs) -> np.ndarray:
         """Greedy or sampled continuation with a KV cache, as transformers' generate():
-        int64 (batch, prompt + new). See lora.models.generation.generate for the arguments."""
+        int64 (batch, prompt + new). See lora.models.generation.generate for the arguments;
+        adapter_names= (one per row of the batch) decodes each row with its own adapter in
+        one batch (lora.adapter_names)."""
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        with adapter_rows(self, adapter_names):
+            return generate(self, input_ids, attention_mask, **kwargs)
 
     def backward(self, dlogits: np.ndarray | None = None) -> None:
         """Accumulate every trainable parameter's gradient: of `dlogits` (the gradient of the

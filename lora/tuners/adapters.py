@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -37,8 +38,12 @@ __all__ = [
 
 
 def configs(model: Module, where: str) -> dict[str, LoraConfig]:
-    """The model's {adapter name: LoraConfig}; ValueError when it has no adapter."""
+    """The model's {adapter name: LoraConfig} (of the model or, when a part of it was
+    wrapped, of that part); ValueError when it has no adapter."""
     found = model.__dict__.get("lora_configs")
+    if found is None:
+        found = next((m.__dict__["lora_configs"] for m in model.modules()
+                      if "lora_configs" in m.__dict__), None)
     if not found or not lora_layers(model):
         raise ValueError(f"{where}: the model has no LoRA adapter (wrap it with lora.wrap first)")
     return found
@@ -232,3 +237,20 @@ def adapter_names(model: Module, names: Sequence[str] | None) -> Iterator[Module
     finally:
         for (_, layer), rows in zip(layers, before, strict=True):
             object.__setattr__(layer, "_rows", rows)
+
+
+def takes_adapter_names(forward):
+    """Give a model's forward (or generate) the keyword adapter_names=, which runs it
+    inside `with adapter_names(model, names)`: PEFT's argument of that name."""
+
+    @functools.wraps(forward)
+    def run(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            return forward(self, *args, **kwargs)
+        with _rows(self, adapter_names):
+            return forward(self, *args, **kwargs)
+
+    return run
+
+
+_rows = adapter_names
