@@ -356,6 +356,58 @@ static void check_quant(int qtype, size_t n, size_t d_in, size_t d_out) {
     free(want_y), free(want_dx);
 }
 
+/* A batch mixing adapters of different ranks (row kernels and, from rank 32, GEMMs), some
+ * rows on the base alone, against naive loops in double. */
+static void check_mixed(size_t n, size_t d_in, size_t d_out, size_t n_adapters, size_t r0) {
+    unsigned st = 4242u + (unsigned)(n + d_in + n_adapters);
+    float *x = random_array(n * d_in, &st), *W = random_array(d_out * d_in, &st);
+    float *bias = random_array(d_out, &st), *y = malloc(n * d_out * sizeof(float));
+    double *want = malloc(n * d_out * sizeof(double)), *scale = malloc(n_adapters * sizeof(double));
+    size_t *rank = malloc(n_adapters * sizeof(size_t)), r_max = 0, m = 0;
+    const void **A = malloc(n_adapters * sizeof *A), **B = malloc(n_adapters * sizeof *B);
+    int64_t *ids = malloc(n * sizeof *ids);
+    for (size_t a = 0; a < n_adapters; a++) {
+        rank[a] = r0 + a % 5;
+        A[a] = random_array(rank[a] * d_in, &st);
+        B[a] = random_array(d_out * rank[a], &st);
+        scale[a] = 0.5 + 0.25 * (double)a;
+    }
+    for (size_t i = 0; i < n; i++) {
+        ids[i] = (int64_t)((st = st * 1664525u + 1013904223u) >> 16) % (int64_t)(n_adapters + 1) - 1;
+        if (ids[i] >= 0) {
+            m++;
+            if (rank[ids[i]] > r_max) r_max = rank[ids[i]];
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d_out; j++) {
+            double acc = bias[j];
+            for (size_t k = 0; k < d_in; k++) acc += (double)x[i * d_in + k] * W[j * d_in + k];
+            if (ids[i] >= 0) {
+                const size_t a = (size_t)ids[i], r = rank[a];
+                const float *Aa = A[a], *Ba = B[a];
+                for (size_t q = 0; q < r; q++) {
+                    double xa = 0;
+                    for (size_t k = 0; k < d_in; k++) xa += (double)x[i * d_in + k] * Aa[q * d_in + k];
+                    acc += scale[a] * xa * Ba[j * r + q];
+                }
+            }
+            want[i * d_out + j] = acc;
+        }
+    const size_t parts = lora_mixed_parts(m, d_in, d_out, r_max);
+    size_t *index = malloc(lora_mixed_index_elems(n, n_adapters) * sizeof(size_t));
+    float *scratch = malloc(parts * lora_mixed_part_elems(d_in, d_out, r_max) * sizeof(float) + 64);
+    lora_mixed_forward_f32(y, scratch, index, x, W, bias, NULL, A, B, scale, rank, ids, n, d_in,
+                           d_out, n_adapters, r_max, parts, 0, NULL);
+    char what[64];
+    snprintf(what, sizeof what, "mixed n=%zu d=%zux%zu adapters=%zu r>=%zu", n, d_in, d_out,
+             n_adapters, r0);
+    expect_close(what, y, want, n * d_out);
+    for (size_t a = 0; a < n_adapters; a++) free((void *)A[a]), free((void *)B[a]);
+    free(x), free(W), free(bias), free(y), free(want), free(scale), free(rank), free(A), free(B);
+    free(ids), free(index), free(scratch);
+}
+
 int main(void) {
     check_layer(1, 9, 7, 1);
     check_layer(1, 300, 1001, 2); /* one row: the threaded gemv, an odd tail of rows */
@@ -384,6 +436,10 @@ int main(void) {
     check_quant(LORA_Q8_0, 3, 96, 37);
     check_quant(LORA_NF4, 4, 128, 65);
     check_quant(LORA_Q4_0, 9, 512, 700); /* two tiles of rows */
+    check_mixed(1, 16, 9, 1, 2);
+    check_mixed(50, 40, 33, 7, 3);
+    check_mixed(400, 96, 80, 20, 6); /* segments over tiles and threads */
+    check_mixed(60, 48, 24, 3, 32);  /* the GEMM path */
     printf("%s\n", failures ? "FAILED" : "all kernel checks passed");
     return failures != 0;
 }

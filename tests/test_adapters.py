@@ -470,8 +470,8 @@ def test_peft_named_adapters_and_several_active(tmp_path):
     for path, layer in lora.lora_layers(ours):
         for name, ad in layer.adapters.items():
             for half, p in zip("AB", (ad.A, ad.B), strict=True):
-                key = (f"base_model.model.{path}.lora_{half}.{name}.weight"
-                       if path != "embed" else f"base_model.model.{path}.lora_embedding_{half}.{name}")
+                key = (f"base_model.model.{path}.lora_{half}.{name}.weight" if path != "embed"
+                       else f"base_model.model.{path}.lora_embedding_{half}.{name}")
                 np.testing.assert_allclose(p.grad, grads[key], rtol=1e-4, atol=1e-6)
 
 

@@ -115,7 +115,8 @@ def _carry_over(old: str, new: str, top: bool = True) -> None:
     """Give `new` every entry of the adapter directory `old` that a save does not write (a
     README, a tokenizer, subdirectories): files hard-linked (copied where links are not
     possible), symbolic links recreated as links, directories likewise, recursively (other
-    adapters' subdirectories with their own two files). The temporary files of the in-place saves of earlier versions are dropped."""
+    adapters' subdirectories with their own two files). The temporary files of the in-place
+    saves of earlier versions are dropped."""
     for entry in os.scandir(old):
         src, dst = entry.path, os.path.join(new, entry.name)
         if top and entry.name in (fmt.CONFIG_NAME, fmt.WEIGHTS_NAME) or os.path.lexists(dst):
