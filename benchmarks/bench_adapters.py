@@ -69,7 +69,7 @@ def _lora_adapters(model, targets, d_of, n):
     for k in range(n):
         r = RANKS[k % 2]
         lora.add_adapter(model, f"a{k}", target_modules=targets, r=r, lora_alpha=2 * r)
-    for salt, (path, layer) in enumerate(lora.lora_layers(model)):
+    for salt, (_, layer) in enumerate(lora.lora_layers(model)):
         for k in range(n):
             A, B = _adapter_arrays(k, *d_of(layer), salt)
             ad = layer.adapter(f"a{k}")
