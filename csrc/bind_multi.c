@@ -11,7 +11,7 @@
 
 LORA_DOC(mixed_forward,
 "mixed_forward(x, weight, A, B, scales, adapter_ids, bias=None, *, fan_in_fan_out=False,\n"
-"              residual=None)\n--\n\n"
+"              residual=None, b_transposed=False)\n--\n\n"
 "Forward of a LoRA linear layer whose rows use different adapters (S-LoRA's and\n"
 "Punica's segmented LoRA): row i of x gets adapter ``a = adapter_ids[i]``,\n"
 "``y_i = x_i @ weight.T + bias + scales[a] * (x_i @ A[a].T) @ B[a].T (+ residual_i)``,\n"
@@ -25,7 +25,11 @@ LORA_DOC(mixed_forward,
 "scales : sequence of float, one per adapter\n"
 "adapter_ids : integer ndarray, shape x.shape[:-1]\n"
 "    Each row's adapter, an index into A and B, or -1 for none.\n"
-"bias, fan_in_fan_out, residual : as for linear_forward\n\n"
+"bias, fan_in_fan_out, residual : as for linear_forward\n"
+"b_transposed : bool\n"
+"    B holds each adapter's B transposed, shapes (r_a, d_out): the layout the kernel\n"
+"    reads, kept by a caller that calls many times (a decode loop) so that no call\n"
+"    transposes it again.\n\n"
 "Returns\n-------\n"
 "y : ndarray, shape (..., d_out)\n\n"
 "The rows are grouped by adapter (one copy of x's rows, none for runs of consecutive\n"
@@ -99,13 +103,15 @@ static int arg_ids(const Call *c, PyObject *obj, PyArrayObject *x, Py_ssize_t n_
 }
 
 PyObject *py_mixed_forward(PyObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"x",    "weight",         "A",        "B", "scales", "adapter_ids",
-                             "bias", "fan_in_fan_out", "residual", NULL};
+    static char *kwlist[] = {"x",    "weight",         "A",        "B",            "scales",
+                             "adapter_ids", "bias", "fan_in_fan_out", "residual",
+                             "b_transposed", NULL};
     PyObject *x_o, *w_o, *a_o, *b_o, *scales_o, *ids_o, *bias_o = Py_None, *res_o = Py_None;
-    int wt = 0;
+    int wt = 0, bt = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|O$pO:mixed_forward", kwlist, &x_o,
-                                     &w_o, &a_o, &b_o, &scales_o, &ids_o, &bias_o, &wt, &res_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|O$pOp:mixed_forward", kwlist, &x_o,
+                                     &w_o, &a_o, &b_o, &scales_o, &ids_o, &bias_o, &wt, &res_o,
+                                     &bt))
         return NULL;
     Call c = CALL_INIT("mixed_forward", "x");
     PyArrayObject *x = NULL, *bias = NULL, *res = NULL, *y = NULL, *ids = NULL;
@@ -148,10 +154,11 @@ PyObject *py_mixed_forward(PyObject *self, PyObject *args, PyObject *kwds) {
         snprintf(an, sizeof an, "A[%zd]", k);
         snprintf(bn, sizeof bn, "B[%zd]", k);
         const npy_intp r = PyArray_DIM(As[k], 0);
-        const npy_intp want_a[2] = {r, w.d_in}, want_b[2] = {w.d_out, r};
+        const npy_intp want_a[2] = {r, w.d_in}, want_b[2] = {bt ? r : w.d_out, bt ? w.d_out : r};
         if (check_blas_size(&c, an, "the rank r (A[k].shape[0])", r, 1) ||
             check_shape(&c, an, As[k], 2, want_a, "(r, d_in)") ||
-            check_shape(&c, bn, Bs[k], 2, want_b, "(d_out, r), r = A[k].shape[0]"))
+            check_shape(&c, bn, Bs[k], 2, want_b,
+                        bt ? "(r, d_out), r = A[k].shape[0]" : "(d_out, r), r = A[k].shape[0]"))
             goto done;
         rank[k] = (size_t)r;
         a_data[k] = PyArray_DATA(As[k]), b_data[k] = PyArray_DATA(Bs[k]);
@@ -184,7 +191,7 @@ PyObject *py_mixed_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     CALL_KERNEL(&c, lora_mixed_forward, PyArray_DATA(y), (void *)(scratch + index_bytes),
                 (size_t *)scratch, PyArray_DATA(x), weight_data(&w), DATA_OR_NULL(bias),
                 DATA_OR_NULL(res), a_data, b_data, scale, rank, id, (size_t)n,
-                (size_t)w.d_in, (size_t)w.d_out, k_n, r_max, parts, wt, w.kernel);
+                (size_t)w.d_in, (size_t)w.d_out, k_n, r_max, parts, wt, bt, w.kernel);
     result = Py_NewRef(y);
 done:
     Py_XDECREF(ids);

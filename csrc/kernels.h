@@ -175,7 +175,7 @@ size_t lora_lm_loss_scratch_bytes(size_t chunk, size_t V, size_t elem);
                                   const void *const *B, const double *scale,                  \
                                   const size_t *rank, const int64_t *ids, size_t n,           \
                                   size_t d_in, size_t d_out, size_t n_adapters, size_t r_max, \
-                                  size_t parts, int wt, const LoraPacked *pk);                \
+                                  size_t parts, int wt, int bt, const LoraPacked *pk);        \
     /* P = panels of M (K, N), or of M^T when trans (M stored (N, K)): ceil(N / panel width)  \
      * panels of K x width elements, zero past N. */                                         \
     void pack_panels_##SUF(T *P, const T *M, size_t K, size_t N, int trans);                 \

@@ -398,7 +398,7 @@ static void check_mixed(size_t n, size_t d_in, size_t d_out, size_t n_adapters, 
     size_t *index = malloc(lora_mixed_index_elems(n, n_adapters) * sizeof(size_t));
     float *scratch = malloc(parts * lora_mixed_part_elems(d_in, d_out, r_max) * sizeof(float) + 64);
     lora_mixed_forward_f32(y, scratch, index, x, W, bias, NULL, A, B, scale, rank, ids, n, d_in,
-                           d_out, n_adapters, r_max, parts, 0, NULL);
+                           d_out, n_adapters, r_max, parts, 0, 0, NULL);
     char what[64];
     snprintf(what, sizeof what, "mixed n=%zu d=%zux%zu adapters=%zu r>=%zu", n, d_in, d_out,
              n_adapters, r0);

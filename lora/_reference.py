@@ -43,11 +43,12 @@ def linear_forward(x, weight, A, B, scale, bias=None, *, dropout=0.0, seed=None)
     return y.reshape(*lead, weight.shape[0]), xa.reshape(*lead, A.shape[0])
 
 
-def mixed_forward(x, weight, A, B, scales, adapter_ids, bias=None):
+def mixed_forward(x, weight, A, B, scales, adapter_ids, bias=None, *, b_transposed=False):
     """Row by row: y_i = x_i W^T + bias + scales[a] (x_i A[a]^T) B[a]^T, a = adapter_ids[i]
     (none for -1)."""
     x2 = x.reshape(-1, x.shape[-1])
     ids = np.asarray(adapter_ids).reshape(-1)
+    B = [b.T for b in B] if b_transposed else B
     y = x2 @ weight.T + (0 if bias is None else bias)
     for i, a in enumerate(ids):
         if a >= 0:

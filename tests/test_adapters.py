@@ -69,7 +69,10 @@ def test_mixed_forward_matches_twin(dtype, n, d_in, d_out, ranks, order):
         ids[:] = len(ranks) - 1
     got = F.mixed_forward(x, W, A, B, scales, ids, bias)
     assert got.dtype == dtype and got.shape == (n, d_out)
-    _close(got, _twin(x, W, A, B, scales, ids, bias), dtype)
+    want = _twin(x, W, A, B, scales, ids, bias)
+    _close(got, want, dtype)
+    Bt = [np.ascontiguousarray(b.T) for b in B]  # the layout a decode loop keeps
+    _close(F.mixed_forward(x, W, A, Bt, scales, ids, bias, b_transposed=True), want, dtype)
 
 
 def test_mixed_forward_equals_linear_forward_per_adapter():
@@ -135,6 +138,7 @@ def test_mixed_forward_refuses_bad_arguments():
         (dict(adapter_ids=np.array([0.0, 1, 0, 0])), TypeError, "integers"),
         (dict(B=[B[0]]), ValueError, "one array per adapter"),
         (dict(B=[B[0], B[0]]), ValueError, r"'B\[1\]' must have shape"),
+        (dict(b_transposed=True), ValueError, r"'B\[0\]' must have shape \(r, d_out\)"),
         (dict(A=[A[0], A[1][:, :7]]), ValueError, r"'A\[1\]' must have shape"),
         (dict(A=[A[0], A[1].astype(np.float64)]), TypeError, r"'A\[1\]' must have dtype"),
         (dict(A=(A[0], "no")), TypeError, r"'A\[1\]' must be a numpy.ndarray"),

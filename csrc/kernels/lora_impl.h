@@ -149,13 +149,18 @@ static LORA_CLONES LORA_FMA void FN(rank_update)(T *restrict W, const T *restric
             FN(vstore)(w3 + j, a30), FN(vstore)(w3 + j + VL, a31);
             FN(vstore)(w3 + j + 2 * VL, a32), FN(vstore)(w3 + j + 3 * VL, a33);
         }
-        /* Row and column remainders, one element at a time. */
+        /* Row and column remainders: a row at a time, one axpy per rank-1 term (vectorised
+         * along the row, the same order of additions as the tiles). A mixed-adapter batch
+         * sends many one-row tiles here. */
         for (size_t ii = 0; ii < nr; ii++) {
-            T *w = W + (i0 + ii) * cols;
-            for (size_t j = nr == 4 ? full_cols : 0; j < cols; j++) {
-                T acc = !overwrite ? w[j] : init ? init[j] : (T)0;
-                for (size_t k = 0; k < r; k++) acc += c[ii][k] * V[k * cols + j];
-                w[j] = acc;
+            T *restrict w = W + (i0 + ii) * cols;
+            const size_t j0 = nr == 4 ? full_cols : 0;
+            if (overwrite)
+                for (size_t j = j0; j < cols; j++) w[j] = init ? init[j] : (T)0;
+            for (size_t k = 0; k < r; k++) {
+                const T ck = c[ii][k];
+                const T *restrict v = V + k * cols;
+                for (size_t j = j0; j < cols; j++) w[j] += ck * v[j];
             }
         }
     }

@@ -10,7 +10,7 @@
  * in one call; ids[i] = -1 leaves row i to the base layer. The rows are sorted by adapter
  * (a counting sort of their indices, stable, so each segment keeps the batch's order) and
  * the sorted positions are split evenly over `parts` threads. Each part walks its
- * segments: B_a^T made contiguous once per segment, then tiles of up to LORA_BWD_TILE rows,
+ * segments: B_a^T made contiguous once per segment (unless the caller gives B^T), then tiles of up to LORA_BWD_TILE rows,
  * each gathered from x (the one copy of the batch; none when the tile's rows are
  * consecutive), xa = x A_a^T by row_dots, and scale * xa B_a^T by rank_update into a tile
  * that is added to y's rows (or straight into y for consecutive rows). A decode batch, one
@@ -27,6 +27,7 @@ typedef struct {
     const size_t *rank, *order, *start;
     const int64_t *ids;
     size_t m, d_in, d_out, r_max, parts, part_elems, tile;
+    int bt; /* B[a] given transposed, (rank[a], d_out) */
 } FN(Mixed);
 
 /* y's rows idx[0..rows) += the rows of the tile yt (rows, d_out). */
@@ -51,7 +52,8 @@ static void FN(mixed_part)(const FN(Mixed) *c, size_t part) {
         const size_t r = c->rank[a];
         const T *A = c->A[a], *B = c->B[a], s = (T)c->scale[a];
         const int rows_kernels = r < LORA_GEMM_RANK;
-        if (rows_kernels) FN(transpose)(Bt, B, d_out, r);
+        const T *V = c->bt ? B : Bt; /* B^T, (r, d_out) */
+        if (rows_kernels && !c->bt) FN(transpose)(Bt, B, d_out, r);
         for (size_t t0 = pos; t0 < end; t0 += c->tile) {
             const size_t rows = end - t0 < c->tile ? end - t0 : c->tile;
             const size_t *idx = c->order + t0;
@@ -66,12 +68,16 @@ static void FN(mixed_part)(const FN(Mixed) *c, size_t part) {
             T *out = inplace ? c->y + idx[0] * d_out : yt;
             if (rows_kernels) {
                 FN(row_dots)(xat, xin, A, rows, d_in, r);
-                FN(rank_update)(out, xat, r, 1, Bt, s, rows, d_out, r, !inplace, NULL);
+                FN(rank_update)(out, xat, r, 1, V, s, rows, d_out, r, !inplace, NULL);
             } else {
                 GEMM(ROW, NT, TR, (int)rows, (int)r, (int)d_in, 1, xin, (int)d_in, A, (int)d_in,
                      0, xat, (int)r);
-                GEMM(ROW, NT, TR, (int)rows, (int)d_out, (int)r, s, xat, (int)r, B, (int)r,
-                     inplace ? 1 : 0, out, (int)d_out);
+                if (c->bt)
+                    GEMM(ROW, NT, NT, (int)rows, (int)d_out, (int)r, s, xat, (int)r, B,
+                         (int)d_out, inplace ? 1 : 0, out, (int)d_out);
+                else
+                    GEMM(ROW, NT, TR, (int)rows, (int)d_out, (int)r, s, xat, (int)r, B, (int)r,
+                         inplace ? 1 : 0, out, (int)d_out);
             }
             if (!inplace) FN(add_rows)(c->y, yt, idx, rows, d_out);
         }
@@ -85,7 +91,9 @@ static void FN(mixed_parts)(void *arg, size_t begin, size_t end) {
 
 /* The forward of a LoRA linear layer over a batch whose rows use different adapters,
  * overwriting y (n, d_out). A[a], B[a] point to adapter a's (rank[a], d_in) and
- * (d_out, rank[a]) arrays, scale[a] is its scaling; ids (n) gives each row's adapter or -1.
+ * (d_out, rank[a]) arrays ((rank[a], d_out), B^T, when bt: no transpose per segment, for a
+ * caller that keeps them so across calls), scale[a] is its scaling; ids (n) gives each row's
+ * adapter or -1.
  * index: lora_mixed_index_elems(n, n_adapters) size_t's; scratch: parts *
  * lora_mixed_part_elems(d_in, d_out, r_max) elements, r_max the largest rank a row uses and
  * parts = lora_mixed_parts(m, d_in, d_out, r_max) for the m rows with an adapter. */
@@ -93,7 +101,7 @@ void FN(lora_mixed_forward)(T *y, T *scratch, size_t *index, const T *x, const T
                             const T *bias, const T *res, const void *const *A,
                             const void *const *B, const double *scale, const size_t *rank,
                             const int64_t *ids, size_t n, size_t d_in, size_t d_out,
-                            size_t n_adapters, size_t r_max, size_t parts, int wt,
+                            size_t n_adapters, size_t r_max, size_t parts, int wt, int bt,
                             const LoraPacked *pk) {
     if (n == 0) return;
     FN(dense_forward)(y, x, W, bias, res, n, d_in, d_out, wt, pk);
@@ -111,6 +119,6 @@ void FN(lora_mixed_forward)(T *y, T *scratch, size_t *index, const T *x, const T
         if (ids[i] >= 0) order[next[ids[i]]++] = i;
     FN(Mixed) c = {y, scratch, x, A, B, scale, rank, order, start, ids, m, d_in, d_out, r_max,
                    parts, lora_mixed_part_elems(d_in, d_out, r_max),
-                   r_max < LORA_GEMM_RANK ? LORA_BWD_TILE : LORA_MIXED_GEMM_TILE};
+                   r_max < LORA_GEMM_RANK ? LORA_BWD_TILE : LORA_MIXED_GEMM_TILE, bt};
     lora_parallel_for(parts, 1, 1, FN(mixed_parts), &c);
 }

@@ -210,7 +210,9 @@ def adapter_names(model: Module, names: Sequence[str] | None) -> Iterator[Module
     several adapters, each row computed as if its adapter were the only one active. Layers
     an adapter does not target run their base layer for its rows. Forward only (a backward
     raises); the layers must not be merged. names=None changes nothing. The LoRA layers
-    compute the rows of each adapter together (lora.functional.mixed_forward); modules_to_save
+    compute the rows of each adapter together (lora.functional.mixed_forward), from the
+    adapters' values as the block's first forward finds them (each layer keeps B^T of the
+    adapters the batch uses for the block, so a decode loop transposes nothing); modules_to_save
     copies are the first adapter's for every row."""
     if names is None:
         yield model
@@ -231,7 +233,7 @@ def adapter_names(model: Module, names: Sequence[str] | None) -> Iterator[Module
                          "need unmerged adapters (unmerge_adapter first)")
     before = [layer._rows for _, layer in layers]
     for path, layer in layers:
-        object.__setattr__(layer, "_rows", (names, path))
+        object.__setattr__(layer, "_rows", (names, path, {}))
     try:
         yield model
     finally:

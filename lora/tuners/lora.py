@@ -198,15 +198,19 @@ class _LoRABase(Module):
             return []
         return [self._adapters[n] for n in self.active_adapters]
 
-    def _row_ids(self, batch: int) -> tuple[np.ndarray, list[Adapter]]:
-        """In a mixed batch: each batch row's index into the layer's adapters (-1: none)."""
-        names, where = self._rows
+    def _row_ids(self, batch: int) -> tuple[np.ndarray, list[Adapter], dict]:
+        """In a mixed batch: each batch row's index into the adapters of this layer that
+        the batch uses (-1: none), those adapters, and the context's cache for the layer."""
+        names, where, cache = self._rows
         if batch != len(names):
             raise ValueError(f"lora.adapter_names: {len(names)} adapter names for a batch of "
                              f"{batch} rows ({where}); give one per row of the batch")
-        order = list(self._adapters)
-        ids = np.array([order.index(n) if n in self._adapters else -1 for n in names], np.int64)
-        return ids, list(self._adapters.values())
+        if "ids" not in cache:
+            used = list(dict.fromkeys(n for n in names if n in self._adapters))
+            cache["ids"] = np.array([used.index(n) if n in self._adapters else -1
+                                     for n in names], np.int64)
+            cache["adapters"] = [self._adapters[n] for n in used]
+        return cache["ids"], cache["adapters"], cache
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """weight += scaling * (B @ A), in place, for each of `adapter_names` (default: the
@@ -368,12 +372,15 @@ class LoRALinear(_Packable, _LoRABase):
         if x.ndim < 2:
             raise ValueError(f"LoRALinear: a mixed-adapter batch needs x of shape (batch, ..., "
                              f"in), got {x.shape}")
-        ids, ads = self._row_ids(x.shape[0])
+        ids, ads, cache = self._row_ids(x.shape[0])
         ids = np.broadcast_to(ids.reshape((-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
+        if "Bt" not in cache:  # B^T of the adapters the batch uses, made once per context
+            cache["A"] = [ad.A.data for ad in ads]
+            cache["Bt"] = [np.ascontiguousarray(ad.B.data.T) for ad in ads]
+            cache["scales"] = [ad.scaling for ad in ads]
         self._save("mixed")
-        return F.mixed_forward(x, W, [ad.A.data for ad in ads], [ad.B.data for ad in ads],
-                               [ad.scaling for ad in ads], ids, bias, fan_in_fan_out=fifo,
-                               residual=residual)
+        return F.mixed_forward(x, W, cache["A"], cache["Bt"], cache["scales"], ids, bias,
+                               fan_in_fan_out=fifo, residual=residual, b_transposed=True)
 
     def backward(self, dout: np.ndarray, add_dx_to: np.ndarray | None = None) -> np.ndarray:
         """dx (None without need_input_grad); with `add_dx_to`, dx is added to that array in
@@ -482,7 +489,7 @@ class LoRAEmbedding(_LoRABase):
             if ids.ndim == 0:
                 raise ValueError("LoRAEmbedding: a mixed-adapter batch needs ids of shape "
                                  "(batch, ...), got a scalar")
-            rows, ads = self._row_ids(ids.shape[0])
+            rows, ads, _ = self._row_ids(ids.shape[0])
             for k in np.unique(rows[rows >= 0]):
                 ad, sel = ads[k], rows == k
                 y[sel] += ad.scaling * (ad.A.data.T[ids[sel]] @ ad.B.data.T)
