@@ -596,3 +596,29 @@ def test_llama_mixed_batch_logits_and_generate():
         np.testing.assert_array_equal(out[i], gen[0])
         alone.append(gen[0])
     assert len({tuple(a[6:]) for a in alone}) > 1  # the adapters do change the text
+
+
+def test_bert_mixed_batch_equals_each_row_alone():
+    from lora.models import BertModel
+    from lora.models.bert import BertConfig
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=16)
+    model = BertModel(cfg, seed=0).eval()
+    lora.wrap(model, target_modules=["query", "value", "word_embeddings"], r=4,
+              init_lora_weights=False, seed=1)
+    lora.add_adapter(model, "b", target_modules=["key", "dense"], r=6, init_lora_weights=False,
+                     seed=2)
+    ids = np.random.default_rng(0).integers(1, 50, (3, 7))
+    mask = np.ones_like(ids)
+    mask[2, 5:] = 0
+    names = ["b", "default", "__base__"]
+    got = model(ids, mask, adapter_names=names)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with lora.disable_adapters(model):
+                want = model(ids[i:i + 1], mask[i:i + 1])
+        else:
+            lora.set_adapter(model, name)
+            want = model(ids[i:i + 1], mask[i:i + 1])
+        np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-5, atol=1e-5)

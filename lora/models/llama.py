@@ -354,6 +354,7 @@ class LlamaModel(Module):
                                  cfg.rms_norm_eps)
         object.__setattr__(self, "inv_freq", rope_inv_freq(cfg))
 
+    @takes_adapter_names
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:

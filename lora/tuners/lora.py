@@ -6,8 +6,10 @@ through the C kernels; `LoRAEmbedding` wraps a `lora.nn.Embedding` the way PEFT 
 (y = W[ids] + scaling * A^T[ids] B^T, no dropout). Both keep the base layer's own weight and
 bias Parameters (so a base state dict loads into a wrapped model by the same names), hold
 `lora_A`/`lora_B` (`lora_embedding_A`/`lora_embedding_B`) Parameters, and merge/unmerge in
-place through an explicit `merged` flag. Choosing which layers to wrap is
-lora/tuners/wrap.py's job.
+place, recording which adapters are merged. A layer holds one or several named adapters
+(`Adapter`: a pair with its rank and scaling); the active ones sum, and a mixed batch gives
+each row its own (lora.functional.mixed_forward). Choosing which layers to wrap is
+lora/tuners/wrap.py's job, managing named adapters on a model lora/tuners/adapters.py's.
 """
 
 from __future__ import annotations
