@@ -211,8 +211,9 @@ def adapter_names(model: Module, names: Sequence[str] | None) -> Iterator[Module
     an adapter does not target run their base layer for its rows. Forward only (a backward
     raises); the layers must not be merged. names=None changes nothing. The LoRA layers
     compute the rows of each adapter together (lora.functional.mixed_forward), from the
-    adapters' values as the block's first forward finds them (each layer keeps B^T of the
-    adapters the batch uses for the block, so a decode loop transposes nothing); modules_to_save
+    adapters' values as the block's forwards find them (from the second forward in a block,
+    each layer keeps B^T of the adapters the batch uses, so a decode loop transposes nothing
+    and those values are the ones of that second forward); modules_to_save
     copies are the first adapter's for every row."""
     if names is None:
         yield model

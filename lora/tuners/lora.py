@@ -376,11 +376,16 @@ class LoRALinear(_Packable, _LoRABase):
                              f"in), got {x.shape}")
         ids, ads, cache = self._row_ids(x.shape[0])
         ids = np.broadcast_to(ids.reshape((-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
-        if "Bt" not in cache:  # B^T of the adapters the batch uses, made once per context
+        self._save("mixed")
+        if "Bt" not in cache and not cache.setdefault("seen", False):
+            cache["seen"] = True  # one forward: the kernel transposes B per segment
+            return F.mixed_forward(x, W, [ad.A.data for ad in ads], [ad.B.data for ad in ads],
+                                   [ad.scaling for ad in ads], ids, bias, fan_in_fan_out=fifo,
+                                   residual=residual)
+        if "Bt" not in cache:  # a second forward (a decode loop): keep B^T for the context
             cache["A"] = [ad.A.data for ad in ads]
             cache["Bt"] = [np.ascontiguousarray(ad.B.data.T) for ad in ads]
             cache["scales"] = [ad.scaling for ad in ads]
-        self._save("mixed")
         return F.mixed_forward(x, W, cache["A"], cache["Bt"], cache["scales"], ids, bias,
                                fan_in_fan_out=fifo, residual=residual, b_transposed=True)
 
