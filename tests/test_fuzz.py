@@ -46,6 +46,14 @@ def _case(rng, op, dtype):
         kw = {"scale": scale, "bias": arr(d_out) if rng.random() < 0.5 else None}
         return args, kw, (), lambda a: ref.linear_forward(a["x"], a["weight"], a["A"], a["B"],
                                                           kw["scale"], kw["bias"])
+    if op == "mixed_forward":  # two adapters of their own ranks, some rows on neither
+        r1 = int(rng.integers(1, 6))
+        args = {"x": arr(n, d_in), "weight": arr(d_out, d_in), "A0": arr(r, d_in),
+                "B0": arr(d_out, r), "A1": arr(r1, d_in), "B1": arr(d_out, r1)}
+        kw = {"scales": [scale, 0.5], "adapter_ids": rng.integers(-1, 2, n)}
+        return args, kw, (), lambda a: ref.mixed_forward(
+            a["x"], a["weight"], [a["A0"], a["A1"]], [a["B0"], a["B1"]], kw["scales"],
+            kw["adapter_ids"])
     if op == "linear_backward":
         args = {"dy": arr(n, d_out), "x": arr(n, d_in), "xa": arr(n, r), "weight": arr(d_out, d_in),
                 "A": arr(r, d_in), "B": arr(d_out, r)}
@@ -90,13 +98,14 @@ def _case(rng, op, dtype):
 
 
 OPS = ["linear_forward", "linear_backward", "merge", "unmerge", "dense_forward",
-       "dense_backward", "gelu_forward", "gelu_backward", "layer_norm_forward", "adam_step"]
+       "dense_backward", "gelu_forward", "gelu_backward", "layer_norm_forward", "adam_step",
+       "mixed_forward"]
 SPOILS = ["none", "none", "none", "dtype", "shape", "strided", "alias", "readonly", "nonfinite",
           "huge", "not_array", "scalar"]
 
 
 GEMM_OPS = ("linear_forward", "linear_backward", "merge", "unmerge", "dense_forward",
-            "dense_backward")
+            "dense_backward", "mixed_forward")
 
 
 def _spoil(rng, op, kind, args, kw, inplace, dtype):
@@ -179,6 +188,9 @@ def _call(op, args, kw):
         return fn(args["param"], args["grad"], args["m"], args["v"], **kw)
     if op == "linear_forward":
         return fn(args["x"], args["weight"], args["A"], args["B"], kw["scale"], kw["bias"])
+    if op == "mixed_forward":
+        return fn(args["x"], args["weight"], [args["A0"], args["A1"]], [args["B0"], args["B1"]],
+                  kw["scales"], kw["adapter_ids"])
     if op == "linear_backward":
         return fn(args["dy"], args["x"], args["xa"], args["weight"], args["A"], args["B"],
                   kw["scale"])
