@@ -534,7 +534,6 @@ def score(client, spec: ModelSpec, ddf, *, features=None, adapter=None, output="
     a dict of values or a PEFT adapter directory (None: the spec's own adapter); merged=True
     merges it into the weights first (a plain model, the same outputs). Lazy: call
     .compute() or .persist()."""
-    import pandas as pd
 
     if output not in ("logits", "proba", "predict"):
         raise ValueError(f"score: output must be 'logits', 'proba' or 'predict', got {output!r}")
