@@ -31,6 +31,7 @@ MODULES = [
     ("lora.models.gguf", "GGUF files: the header, dequantization, Llama-family weights."),
     ("lora.models.gguf_export", "A merged Llama-family model written as a GGUF file."),
     ("lora.models.lm_data", "Causal-LM training rows: packed text, masked chat examples."),
+    ("lora.distributed", "Data-parallel training and scoring on Dask (needs `lora[dask]`)."),
     ("lora.data", "The digits data set and base model that ship inside the package."),
     ("lora.cli", "The `lora` command line."),
     ("lora.cli.demo", "`lora demo`."),

