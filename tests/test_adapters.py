@@ -622,3 +622,26 @@ def test_bert_mixed_batch_equals_each_row_alone():
             lora.set_adapter(model, name)
             want = model(ids[i:i + 1], mask[i:i + 1])
         np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_info_names_the_other_adapters(tmp_path):
+    from lora.cli.info import describe_adapter
+
+    lora.save_adapter(_two_adapters(), tmp_path)
+    text = describe_adapter(tmp_path)
+    assert "1 named adapter(s) in subdirectories: other" in text
+    assert "fc1" in describe_adapter(tmp_path / "other")
+
+
+def test_pickle_and_copy_keep_the_adapters():
+    import copy
+    import pickle
+
+    model = _two_adapters()
+    lora.set_adapter(model, ["default", "other"])
+    want = model(IDS)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        np.testing.assert_array_equal(clone(IDS), want)
+        assert clone.fc1.adapter("other").A is dict(clone.named_parameters())["fc1.lora_A.other"]
+        with lora.adapter_names(clone, ["other", "default", "__base__", "other"]):
+            clone(IDS)

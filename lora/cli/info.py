@@ -15,7 +15,8 @@ __all__ = ["describe_adapter"]
 def describe_adapter(directory: str | os.PathLike) -> str:
     """A human-readable summary of the PEFT LoRA adapter in `directory`: its config, and per
     target module the kind, rank, scaling, shapes and parameter count, with the count of a
-    full update of the same weights for comparison. Raises AdapterFormatError (a ValueError)
+    full update of the same weights for comparison, and the names of further adapters saved
+    beside it in subdirectories (PEFT's layout of several). Raises AdapterFormatError (a ValueError)
     for a missing, corrupt or non-LoRA adapter."""
     from ..io import peft as fmt
     from ..tuners.config import config_scaling
@@ -62,6 +63,11 @@ def describe_adapter(directory: str | os.PathLike) -> str:
     )
     for key in sorted(others):
         lines.append(f"  other  {key}  {tuple(others[key].shape)}")
+    named = sorted(e.name for e in os.scandir(directory) if e.is_dir()
+                   and os.path.isfile(os.path.join(e.path, fmt.CONFIG_NAME)))
+    if named:  # PEFT's layout of several adapters: the others in subdirectories
+        lines.append(f"more     {len(named)} named adapter(s) in subdirectories: "
+                     f"{', '.join(named)} (lora info {os.path.join(directory, named[0])})")
     return "\n".join(lines)
 
 
