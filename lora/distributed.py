@@ -266,11 +266,10 @@ def _add(a, b):
 # checkpoints
 
 
-def _write_checkpoint(directory: str, step: int, values: dict, keys: dict, config: dict,
-                      optimizer, history: list) -> None:
-    """The adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) plus
-    trainer_state.json and optimizer.npz, replacing `directory` in one rename."""
-    from lora.io import atomic, safetensors
+def _replace_dir(directory: str, fill: Callable[[str], None]) -> None:
+    """`fill(new)` writes the files into a new directory beside `directory`, which then
+    replaces it in one atomic rename (lora/io/atomic.py); nothing half-written is left."""
+    from lora.io import atomic
 
     target = os.path.abspath(directory)
     parent, name = os.path.split(target)
@@ -278,36 +277,57 @@ def _write_checkpoint(directory: str, step: int, values: dict, keys: dict, confi
     atomic.remove_leftovers(parent, name, "save")
     new = atomic.new_temp_dir(parent, name, "save")
     try:
-        tensors = {keys[n]: np.ascontiguousarray(v) for n, v in values.items() if n in keys}
-        extra = {n: v for n, v in values.items() if n not in keys}
-        write = lambda f, b: f.write(b)  # noqa: E731
-        atomic.write_file(os.path.join(new, "adapter_model.safetensors"),
-                          safetensors.serialize(tensors, metadata={"format": "pt"}), write)
-        atomic.write_file(os.path.join(new, "adapter_config.json"),
-                          (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), write)
-        state = optimizer.state_dict()
-        arrays = {f"extra/{n}": v for n, v in extra.items()}
-        for i, s in state["state"].items():
-            for k, v in s.items():
-                if isinstance(v, np.ndarray):
-                    arrays[f"state/{i}/{k}"] = v
-        meta = {"step": step, "history": history, "names": list(values),
-                "param_groups": state["param_groups"],
-                "state_scalars": {str(i): {k: v for k, v in s.items()
-                                           if not isinstance(v, np.ndarray)}
-                                  for i, s in state["state"].items()}}
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic.write_file(os.path.join(new, "optimizer.npz"), buf.getvalue(), write)
-        atomic.write_file(os.path.join(new, "trainer_state.json"),
-                          json.dumps(meta, default=float).encode(), write)
+        fill(new)
         atomic.fsync_dir(new)
         atomic.replace_dir(new, target)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+
+
+def _write(path: str, data: bytes) -> None:
+    from lora.io import atomic
+
+    atomic.write_file(path, data, lambda f, b: f.write(b))
+
+
+def _adapter_files(new: str, values: dict, keys: dict, config: dict) -> None:
+    """PEFT's two files of the adapter: its tensors under their keys, and its config."""
+    from lora.io import safetensors
+
+    tensors = {keys[n]: np.ascontiguousarray(v) for n, v in values.items() if n in keys}
+    _write(os.path.join(new, "adapter_model.safetensors"),
+           safetensors.serialize(tensors, metadata={"format": "pt"}))
+    _write(os.path.join(new, "adapter_config.json"),
+           (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_checkpoint(directory: str, step: int, values: dict, keys: dict, config: dict,
+                      optimizer, history: list) -> None:
+    """The adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) plus
+    trainer_state.json and optimizer.npz, replacing `directory` in one rename."""
+    import io
+
+    state = optimizer.state_dict()
+    arrays = {f"extra/{n}": v for n, v in values.items() if n not in keys}
+    for i, s in state["state"].items():
+        for k, v in s.items():
+            if isinstance(v, np.ndarray):
+                arrays[f"state/{i}/{k}"] = v
+    meta = {"step": step, "history": history, "names": list(values),
+            "param_groups": state["param_groups"],
+            "state_scalars": {str(i): {k: v for k, v in s.items()
+                                       if not isinstance(v, np.ndarray)}
+                              for i, s in state["state"].items()}}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+
+    def fill(new: str) -> None:
+        _adapter_files(new, values, keys, config)
+        _write(os.path.join(new, "optimizer.npz"), buf.getvalue())
+        _write(os.path.join(new, "trainer_state.json"), json.dumps(meta, default=float).encode())
+
+    _replace_dir(directory, fill)
 
 
 def _read_checkpoint(directory: str, values: dict, keys: dict):
@@ -359,26 +379,8 @@ class TrainResult:
 
     def save(self, directory: str) -> None:
         """Write the adapter as a PEFT directory (atomically)."""
-        from lora.io import atomic, safetensors
-
-        target = os.path.abspath(directory)
-        parent, name = os.path.split(target)
-        os.makedirs(parent, exist_ok=True)
-        new = atomic.new_temp_dir(parent, name, "save")
-        write = lambda f, b: f.write(b)  # noqa: E731
-        try:
-            tensors = {self.keys[n]: np.ascontiguousarray(v) for n, v in self.values.items()
-                       if n in self.keys}
-            atomic.write_file(os.path.join(new, "adapter_model.safetensors"),
-                              safetensors.serialize(tensors, metadata={"format": "pt"}), write)
-            atomic.write_file(os.path.join(new, "adapter_config.json"),
-                              (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode(),
-                              write)
-            atomic.fsync_dir(new)
-            atomic.replace_dir(new, target)
-        except BaseException:
-            shutil.rmtree(new, ignore_errors=True)
-            raise
+        _replace_dir(directory, lambda new: _adapter_files(new, self.values, self.keys,
+                                                           self.config))
 
     def load_into(self, model) -> None:
         """Give a model built like the workers' (same spec) the trained values."""
