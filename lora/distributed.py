@@ -369,7 +369,8 @@ def _read_checkpoint(directory: str, values: dict, keys: dict):
 class TrainResult:
     """What train returns: the trained adapter's values by parameter name, their PEFT keys
     and config (`save` writes the adapter directory), and one dict of metrics per step
-    (loss, rows, seconds, compute_seconds: the slowest worker's gradient, rows_per_s,
+    (loss, rows: what the loss averages over, the tokens for "causal_lm", seconds,
+    compute_seconds: the slowest worker's gradient, rows_per_s: tokens/s for "causal_lm",
     bytes_moved, bytes_per_worker, adapter_bytes, workers, retries)."""
 
     values: dict
