@@ -102,8 +102,6 @@ int arg_inplace(Call *c, PyArrayObject **slot, const char *name, PyObject *obj) 
     return get_array(c, slot, name, obj, 1);
 }
 
-static int as_carray(PyArrayObject **a);
-
 int arg_array_list(Call *c, const char *name, PyObject *obj, int ndim, PyArrayObject ***items,
                    Py_ssize_t *len) {
     const int slot = c->list[0] ? 1 : 0;
@@ -134,7 +132,7 @@ int arg_array_list(Call *c, const char *name, PyObject *obj, int ndim, PyArrayOb
         if (get_array(c, &a, item, seq[k], 0)) return -1;
         c->n = held;
         arr[k] = a;
-        if (check_ndim(c, item, a, ndim, 0) || as_carray(&arr[k])) return -1;
+        if (check_ndim(c, item, a, ndim, 0)) return -1; /* made C-contiguous by call_carrays */
     }
     *items = arr, *len = n;
     return 0;
@@ -155,6 +153,9 @@ static int as_carray(PyArrayObject **a) {
 int call_carrays(Call *c) {
     for (int i = 0; i < c->n; i++)
         if (c->input[i] && as_carray(c->held[i])) return -1;
+    for (int l = 0; l < 2; l++)
+        for (Py_ssize_t k = 0; c->list[l] && k < c->list_n[l]; k++)
+            if (as_carray(&c->list[l][k])) return -1;
     return 0;
 }
 

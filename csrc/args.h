@@ -48,8 +48,9 @@ int arg_optional(Call *c, PyArrayObject **slot, const char *name, PyObject *obj)
  * copied, since a copy would lose the update. */
 int arg_inplace(Call *c, PyArrayObject **slot, const char *name, PyObject *obj);
 /* A list or tuple of `ndim`-D arrays of the call's dtype (the messages name item k as
- * name[k]), each made C-contiguous (copied when it is not); *items is held by the Call, at
- * most two lists a call. */
+ * name[k]); *items is held by the Call, at most two lists a call. call_carrays makes each
+ * C-contiguous, after the shape checks, like the other inputs: read the items' data after
+ * it. */
 int arg_array_list(Call *c, const char *name, PyObject *obj, int ndim, PyArrayObject ***items,
                    Py_ssize_t *len);
 /* Has the Call hold *slot, a new reference (or NULL); `input`: call_carrays may copy it. */
@@ -91,8 +92,8 @@ int check_no_overlap(const Call *c, const char *out, PyArrayObject *a, const cha
 /* The product of all dims but the last. */
 npy_intp leading_rows(PyArrayObject *a);
 
-/* After every check: replaces each read-only input that is not aligned, native-order and
- * C-contiguous by such a copy (cheap next to the GEMMs; a huge broadcast view has been
+/* After every check: replaces each read-only input (list items included) that is not
+ * aligned, native-order and C-contiguous by such a copy (cheap next to the GEMMs; a huge broadcast view has been
  * refused by the size checks by then). */
 int call_carrays(Call *c);
 

@@ -161,11 +161,12 @@ PyObject *py_mixed_forward(PyObject *self, PyObject *args, PyObject *kwds) {
                         bt ? "(r, d_out), r = A[k].shape[0]" : "(d_out, r), r = A[k].shape[0]"))
             goto done;
         rank[k] = (size_t)r;
-        a_data[k] = PyArray_DATA(As[k]), b_data[k] = PyArray_DATA(Bs[k]);
     }
     if (arg_scales(&c, scales_o, na, scale) || arg_ids(&c, ids_o, x, na, &ids) ||
         call_carrays(&c))
         goto done;
+    for (Py_ssize_t k = 0; k < na; k++) /* the items as call_carrays left them */
+        a_data[k] = PyArray_DATA(As[k]), b_data[k] = PyArray_DATA(Bs[k]);
 
     /* the rows with an adapter and the largest rank among them size the scratch */
     const int64_t *id = PyArray_DATA(ids);
