@@ -645,3 +645,29 @@ def test_pickle_and_copy_keep_the_adapters():
         assert clone.fc1.adapter("other").A is dict(clone.named_parameters())["fc1.lora_A.other"]
         with lora.adapter_names(clone, ["other", "default", "__base__", "other"]):
             clone(IDS)
+
+
+def test_threads_run_their_own_mixed_batches():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _two_adapters()
+    plans = [["other", "default", "__base__", "other"], ["default"] * 4, ["__base__", "other"] * 2,
+             ["other"] * 4]
+    want = []
+    for names in plans:
+        with lora.adapter_names(model, names):
+            want.append(model(IDS))
+
+    def run(i):
+        out = []
+        for _ in range(30):
+            with lora.adapter_names(model, plans[i]):
+                out.append(model(IDS))
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    for i, outs in enumerate(results):
+        for got in outs:
+            np.testing.assert_array_equal(got, want[i])
+    assert not lora.tuners.lora.BATCH_ADAPTERS.__dict__.get("by_layer")  # left as it was

@@ -22,7 +22,7 @@ import numpy as np
 from .._checks import check_fields
 from ..nn import Embedding, Module
 from .config import LoraConfig
-from .lora import BASE_ROWS, LoRAEmbedding, LoRALinear, check_adapter_name
+from .lora import BASE_ROWS, BATCH_ADAPTERS, LoRAEmbedding, LoRALinear, check_adapter_name
 from .wrap import find_targets, lora_layers, unload, wrap
 
 __all__ = [
@@ -214,7 +214,9 @@ def adapter_names(model: Module, names: Sequence[str] | None) -> Iterator[Module
     adapters' values as the block's forwards find them (from the second forward in a block,
     each layer keeps B^T of the adapters the batch uses, so a decode loop transposes nothing
     and those values are the ones of that second forward); modules_to_save
-    copies are the first adapter's for every row."""
+    copies are the first adapter's for every row. The block's rows are this thread's: other
+    threads can run their own mixed batches through the same model at the same time (in eval
+    mode; the kernels release the GIL)."""
     if names is None:
         yield model
         return
@@ -232,14 +234,20 @@ def adapter_names(model: Module, names: Sequence[str] | None) -> Iterator[Module
     if merged:
         raise ValueError(f"adapter_names: layer {merged[0]!r} is merged; mixed-adapter batches "
                          "need unmerged adapters (unmerge_adapter first)")
-    before = [layer._rows for _, layer in layers]
+    if not hasattr(BATCH_ADAPTERS, "by_layer"):
+        BATCH_ADAPTERS.by_layer = {}
+    table = BATCH_ADAPTERS.by_layer  # this thread's: other threads keep their own batches
+    before = {id(layer): table.get(id(layer)) for _, layer in layers}
     for path, layer in layers:
-        object.__setattr__(layer, "_rows", (names, path, {}))
+        table[id(layer)] = (names, path, {})
     try:
         yield model
     finally:
-        for (_, layer), rows in zip(layers, before, strict=True):
-            object.__setattr__(layer, "_rows", rows)
+        for key, rows in before.items():
+            if rows is None:
+                table.pop(key, None)
+            else:
+                table[key] = rows
 
 
 def takes_adapter_names(forward):
@@ -250,10 +258,10 @@ def takes_adapter_names(forward):
     def run(self, *args, adapter_names=None, **kwargs):
         if adapter_names is None:
             return forward(self, *args, **kwargs)
-        with _rows(self, adapter_names):
+        with _row_adapters(self, adapter_names):
             return forward(self, *args, **kwargs)
 
     return run
 
 
-_rows = adapter_names
+_row_adapters = adapter_names  # the keyword argument above shadows the function's name

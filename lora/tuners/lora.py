@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 
@@ -29,6 +30,8 @@ __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
 
 ADAPTER_NAME = "default"  # the name of a model's first adapter, as PEFT's
 BASE_ROWS = "__base__"  # in lora.adapter_names: a row that runs the base layer alone
+# per thread, {id(layer): (names, module path, cache)}: the mixed batch lora.adapter_names runs
+BATCH_ADAPTERS = threading.local()
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,7 +97,6 @@ class _LoRABase(Module):
     def _setup(self, base: Module, rng) -> None:
         object.__setattr__(self, "_base", base)  # not a child: its Parameters are ours
         object.__setattr__(self, "_adapters", {})
-        object.__setattr__(self, "_rows", None)  # set by lora.adapter_names
         self.weight = base.weight
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -120,6 +122,13 @@ class _LoRABase(Module):
         else:
             ad.A.requires_grad = ad.B.requires_grad = False
         return ad
+
+    @property
+    def _batch_adapters(self):
+        """(names, path, cache) while this thread runs a mixed batch (lora.adapter_names);
+        None otherwise. Kept per thread, so threads serving different mixed batches with
+        one model do not see each other's."""
+        return getattr(BATCH_ADAPTERS, "by_layer", {}).get(id(self))
 
     @staticmethod
     def param_name(field: str, adapter: str) -> str:
@@ -203,7 +212,7 @@ class _LoRABase(Module):
     def _row_ids(self, batch: int) -> tuple[np.ndarray, list[Adapter], dict]:
         """In a mixed batch: each batch row's index into the adapters of this layer that
         the batch uses (-1: none), those adapters, and the context's cache for the layer."""
-        names, where, cache = self._rows
+        names, where, cache = self._batch_adapters
         if batch != len(names):
             raise ValueError(f"lora.adapter_names: {len(names)} adapter names for a batch of "
                              f"{batch} rows ({where}); give one per row of the batch")
@@ -344,7 +353,7 @@ class LoRALinear(_Packable, _LoRABase):
             self.unmerge()  # as PEFT: running without the adapter needs the base weight back
         W, fifo = self._weight_arg(x)  # read in place in either layout, or packed
         bias = None if self.bias is None else self.bias.data
-        if self._rows is not None and not self.disabled:
+        if self._batch_adapters is not None and not self.disabled:
             return self._mixed_forward(x, W, fifo, bias, residual)
         live = self._live()
         if not live:
@@ -490,7 +499,7 @@ class LoRAEmbedding(_LoRABase):
             self.unmerge()
         ids = _check_ids(ids, self.num_embeddings)
         y = self._base.lookup(ids) if self.quantized else self.weight.data[ids]
-        if self._rows is not None and not self.disabled:
+        if self._batch_adapters is not None and not self.disabled:
             if self.merged:
                 raise ValueError("LoRAEmbedding: a mixed-adapter batch needs unmerged adapters")
             if ids.ndim == 0:
