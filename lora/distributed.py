@@ -395,18 +395,25 @@ def _partitions(client, data, features, label):
     graph; a list is turned into delayed values for the same reason."""
     import dask
 
+    def row_blocks(a):  # a Dask Array's blocks of whole rows (other axes in one chunk)
+        if getattr(a, "ndim", 1) > 1:
+            a = a.rechunk({axis: -1 for axis in range(1, a.ndim)})
+        return list(np.ravel(a.to_delayed()))
+
     if isinstance(data, (list, tuple)) and not (len(data) == 2 and all(
             hasattr(d, "to_delayed") for d in data)):
         parts = [dask.delayed(p, pure=True) for p in data]
     elif isinstance(data, tuple):
         X, y = data
-        xs = X.to_delayed().ravel()
-        ys = y.to_delayed().ravel()
-        if len(xs) != len(ys):
-            raise ValueError("train: X and y must be chunked alike along their rows")
-        parts = [dask.delayed(tuple)([a, b]) for a, b in zip(xs, ys, strict=True)]
-    elif hasattr(data, "to_delayed"):
-        parts = list(np.ravel(data.to_delayed()))
+        if tuple(X.chunks[0]) != tuple(y.chunks[0]):
+            raise ValueError(f"train: X and y must be chunked alike along their rows, got "
+                             f"{X.chunks[0]} and {y.chunks[0]}")
+        parts = [dask.delayed(tuple)([a, b])
+                 for a, b in zip(row_blocks(X), row_blocks(y), strict=True)]
+    elif hasattr(data, "chunks"):  # a Dask Array
+        parts = row_blocks(data)
+    elif hasattr(data, "to_delayed"):  # a Dask DataFrame
+        parts = list(data.to_delayed())
     else:
         raise TypeError(f"train: data must be a Dask DataFrame or Array, an (X, y) pair of Dask "
                         f"Arrays, or a list of partitions; got {type(data).__name__}")

@@ -155,6 +155,12 @@ def test_causal_lm_on_token_rows(client):
                       batch_size=8, steps=3, lr=1e-2)
     want = one_process(build_llama(), parts, ld.LOSSES["causal_lm"], 3, 8, 1e-2)
     assert_same_adapter(result.values, want, rtol=1e-4)
+    # the same rows as a Dask Array chunked along both axes: blocks of whole rows
+    da = pytest.importorskip("dask.array")
+    blocks = da.from_array(tokens, chunks=(20, 3))
+    from_array = ld.train(client, ld.ModelSpec(build=build_llama), blocks, loss="causal_lm",
+                          batch_size=8, steps=3, lr=1e-2)
+    assert_same_adapter(from_array.values, want, rtol=1e-4)
 
 
 def _calls(directory) -> int:
