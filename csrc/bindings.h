@@ -26,6 +26,9 @@ LORA_KW_BINDING(mixed_forward);
 /* bind_merge.c */
 LORA_KW_BINDING(merge);
 LORA_KW_BINDING(unmerge);
+
+/* bind_dora.c */
+LORA_KW_BINDING(dora_norm);
 /* bind_optim.c */
 LORA_KW_BINDING(adam_step);
 /* bind_nn.c */

@@ -162,6 +162,9 @@ size_t lora_lm_loss_scratch_bytes(size_t chunk, size_t V, size_t elem);
                              size_t r, size_t parts, int wt, int acc, const LoraPacked *pk);  \
     void lora_merge_##SUF(T *W, T *scratch, const T *A, const T *B, T scale,                 \
                           int fan_in_fan_out, size_t d_out, size_t d_in, size_t r);           \
+    void dora_norm_##SUF(T *norm, T *scratch, const T *W, const T *A, const T *B, T scale,    \
+                         const T *w_sq, size_t d_out, size_t d_in, size_t r, int wt,          \
+                         const LoraPacked *pk);                                               \
     void lora_merge_naive_##SUF(T *W, const T *A, const T *B, T scale, size_t d_out,          \
                                 size_t d_in, size_t r);                                       \
     void dense_forward_##SUF(T *y, const T *x, const T *W, const T *bias, const T *res,       \

@@ -1,8 +1,9 @@
 /* module.c: the module lora._C: its method table and its initialisation, nothing else.
  *
  * The functions live by family in bind_linear.c (linear and dense layers), bind_multi.c
- * (mixed_forward: a batch whose rows use different adapters), bind_merge.c
- * (merge, unmerge), bind_optim.c (adam_step), bind_nn.c (GELU, LayerNorm, attention), bind_llama.c
+ * (mixed_forward: a batch whose rows use different adapters), bind_merge.c (merge,
+ * unmerge), bind_dora.c (dora_norm: DoRA's weight norm), bind_optim.c (adam_step),
+ * bind_nn.c (GELU, LayerNorm, attention), bind_llama.c
  * (RMSNorm, RoPE, SwiGLU, causal GQA attention), bind_quant.c (quantize, dequantize, the
  * QuantWeight type) and bind_blas.c (set_num_threads, blas_info); the PackedWeight type in
  * packed.c. Argument
@@ -25,6 +26,7 @@ static PyMethodDef methods[] = {
     KW_METHOD(linear_backward),
     KW_METHOD(merge),
     KW_METHOD(unmerge),
+    KW_METHOD(dora_norm),
     KW_METHOD(dense_forward),
     KW_METHOD(dense_backward),
     KW_METHOD(mixed_forward),

@@ -80,6 +80,12 @@ def unmerge(weight, A, B, scale, *, fan_in_fan_out=False):
     return merge(weight, A, B, -scale, fan_in_fan_out=fan_in_fan_out)
 
 
+def dora_norm(weight, A, B, scale, *, fan_in_fan_out=False, weight_sqnorm=None):
+    """DoRA's per-output norm of the adapted weight, ||W + scale B A|| row by row, formed."""
+    W = weight.T if fan_in_fan_out else weight
+    return np.linalg.norm(W + scale * (B @ A), axis=1)
+
+
 def dense_forward(x, weight, bias=None):
     y = x @ weight.T
     return y if bias is None else y + bias

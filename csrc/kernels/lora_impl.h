@@ -707,6 +707,9 @@ void FN(dense_backward)(T *dx, T *dW, const T *dy, const T *x, const T *W, size_
 /* Batches whose rows use different adapters, built on the row kernels above. */
 #include "multi_impl.h"
 
+/* DoRA's weight norm, also read through base_forward. */
+#include "dora_impl.h"
+
 #undef ROW
 #undef NT
 #undef TR

@@ -20,6 +20,7 @@ import numpy as np
 from ..nn import Embedding, Module, Parameter
 from ..tuners.config import LoraConfig
 from ..tuners.lora import LoRAEmbedding, check_adapter_name
+from ..tuners.variants import variant_for
 from ..tuners.wrap import (
     ModulesToSaveWrapper,
     _modules_to_save_paths,
@@ -80,6 +81,8 @@ def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[s
         )
         for key, p in zip(keys, layer._pair(name), strict=True):
             tensors[key] = p.data
+        for field, p in layer.adapter(name).extra.items():
+            tensors[fmt.KEY_PREFIX + path + "." + field] = p.data
     if config.bias == "none" and not config.modules_to_save:
         return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     saved_paths = _saved_paths(model)
@@ -232,7 +235,8 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
             raise AdapterFormatError(f"load_adapter: layer {merged[0]!r} is merged; unmerge first")
         expected = {
             path: (_kind(layer), layer._pair(adapter_name)[0].shape,
-                   layer._pair(adapter_name)[1].shape)
+                   layer._pair(adapter_name)[1].shape,
+                   {f: p.shape for f, p in layer.adapter(adapter_name).extra.items()})
             for path, layer in lora_layers(model) if adapter_name in layer.adapters
         }
     else:
@@ -242,7 +246,9 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
             targets = find_targets(model, config)
         except ValueError as e:
             raise AdapterFormatError(f"load_adapter: {e}") from None
-        expected = {path: _expected_shapes(base, config.rank_for(path)) for path, base in targets}
+        variant = variant_for(config, where)
+        expected = {path: _expected_shapes(base, config.rank_for(path), variant)
+                    for path, base in targets}
     _check_pairs(pairs, expected, config)
     if wrapped:
         saved_paths = _saved_paths(model)
@@ -298,6 +304,8 @@ def _assign(model: Module, config: LoraConfig, pairs: dict, others: dict, extra:
         ad = layers[path].adapter(adapter_name)
         ad.A.data[...] = t.A
         ad.B.data[...] = t.B
+        for name, value in t.extra.items():
+            ad.extra[name].data[...] = value
         ad.lora_alpha, ad.use_rslora = config.alpha_for(path), config.use_rslora
         ad.scaling = config.scaling_for(path, t.r)
     for key, value in others.items():
@@ -316,7 +324,7 @@ def _snapshot(model: Module, pairs: dict, extra: dict, adapter_name: str):
     pairs, alpha and scaling, the extra parameters and the model's configs."""
     layers = dict(lora_layers(model))
     ads = [layers[path].adapter(adapter_name) for path in pairs]
-    arrays = [(p, p.data.copy()) for ad in ads for p in (ad.A, ad.B)]
+    arrays = [(p, p.data.copy()) for ad in ads for p in ad.params()]
     arrays += [(p, p.data.copy()) for p in extra.values()]
     attrs = [(ad, ad.lora_alpha, ad.use_rslora, ad.scaling) for ad in ads]
     configs = dict(model.__dict__.get("lora_configs") or {})
@@ -336,14 +344,17 @@ def _kind(layer: Module) -> str:
     return "embedding" if isinstance(layer, (LoRAEmbedding, Embedding)) else "linear"
 
 
-def _expected_shapes(base: Module, r: int) -> tuple[str, tuple, tuple]:
+def _expected_shapes(base: Module, r: int, variant) -> tuple[str, tuple, tuple, dict]:
+    """(kind, A's shape, B's, {field: shape} of the variant's tensors) for a layer."""
     if isinstance(base, (Embedding, LoRAEmbedding)):
-        return "embedding", (r, base.num_embeddings), (base.embedding_dim, r)
-    return "linear", (r, base.in_features), (base.out_features, r)
+        kind, d_out, d_in = "embedding", base.embedding_dim, base.num_embeddings
+    else:
+        kind, d_out, d_in = "linear", base.out_features, base.in_features
+    return kind, (r, d_in), (d_out, r), variant.extra_shapes(kind, d_out, d_in, r)
 
 
 def _check_pairs(pairs: dict, expected: dict, config: LoraConfig) -> None:
-    for path, (kind, a_shape, b_shape) in expected.items():
+    for path, (kind, a_shape, b_shape, extra) in expected.items():
         if path not in pairs:
             raise AdapterFormatError(f"load_adapter: the adapter has no LoRA weights for {path!r}")
         t = pairs[path]
@@ -360,6 +371,13 @@ def _check_pairs(pairs: dict, expected: dict, config: LoraConfig) -> None:
             raise AdapterFormatError(
                 f"load_adapter: {path!r}: the file's A {t.A.shape} and B {t.B.shape} do not fit "
                 f"the model's A {a_shape} and B {b_shape}"
+            )
+        got = {f: v.shape for f, v in t.extra.items()}
+        if got != extra:
+            raise AdapterFormatError(
+                f"load_adapter: {path!r}: the file has {got or 'no further tensors'} beside A and "
+                f"B, the adapter's variant needs {extra or 'none'} (use_dora in the config and "
+                "lora_magnitude_vector tensors go together)"
             )
     for path in pairs:
         if path not in expected:

@@ -2,7 +2,8 @@
 
 An adapter is a directory with adapter_config.json and adapter_model.safetensors. Tensor keys
 are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` for Linear layers and
-`base_model.model.<module path>.lora_embedding_A` / `lora_embedding_B` for Embedding layers.
+`base_model.model.<module path>.lora_embedding_A` / `lora_embedding_B` for Embedding layers,
+plus a variant's own tensors beside them (DoRA's `<module path>.lora_magnitude_vector`).
 This module only reads and names things; building or checking a model is lora/io/adapter.py's
 job and merging into a checkpoint is lora/io/checkpoint.py's. It never unpickles anything.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..tuners.config import check_values
+from ..tuners.variants import extra_fields
 from .safetensors import SafetensorsError, read_float_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -33,12 +35,15 @@ class AdapterFormatError(ValueError):
 @dataclass
 class LoraTensors:
     """The LoRA pair of one module. A is (r, d_in), B is (d_out, r) for a Linear layer;
-    for an Embedding layer A is (r, num_embeddings) and B is (embedding_dim, r)."""
+    for an Embedding layer A is (r, num_embeddings) and B is (embedding_dim, r). `extra`
+    holds a variant's further tensors by field (DoRA's lora_magnitude_vector, key
+    `<path>.lora_magnitude_vector`)."""
 
     path: str
     kind: str  # "linear" or "embedding"
     A: np.ndarray
     B: np.ndarray
+    extra: dict = field(default_factory=dict)
 
     @property
     def r(self) -> int:
@@ -125,4 +130,13 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
         if path in pairs:
             raise AdapterFormatError(f"module {path!r}: both Linear and Embedding LoRA keys")
         pairs[path] = LoraTensors(path, kind, A, B)
+    for key in list(others):  # the variants' tensors (DoRA's magnitudes) join their pair
+        name = next((f for f in extra_fields() if key.endswith("." + f)), None)
+        if name is None or not key.startswith(KEY_PREFIX):
+            continue
+        path = key[len(KEY_PREFIX):-len(name) - 1]
+        if path not in pairs:
+            raise AdapterFormatError(f"tensor {key!r}: {name} for module {path!r}, which has no "
+                                     "lora_A/lora_B pair in the file")
+        pairs[path].extra[name] = others.pop(key)
     return pairs, others

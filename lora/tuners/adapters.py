@@ -23,6 +23,7 @@ from .._checks import check_fields
 from ..nn import Embedding, Module
 from .config import LoraConfig
 from .lora import BASE_ROWS, BATCH_ADAPTERS, LoRAEmbedding, LoRALinear, check_adapter_name
+from .variants import variant_for
 from .wrap import find_targets, lora_layers, unload, wrap
 
 __all__ = [
@@ -103,7 +104,8 @@ def add_adapter(model: Module, adapter_name: str, config: LoraConfig | None = No
         for path, m in targets:
             layer_rng = np.random.default_rng(rng.integers(0, 2**63))
             r, alpha = config.rank_for(path), config.alpha_for(path)
-            kwargs = dict(use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+            kwargs = dict(use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                          variant=variant_for(config).name)
             if isinstance(m, (LoRALinear, LoRAEmbedding)):
                 saved_rng = m.rng
                 m.rng = layer_rng

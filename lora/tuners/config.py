@@ -3,7 +3,7 @@ adapter_config.json.
 
 Only the fields this library acts on are attributes. Reading a config written by PEFT accepts
 PEFT's other fields silently when they hold their defaults (they describe features not used
-here), refuses them with ValueError when they do not (e.g. use_dora=True), and warns about
+here), refuses them with ValueError when they do not (e.g. lora_bias=True), and warns about
 keys it has never heard of (a newer PEFT), ignoring them.
 """
 
@@ -108,8 +108,9 @@ def check_values(config, where: str) -> None:
     check_real(dropout, "lora_dropout", where)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{where}: lora_dropout must be in [0, 1), got {dropout}")
-    if not isinstance(get("use_rslora", False), bool):
-        raise ValueError(f"{where}: use_rslora must be true or false, got {get('use_rslora')!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(get(flag, False), bool):
+            raise ValueError(f"{where}: {flag} must be true or false, got {get(flag)!r}")
 
 
 def config_scaling(config: dict, path: str, r: int) -> float:
@@ -135,7 +136,6 @@ _PEFT_METADATA = {
 }
 # PEFT features not implemented here: accepted only at their (falsy) defaults.
 _PEFT_UNSUPPORTED = {
-    "use_dora",
     "lora_bias",
     "layers_to_transform",
     "layers_pattern",
@@ -193,7 +193,8 @@ class LoraConfig:
     task type ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
     "FEATURE_EXTRACTION" or None), whose task head (TASK_HEADS: "classifier" and "score" for
     SEQ_CLS and TOKEN_CLS) is added to modules_to_save, so it trains and is saved with the
-    adapter, as PEFT does.
+    adapter, as PEFT does; use_dora: DoRA (Liu et al. 2024), a trained magnitude per output
+    on top of the LoRA update (lora/tuners/variants/dora.py).
     """
 
     r: int = 8
@@ -246,8 +247,6 @@ class LoraConfig:
                 f"LoraConfig: init_lora_weights must be one of {INIT_METHODS}, "
                 f"got {self.init_lora_weights!r}"
             )
-        if self.use_dora:
-            raise ValueError("LoraConfig: use_dora=True (DoRA) is not supported")
         self.loftq_config = dict(self.loftq_config or {})
         loftq_qtype(self.loftq_config)  # validated now, used by init_lora_weights="loftq"
 

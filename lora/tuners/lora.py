@@ -24,6 +24,7 @@ from .. import functional as F
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantEmbedding, QuantLinear
 from ..nn.layers import _check_ids, _Packable, _rows, _scatter_rows, as_input
 from .config import MAX_ALPHA, check_positive_int, check_real, scaling_factor
+from .variants import VARIANTS, Variant
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "init_lora_weights"]
 
@@ -36,7 +37,9 @@ BATCH_ADAPTERS = threading.local()
 
 @dataclasses.dataclass(eq=False)
 class Adapter:
-    """One named adapter of one LoRA layer: its pair of matrices and how they are scaled."""
+    """One named adapter of one LoRA layer: its pair of matrices, how they are scaled, its
+    variant (lora/tuners/variants: plain LoRA, DoRA, ...) and that variant's further
+    Parameters by PEFT's field name (DoRA's lora_magnitude_vector)."""
 
     A: Parameter
     B: Parameter
@@ -45,6 +48,13 @@ class Adapter:
     use_rslora: bool
     scaling: float
     lora_dropout: float = 0.0
+    variant: Variant = VARIANTS["lora"]
+    extra: dict = dataclasses.field(default_factory=dict)
+    merge_state: object = None  # what the variant's merge_into returned, while merged
+
+    def params(self) -> list[Parameter]:
+        """Every trainable Parameter of the adapter: A, B and the variant's."""
+        return [self.A, self.B, *self.extra.values()]
 
 
 def check_adapter_name(name, where: str) -> None:
@@ -105,23 +115,81 @@ class _LoRABase(Module):
         self.weight.requires_grad = False
 
     def _new_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool,
-                     lora_dropout: float, shape_a: tuple, shape_b: tuple, dtype) -> Adapter:
+                     lora_dropout: float, dtype, variant: str = "lora") -> Adapter:
         where = type(self).__name__
         check_adapter_args(where, name, r, lora_alpha, lora_dropout)
         if name in self._adapters:
             raise ValueError(f"{where}: the layer already has an adapter named {name!r}")
-        ad = Adapter(Parameter(np.zeros(shape_a, dtype)), Parameter(np.zeros(shape_b, dtype)), r,
-                     lora_alpha, use_rslora, scaling_factor(lora_alpha, r, use_rslora),
-                     lora_dropout)
-        for field, p in zip(self._PAIR, (ad.A, ad.B), strict=True):
+        if variant not in VARIANTS:
+            raise ValueError(f"{where}: unknown LoRA variant {variant!r}; one of {list(VARIANTS)}")
+        v = VARIANTS[variant]
+        d_out, d_in = self._dims
+        ad = Adapter(Parameter(np.zeros((r, d_in), dtype)), Parameter(np.zeros((d_out, r), dtype)),
+                     r, lora_alpha, use_rslora, scaling_factor(lora_alpha, r, use_rslora),
+                     lora_dropout, v)
+        for field, shape in v.extra_shapes(self._KIND, d_out, d_in, r).items():
+            ad.extra[field] = Parameter(np.zeros(shape, dtype))
+        for field, p in zip(self._PAIR + tuple(ad.extra), ad.params(), strict=True):
             self._parameters[self.param_name(field, name)] = p
         first = not self._adapters
         self._adapters[name] = ad
         if first:
             self.active_adapters = [name]
         else:
-            ad.A.requires_grad = ad.B.requires_grad = False
+            for p in ad.params():
+                p.requires_grad = False
         return ad
+
+    def _init_adapter(self, name: str, init, loftq_config=None) -> None:
+        """init_lora_weights, then the variant's own parameters; the adapter is removed
+        again if either fails."""
+        try:
+            _init_weights(self, init, loftq_config, adapter_name=name)
+            ad = self._adapters[name]
+            ad.variant.init(self, ad)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+
+    def dora_norm(self, ad: Adapter) -> np.ndarray:
+        """||W + scaling B A|| per output (lora.functional.dora_norm) for adapter `ad`, read
+        from the base weight as it is held: an array in its own layout, or quantized blocks
+        (whose squared row norms are computed once and kept)."""
+        A, B, s = ad.A.data, ad.B.data, ad.scaling
+        base = self._base
+        if isinstance(base, QuantLinear):
+            if getattr(base, "_row_sqnorm", None) is None or base._row_sqnorm[0] is not base.weight.data:
+                w = base.dequantize()
+                object.__setattr__(base, "_row_sqnorm", (base.weight.data, np.einsum("ij,ij->i", w, w)))
+            return F.dora_norm(base.qweight.kernel_weight(), A, B, s, weight_sqnorm=base._row_sqnorm[1])
+        W = base.dequantize() if isinstance(base, QuantEmbedding) else self.weight.data
+        return F.dora_norm(W, A, B, s, fan_in_fan_out=self._transposed)
+
+    def _merge_one(self, weight: np.ndarray, ad: Adapter) -> object:
+        """Add adapter ad's update to `weight` (this layer's layout) in place, by its variant."""
+        extra = {k: p.data for k, p in ad.extra.items()}
+        return ad.variant.merge_into(weight, ad.A.data, ad.B.data, ad.scaling, extra,
+                                     self._transposed)
+
+    def _unmerge_one(self, weight: np.ndarray, ad: Adapter) -> None:
+        extra = {k: p.data for k, p in ad.extra.items()}
+        ad.variant.unmerge_from(weight, ad.A.data, ad.B.data, ad.scaling, extra,
+                                self._transposed, ad.merge_state)
+        ad.merge_state = None
+
+    def _check_mixed(self, ads: list[Adapter]) -> None:
+        odd = sorted({ad.variant.name for ad in ads if not ad.variant.stacks})
+        if odd:
+            raise ValueError(f"{type(self).__name__}: mixed-adapter batches (lora.adapter_names) "
+                             f"do not take {'/'.join(odd)} adapters (nor does PEFT); run their "
+                             "rows as a batch of their own")
+
+    def _check_alone(self, ads: list[Adapter], what: str) -> None:
+        """ValueError when several adapters would run together and one's variant cannot."""
+        if len(ads) > 1 and any(not ad.variant.stacks for ad in ads):
+            kinds = sorted({ad.variant.name for ad in ads if not ad.variant.stacks})
+            raise ValueError(f"{type(self).__name__}: {what} with a {'/'.join(kinds)} adapter "
+                             "among them; it runs alone (set_adapter to one adapter)")
 
     @property
     def _batch_adapters(self):
@@ -174,16 +242,20 @@ class _LoRABase(Module):
         names = [names] if isinstance(names, str) else list(names)
         self.active_adapters = [n for n in names if n in self._adapters]
         for name, ad in self._adapters.items():
-            ad.A.requires_grad = ad.B.requires_grad = name in self.active_adapters
+            for p in ad.params():
+                p.requires_grad = name in self.active_adapters
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerged first if merged) from the layer."""
         ad = self.adapter(name)
         if name in self.merged_adapters:
-            self._merge_into(self.weight.data, ad.A.data, ad.B.data, -ad.scaling)
-            self.merged_adapters.remove(name)
-            self._weight_changed()
-        for field in self._PAIR:
+            if self.merged_adapters[-1] != name:
+                self.unmerge()  # merges are undone last first
+            else:
+                self._unmerge_one(self.weight.data, ad)
+                self.merged_adapters.remove(name)
+                self._weight_changed()
+        for field in self._PAIR + tuple(ad.extra):
             del self._parameters[self.param_name(field, name)]
         del self._adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
@@ -235,17 +307,20 @@ class _LoRABase(Module):
             raise ValueError(f"{type(self).__name__}.merge: the base weight is quantized "
                              f"({self._base.qtype}) and cannot take the update in place; "
                              "lora.merge_and_unload gives the merged model in float weights")
+        self._check_alone([self._adapters[n] for n in self.merged_adapters + names],
+                          "merging several adapters")
         for name in names:
             ad = self._adapters[name]
             if safe_merge:
                 merged = self.weight.data.copy()
-                self._merge_into(merged, ad.A.data, ad.B.data, ad.scaling)
+                state = self._merge_one(merged, ad)
                 if not np.isfinite(merged).all():
                     raise ValueError(f"{type(self).__name__}.merge: the merged weight is not "
                                      f"finite (adapter {name!r})")
                 self.weight.data[...] = merged
             else:
-                self._merge_into(self.weight.data, ad.A.data, ad.B.data, ad.scaling)
+                state = self._merge_one(self.weight.data, ad)
+            ad.merge_state = state
             self.merged_adapters.append(name)
         self._weight_changed()
 
@@ -255,8 +330,7 @@ class _LoRABase(Module):
         if not self.merged:
             return
         for name in reversed(self.merged_adapters):
-            ad = self._adapters[name]
-            self._merge_into(self.weight.data, ad.A.data, ad.B.data, -ad.scaling)
+            self._unmerge_one(self.weight.data, self._adapters[name])
         self.merged_adapters = []
         self._weight_changed()
 
@@ -289,6 +363,7 @@ class LoRALinear(_Packable, _LoRABase):
         rng: np.random.Generator | None = None,
         loftq_config: dict | None = None,
         adapter_name: str = ADAPTER_NAME,
+        variant: str = "lora",
     ):
         super().__init__()
         if not isinstance(base, (Linear, Conv1D)):
@@ -299,24 +374,29 @@ class LoRALinear(_Packable, _LoRABase):
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora,
-                         init_lora_weights=init_lora_weights, loftq_config=loftq_config)
+                         init_lora_weights=init_lora_weights, loftq_config=loftq_config,
+                         variant=variant)
+
+    _KIND = "linear"
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def _transposed(self) -> bool:
+        return self.fan_in_fan_out
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, *, use_rslora: bool = False,
                     init_lora_weights: bool | str = True,
-                    loftq_config: dict | None = None) -> Adapter:
-        """Add adapter `name` (inactive and frozen unless it is the layer's first)."""
+                    loftq_config: dict | None = None, variant: str = "lora") -> Adapter:
+        """Add adapter `name` (inactive and frozen unless it is the layer's first), of
+        `variant` (a name in lora.tuners.variants.VARIANTS: "lora", "dora")."""
         ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout,
-                               (r, self.in_features), (self.out_features, r), self.compute_dtype)
-        try:
-            _init_weights(self, init_lora_weights, loftq_config, adapter_name=name)
-        except BaseException:
-            self.delete_adapter(name)
-            raise
+                               self.compute_dtype, variant)
+        self._init_adapter(name, init_lora_weights, loftq_config)
         return ad
-
-    def _merge_into(self, weight, A, B, scaling):
-        F.merge(weight, A, B, scaling, fan_in_fan_out=self.fan_in_fan_out)
 
     def _weight_arg(self, x: np.ndarray, backward: bool = False):
         if isinstance(self._base, QuantLinear):
@@ -331,10 +411,11 @@ class LoRALinear(_Packable, _LoRABase):
         if not self.quantized:
             raise ValueError("LoRALinear.merged_float_base: the base is not quantized; merge()")
         layer = self._base.to_linear()
-        for name in self.active_adapters if adapter_names is None else adapter_names:
-            if name in self._adapters:
-                ad = self._adapters[name]
-                self._merge_into(layer.weight.data, ad.A.data, ad.B.data, ad.scaling)
+        names = self.active_adapters if adapter_names is None else adapter_names
+        ads = [self._adapters[n] for n in names if n in self._adapters]
+        self._check_alone(ads, "merging several adapters")
+        for ad in ads:
+            self._merge_one(layer.weight.data, ad)
         if safe_merge and not np.isfinite(layer.weight.data).all():
             raise ValueError("LoRALinear.merge: the merged weight is not finite")
         return layer
@@ -359,22 +440,8 @@ class LoRALinear(_Packable, _LoRABase):
         if not live:
             self._save("dense", x)
             return F.dense_forward(x, W, bias, fan_in_fan_out=fifo, residual=residual)
-        p = live[0].lora_dropout if self.training else 0.0
-        if len(live) == 1:
-            A, B, scale = live[0].A.data, live[0].B.data, live[0].scaling
-        else:  # several active adapters: one branch of the stacked pairs, B scaled
-            if self.training and any(ad.lora_dropout != p for ad in live):
-                raise ValueError("LoRALinear: training several active adapters needs one "
-                                 "lora_dropout for all of them (their branches share one "
-                                 f"mask); got {[ad.lora_dropout for ad in live]}")
-            A = np.concatenate([ad.A.data for ad in live])
-            B = np.concatenate([ad.scaling * ad.B.data for ad in live], axis=1).astype(A.dtype)
-            scale = 1.0
-        seed = int(self.rng.integers(0, 2**63)) if p > 0 else None
-        y, xa = F.linear_forward(x, W, A, B, scale, bias, dropout=p, seed=seed,
-                                 fan_in_fan_out=fifo, residual=residual)
-        self._save("lora", x, xa, p, seed, live, A, B, scale)
-        return y
+        self._check_alone(live, "several active adapters")
+        return live[0].variant.linear_forward(self, live, x, W, fifo, bias, residual)
 
     def _mixed_forward(self, x, W, fifo, bias, residual):
         if self.merged:
@@ -384,6 +451,7 @@ class LoRALinear(_Packable, _LoRABase):
             raise ValueError(f"LoRALinear: a mixed-adapter batch needs x of shape (batch, ..., "
                              f"in), got {x.shape}")
         ids, ads, cache = self._row_ids(x.shape[0])
+        self._check_mixed(ads)
         ids = np.broadcast_to(ids.reshape((-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
         self._save("mixed")
         if "Bt" not in cache and not cache.setdefault("seen", False):
@@ -405,31 +473,18 @@ class LoRALinear(_Packable, _LoRABase):
         if kind == "mixed":
             raise RuntimeError("LoRALinear.backward: mixed-adapter batches (lora.adapter_names) "
                                "are forward only; train each adapter on its own batches")
-        x = rest[0]
+        x = rest[1] if kind == "variant" else rest[0]
         W, fifo = self._weight_arg(x, backward=self.need_input_grad)
         add_dx_to = add_dx_to if self.need_input_grad else None
         if kind == "dense":
-            if self.merged and any(ad.A.requires_grad or ad.B.requires_grad
-                                   for ad in self._adapters.values()):
+            if self.merged and any(p.requires_grad for ad in self._adapters.values()
+                                   for p in ad.params()):
                 raise RuntimeError("LoRALinear.backward: the layer is merged; unmerge() to train")
             dx, _ = F.dense_backward(dout, x, W, need_dx=self.need_input_grad, need_dweight=False,
                                      fan_in_fan_out=fifo, add_dx_to=add_dx_to)
         else:
-            _, xa, p, seed, live, A, B, scale = rest
-            dx, dA, dB = F.linear_backward(dout, x, xa, W, A, B, scale,
-                                           need_dx=self.need_input_grad, dropout=p, seed=seed,
-                                           fan_in_fan_out=fifo, add_dx_to=add_dx_to)
-            at = 0
-            for ad in live:  # one adapter, or the slices of the stacked pairs
-                if len(live) > 1:
-                    da, db = dA[at:at + ad.r], ad.scaling * dB[:, at:at + ad.r]
-                    at += ad.r
-                else:
-                    da, db = dA, dB
-                if ad.A.requires_grad:
-                    ad.A.accumulate(da)
-                if ad.B.requires_grad:
-                    ad.B.accumulate(db)
+            variant, _, saved = rest
+            dx = variant.linear_backward(self, saved, x, dout, W, fifo, add_dx_to)
         if self.weight.requires_grad:
             _, dW = F.dense_backward(dout, x, self.weight.data, need_dx=False,
                                      fan_in_fan_out=self.fan_in_fan_out)
@@ -468,6 +523,7 @@ class LoRAEmbedding(_LoRABase):
         init_lora_weights: bool | str = True,
         rng: np.random.Generator | None = None,
         adapter_name: str = ADAPTER_NAME,
+        variant: str = "lora",
     ):
         super().__init__()
         if not isinstance(base, Embedding):
@@ -477,22 +533,25 @@ class LoRAEmbedding(_LoRABase):
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
         self.add_adapter(adapter_name, r, lora_alpha, use_rslora=use_rslora,
-                         init_lora_weights=init_lora_weights)
+                         init_lora_weights=init_lora_weights, variant=variant)
+
+    _KIND = "embedding"
+    _transposed = True  # the weight is (num_embeddings, dim) = (d_in, d_out)
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        return self.embedding_dim, self.num_embeddings
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, *, use_rslora: bool = False,
-                    init_lora_weights: bool | str = True, loftq_config=None) -> Adapter:
+                    init_lora_weights: bool | str = True, loftq_config=None,
+                    variant: str = "lora") -> Adapter:
         """Add adapter `name` (inactive and frozen unless it is the layer's first); PEFT's
         embedding LoRA has no dropout, so lora_dropout is not used."""
         dtype = getattr(self._base, "compute_dtype", self.weight.dtype)
-        ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout,
-                               (r, self.num_embeddings), (self.embedding_dim, r), dtype)
-        _init_weights(self, init_lora_weights, adapter_name=name)
+        ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout, dtype, variant)
+        self._init_adapter(name, init_lora_weights)
         return ad
-
-    def _merge_into(self, weight, A, B, scaling):
-        # weight is (num_embeddings, dim) = (d_in, d_out): the transposed layout
-        F.merge(weight, A, B, scaling, fan_in_fan_out=True)
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         if self.disabled and self.merged:
@@ -506,33 +565,32 @@ class LoRAEmbedding(_LoRABase):
                 raise ValueError("LoRAEmbedding: a mixed-adapter batch needs ids of shape "
                                  "(batch, ...), got a scalar")
             rows, ads, _ = self._row_ids(ids.shape[0])
+            self._check_mixed(ads)
             for k in np.unique(rows[rows >= 0]):
                 ad, sel = ads[k], rows == k
                 y[sel] += ad.scaling * (ad.A.data.T[ids[sel]] @ ad.B.data.T)
-            self._save(ids, None, [], True)
+            self._save("mixed", ids)
             return y
         live = self._live()
-        after = [ad.A.data.T[ids] for ad in live]  # ids.shape + (r,) each
-        self._save(ids, after, live, False)
-        for ad, a in zip(live, after, strict=True):
-            y = y + ad.scaling * (a @ ad.B.data.T)
-        return y
+        if not live:
+            self._save("base", ids)
+            return y
+        self._check_alone(live, "several active adapters")
+        return live[0].variant.embedding_forward(self, live, ids, y)
 
     def backward(self, dout: np.ndarray) -> None:
-        ids, after, live, mixed = self._saved()
-        if mixed:
+        kind, *rest = self._saved()
+        if kind == "mixed":
             raise RuntimeError("LoRAEmbedding.backward: mixed-adapter batches are forward only")
-        dy = _rows(dout)
-        for ad, after_a in zip(live, after, strict=True):
-            if ad.B.requires_grad:
-                ad.B.accumulate(ad.scaling * (dy.T @ _rows(after_a)))
-            if ad.A.requires_grad:  # torch's embedding gives the padding row no gradient
-                d_after = ad.scaling * (dy @ ad.B.data)
-                ad.A.accumulate(_scatter_rows(ids, d_after, ad.A.shape[::-1],
-                                              self.padding_idx).T)
-        if not live and self.merged and any(ad.A.requires_grad or ad.B.requires_grad
-                                            for ad in self._adapters.values()):
-            raise RuntimeError("LoRAEmbedding.backward: the layer is merged; unmerge() to train")
+        if kind == "variant":
+            variant, ids, saved = rest
+            dout = variant.embedding_backward(self, saved, ids, dout)
+        else:
+            (ids,) = rest
+            if self.merged and any(p.requires_grad for ad in self._adapters.values()
+                                   for p in ad.params()):
+                raise RuntimeError("LoRAEmbedding.backward: the layer is merged; unmerge() to "
+                                   "train")
         if self.weight.requires_grad:
             self.weight.accumulate(_scatter_rows(ids, dout, self.weight.shape, self.padding_idx))
 

@@ -21,6 +21,7 @@ import numpy as np
 from .._checks import check_fields
 from .config import LoraConfig
 from .lora import LoRAEmbedding, LoRALinear, check_adapter_name
+from .variants import variant_for
 from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantLinear
 
 
@@ -136,6 +137,7 @@ def wrap(
             stacklevel=2,
         )
     check_adapter_name(adapter_name, "wrap")
+    variant = variant_for(config).name
     rng = np.random.default_rng(seed)
     model.requires_grad_(False)
     for path, base in targets:
@@ -150,6 +152,7 @@ def wrap(
                 init_lora_weights=config.init_lora_weights,
                 rng=layer_rng,
                 adapter_name=adapter_name,
+                variant=variant,
             )
         else:
             if config.fan_in_fan_out != isinstance(base, Conv1D):
@@ -168,6 +171,7 @@ def wrap(
                 rng=layer_rng,
                 loftq_config=config.loftq_config,
                 adapter_name=adapter_name,
+                variant=variant,
             )
         layer.train(model.training)
         model.set_submodule(path, layer)
@@ -242,7 +246,7 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
     matrices and no frozen originals. What a whole fine-tuned model is saved as."""
     layers = {id(layer.weight): layer for _, layer in lora_layers(model)}
     pairs = {id(p) for layer in layers.values() for ad in layer._adapters.values()
-             for p in (ad.A, ad.B)}
+             for p in ad.params()}
     out = {}
     for name, p in model.named_parameters():
         if ".original_module." in f".{name}" or id(p) in pairs:
@@ -251,8 +255,10 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
         layer = layers.get(id(p))
         if layer is not None and not layer.merged:
             value = layer.base_layer().dequantize() if layer.quantized else value.copy()
-            for ad in layer._live():
-                layer._merge_into(value, ad.A.data, ad.B.data, ad.scaling)
+            live = layer._live()
+            layer._check_alone(live, "merging several adapters")
+            for ad in live:
+                layer._merge_one(value, ad)
         out[name.replace(".modules_to_save.", ".")] = value
     return out
 

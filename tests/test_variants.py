@@ -1,0 +1,298 @@
+"""LoRA variants (lora/tuners/variants): the registry, and DoRA against its NumPy twin,
+finite differences and PEFT (use_dora=True) on the same torch model."""
+
+import numpy as np
+import pytest
+
+import lora
+from lora import _reference as ref
+from lora import functional as F
+from lora import nn
+from lora.cli import describe_adapter
+from lora.tuners.variants import VARIANTS, variant_for
+
+from gradcheck import numeric_gradient
+from test_adapters import IDS, MLP, _torch_mlp
+
+DORA = "lora_magnitude_vector"
+
+
+# ------------------------------------------------------------------ the norm kernel
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d_out,d_in,r", [(1, 1, 1), (70, 33, 5), (257, 130, 16), (8, 600, 40)])
+def test_dora_norm_matches_twin(dtype, d_out, d_in, r):
+    rng = np.random.default_rng(d_out + r)
+    W = rng.standard_normal((d_out, d_in)).astype(dtype)
+    A = (rng.standard_normal((r, d_in)) / np.sqrt(d_in)).astype(dtype)
+    B = rng.standard_normal((d_out, r)).astype(dtype)
+    want = ref.dora_norm(W.astype(np.float64), A.astype(np.float64), B.astype(np.float64), 0.7)
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    for got in (F.dora_norm(W, A, B, 0.7),
+                F.dora_norm(np.ascontiguousarray(W.T), A, B, 0.7, fan_in_fan_out=True),
+                F.dora_norm(W, A, B, 0.7, weight_sqnorm=np.einsum("ij,ij->i", W, W)),
+                F.dora_norm(F.PackedWeight(W), A, B, 0.7,
+                            weight_sqnorm=np.einsum("ij,ij->i", W, W))):
+        assert got.dtype == dtype and got.shape == (d_out,)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * want.max())
+
+
+def test_dora_norm_over_quantized_blocks():
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((48, 64)).astype(np.float32)
+    q = lora.quant.quantize(W, "Q8_0")
+    Wq = q.dequantize()
+    A, B = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((48, 4)).astype(np.float32)
+    got = F.dora_norm(q.kernel_weight(), A, B, 0.5, weight_sqnorm=np.einsum("ij,ij->i", Wq, Wq))
+    np.testing.assert_allclose(got, ref.dora_norm(Wq.astype(float), A, B, 0.5), rtol=1e-5)
+
+
+def test_dora_norm_refuses_bad_arguments():
+    W, A, B = np.ones((6, 5)), np.ones((2, 5)), np.ones((6, 2))
+    with pytest.raises(ValueError, match="'B' must have shape"):
+        F.dora_norm(W, A, np.ones((5, 2)), 1.0)
+    with pytest.raises(ValueError, match="'A' must have shape"):
+        F.dora_norm(W, np.ones((2, 4)), B, 1.0)
+    with pytest.raises(TypeError, match="float64"):
+        F.dora_norm(W, A, B.astype(np.float32), 1.0)
+    with pytest.raises(ValueError, match="weight_sqnorm"):
+        F.dora_norm(W, A, B, 1.0, weight_sqnorm=np.ones(5))
+    with pytest.raises(ValueError, match="'weight_sqnorm' is required"):
+        F.dora_norm(F.PackedWeight(W), A, B, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        F.dora_norm(W, A, B, float("nan"))
+    assert np.array_equal(W, np.ones((6, 5)))  # inputs untouched
+
+
+# ------------------------------------------------------------------ the registry
+
+
+def test_registry_selects_by_config_field():
+    assert set(VARIANTS) >= {"lora", "dora"}
+    assert variant_for(lora.LoraConfig(target_modules=["fc1"])).name == "lora"
+    assert variant_for(lora.LoraConfig(target_modules=["fc1"], use_dora=True)).name == "dora"
+    assert variant_for({"use_dora": True}).name == "dora"
+    with pytest.raises(ValueError, match="use_dora must be true or false"):
+        lora.LoraConfig(target_modules=["fc1"], use_dora="yes")
+
+
+# ------------------------------------------------------------------ DoRA in lora.nn
+
+
+def _dora_model(dtype=np.float64, seed=0, **kw):
+    model = MLP(np.random.default_rng(seed))
+    for _, p in model.named_parameters():
+        p.data = p.data.astype(dtype)
+    lora.wrap(model, target_modules=["embed", "fc1", "fc2"], r=3, lora_alpha=6,
+              use_dora=True, init_lora_weights=False, seed=1, **kw)
+    rng = np.random.default_rng(seed + 7)
+    for _, layer in lora.lora_layers(model):  # a magnitude that is not the norm
+        m = layer.adapter("default").extra[DORA]
+        m.data *= rng.uniform(0.5, 1.5, m.shape)
+    return model
+
+
+def _twin_linear(x, W, b, A, B, s, m):
+    V = W + s * (B @ A)
+    return x @ (m[:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)).T + b
+
+
+def test_dora_layers_match_the_formula_and_start_as_the_base():
+    model = _dora_model()
+    fc1 = model.fc1
+    ad = fc1.adapter("default")
+    x = np.random.default_rng(1).standard_normal((4, 5, 12))
+    want = _twin_linear(x, fc1.weight.data, fc1.bias.data, ad.A.data, ad.B.data, ad.scaling,
+                        ad.extra[DORA].data)
+    np.testing.assert_allclose(fc1(x), want, rtol=1e-12, atol=1e-12)
+    emb = model.embed
+    ae = emb.adapter("default")
+    V = emb.weight.data.T + ae.scaling * (ae.B.data @ ae.A.data)  # (dim, num)
+    table = (ae.extra[DORA].data[:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(emb(IDS), table[IDS], rtol=1e-12, atol=1e-12)
+    fresh = MLP(np.random.default_rng(0))
+    y0 = fresh(IDS)
+    lora.wrap(fresh, target_modules=["embed", "fc1", "fc2"], r=3, use_dora=True, seed=2)
+    np.testing.assert_allclose(fresh(IDS), y0, rtol=1e-12, atol=1e-12)  # m = ||W||, B = 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_gradients_match_finite_differences(dropout):
+    model = _dora_model(lora_dropout=dropout).train()
+    g = np.random.default_rng(5).standard_normal((4, 5, 5))
+    # the same dropout masks in every call: reseed the layers' generators
+    layers = [layer for _, layer in lora.lora_layers(model)]
+
+    def loss():
+        for i, layer in enumerate(layers):
+            layer.rng = np.random.default_rng(100 + i)
+        return float((model(IDS) * g).sum())
+
+    _hold_norms(layers)
+    loss()
+    model.zero_grad()
+    for i, layer in enumerate(layers):
+        layer.rng = np.random.default_rng(100 + i)
+    model.backward(g)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = numeric_gradient(loss, p.data)
+            np.testing.assert_allclose(p.grad, want, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def _hold_norms(layers):
+    """DoRA's norm is a constant in backward (as in the paper and PEFT): finite differences
+    must hold it at its value too."""
+    for layer in layers:
+        fixed = {id(ad): layer.dora_norm(ad) for ad in layer.adapters.values()}
+        object.__setattr__(layer, "dora_norm", lambda ad, fixed=fixed: fixed[id(ad)])
+
+
+def test_dora_input_gradient_matches_finite_differences():
+    model = _dora_model(lora_dropout=0.25).train()
+    fc = model.fc1
+    fc.need_input_grad = True
+    x = np.random.default_rng(2).standard_normal((3, 12))
+    g = np.random.default_rng(3).standard_normal((3, 16))
+    _hold_norms([fc])
+
+    def loss():
+        fc.rng = np.random.default_rng(9)
+        return float((fc(x) * g).sum())
+
+    loss()
+    fc.rng = np.random.default_rng(9)
+    fc(x)
+    dx = fc.backward(g)
+    np.testing.assert_allclose(dx, numeric_gradient(loss, x), rtol=1e-6, atol=1e-8)
+
+
+def test_dora_merge_unmerge_and_merged_state_dict():
+    model = _dora_model().eval()
+    y = model(IDS)
+    sd = lora.tuners.merged_state_dict(model)
+    before = {k: p.data.copy() for k, p in model.named_parameters()}
+    lora.merge_adapter(model)
+    np.testing.assert_allclose(model(IDS), y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.fc1.weight.data, sd["fc1.weight"], rtol=1e-12)
+    lora.unmerge_adapter(model)
+    for k, p in model.named_parameters():
+        np.testing.assert_allclose(p.data, before[k], rtol=1e-10, atol=1e-12)
+    plain = lora.merge_and_unload(model)
+    assert not lora.lora_layers(plain)
+    np.testing.assert_allclose(plain(IDS), y, rtol=1e-10, atol=1e-12)
+
+
+def test_dora_float32_and_trainable_parameters():
+    model = _dora_model(np.float32)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"{m}.{f}" for m in ("fc1", "fc2") for f in ("lora_A", "lora_B", DORA)} | {
+        "embed.lora_embedding_A", "embed.lora_embedding_B", f"embed.{DORA}"}
+    assert model(IDS).dtype == np.float32
+    assert model.fc1.adapter("default").extra[DORA].dtype == np.float32
+
+
+def test_dora_refuses_what_it_cannot_do():
+    model = _dora_model()
+    lora.add_adapter(model, "plain", target_modules=["fc1"], r=2, seed=3)
+    lora.set_adapter(model, ["default", "plain"])
+    with pytest.raises(ValueError, match="dora adapter among them"):
+        model(IDS)
+    lora.set_adapter(model, "default")
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        with lora.adapter_names(model, ["default", "plain", "__base__", "default"]):
+            model(IDS)
+    with pytest.raises(ValueError, match="frozen base weight"):
+        model.train()
+        model.fc2.weight.requires_grad = True
+        model.backward(np.ones_like(model(IDS)))
+
+
+def test_dora_save_load_roundtrip_and_mismatch(tmp_path):
+    model = _dora_model().eval()
+    y = model(IDS)
+    lora.save_adapter(model, tmp_path / "a")
+    back = lora.load_adapter(MLP(np.random.default_rng(0)), tmp_path / "a").eval()
+    np.testing.assert_allclose(back(IDS), y, rtol=1e-5, atol=1e-6)  # float32 on disk
+    info = describe_adapter(tmp_path / "a")
+    assert "use_dora                 True" in info and "dora" in info
+    plain = MLP(np.random.default_rng(0))
+    lora.wrap(plain, target_modules=["embed", "fc1", "fc2"], r=3)
+    with pytest.raises(lora.AdapterFormatError, match="lora_magnitude_vector"):
+        lora.load_adapter(plain, tmp_path / "a")
+
+
+# ------------------------------------------------------------------ against PEFT
+
+
+def _peft_dora(tmp_path, dtype="float32"):
+    t = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    t.manual_seed(0)
+    base = _torch_mlp(t)().double() if dtype == "float64" else _torch_mlp(t)()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"],
+                             use_dora=True, init_lora_weights=False)
+    pm = peft.get_peft_model(base, config)
+    with t.no_grad():  # magnitudes away from the norms, so that they matter
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(t.rand_like(p) + 0.5)
+    pm.save_pretrained(tmp_path)
+    ours = MLP(np.random.default_rng(0))
+    ours.load_state_dict(_base_state(pm))
+    lora.load_adapter(ours, tmp_path)
+    return t, peft, pm, ours
+
+
+def _base_state(pm):
+    """The base weights of a PEFT model under the plain model's names."""
+    out = {}
+    for k, v in pm.get_base_model().state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer", "")] = v.detach().numpy().copy()
+    return out
+
+
+def test_peft_dora_outputs_and_gradients(tmp_path):
+    t, peft, pm, ours = _peft_dora(tmp_path)
+    pm.eval()
+    ours.eval()
+    ids = t.from_numpy(IDS)
+    y_ref = pm(ids)
+    np.testing.assert_allclose(ours(IDS), y_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
+    (y_ref * t.from_numpy(g)).sum().backward()
+    ours.zero_grad()
+    ours.train()
+    ours(IDS)
+    ours.backward(g)
+    theirs = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
+              for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {n.replace(".weight", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(mine) == set(theirs)
+    for name, grad in mine.items():
+        want = theirs[name].numpy()
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+def test_peft_dora_merged_weights_and_reverse_load(tmp_path):
+    t, peft, pm, ours = _peft_dora(tmp_path / "peft")
+    pm.eval()
+    ours.eval()
+    sd = lora.tuners.merged_state_dict(ours)
+    merged = pm.merge_and_unload()
+    for k, v in merged.state_dict().items():
+        np.testing.assert_allclose(sd[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    # saved here, loaded by PEFT
+    lora.save_adapter(ours, tmp_path / "ours")
+    t.manual_seed(0)
+    base = _torch_mlp(t)()
+    base.load_state_dict({k: t.from_numpy(p.data.copy()) for k, p in ours.named_parameters()
+                          if "lora_" not in k})
+    pm2 = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    with t.no_grad():
+        np.testing.assert_allclose(pm2(t.from_numpy(IDS)).numpy(), ours(IDS), rtol=1e-5,
+                                   atol=1e-6)
