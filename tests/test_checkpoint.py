@@ -345,7 +345,7 @@ def bad_inputs(llama, tmp):
     cases["no adapter config"] = (base, str(tmp / "small" / "nothing"), "adapter_config.json")
     cases["dora tensor"] = (
         base,
-        rewrite_adapter(small, tmp / "extra-key", lambda t: {
+        rewrite_adapter(adapter, tmp / "extra-key", lambda t: {
             **t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector":
             torch.ones(64)}),
         "lora_magnitude_vector",

@@ -69,7 +69,8 @@ def test_dropout_masks_are_fresh_and_replayed_in_backward():
     x = np.random.default_rng(2).standard_normal((8, 6))
     y1, y2 = layer(x), layer(x)
     assert np.abs(y1 - y2).max() > 1e-3  # a new mask per forward
-    _, _, xa, p, seed, *_ = layer.__dict__["_cache"]
+    kind, _variant, _x, (xa, p, seed, *_) = layer.__dict__["_cache"]
+    assert kind == "variant"
     assert p == 0.4
     dy = np.ones_like(y2)
     dx = layer.backward(dy)

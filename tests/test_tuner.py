@@ -213,7 +213,7 @@ def test_config_names_defaults_and_round_trip():
         {"init_lora_weights": "eva"},
         {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}},
         {"lora_dropout": 1.0},
-        {"use_dora": True},
+        {"use_dora": 1},
         {"init_lora_weights": 1},
     ]:
         with pytest.raises(ValueError):

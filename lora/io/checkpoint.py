@@ -7,14 +7,15 @@ Everything is checked before anything is written (adapter modules exist in the b
 and dtypes fit, every file parses), so a bad input leaves no output. Then each shard is
 written tensor by tensor into a temporary directory beside OUT: untouched tensors are copied
 by the kernel (copy_file_range), each LoRA target is memory-mapped alone, widened to float32
-(bf16/fp16) or kept float64, updated by the C kernel `W += scale * B @ A` once per adapter, and
+(bf16/fp16) or kept float64, updated by the C kernel `W += scale * B @ A` once per adapter
+(a DoRA adapter's rows then scaled to its magnitudes: its variant's merge_into), and
 rounded once back to its dtype. Headers, shards, dtypes and metadata are kept byte for byte;
 the directory is renamed into place at the end. Peak memory is a few times the largest target
 tensor plus the adapters, not the model.
 
-Not handled (refused with an error, never merged approximately): DoRA, modules_to_save and
-trained biases (tensors in the adapter other than LoRA pairs), non-safetensors checkpoints,
-and targets stored in integer or fp8 dtypes.
+Not handled (refused with an error, never merged approximately): non-safetensors
+checkpoints, targets stored in integer or fp8 dtypes, and a DoRA adapter on a tensor that
+another adapter of the same merge targets too.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._progress import progress_bar
-from ..functional import merge
 from ..tuners.config import config_scaling
+from ..tuners.variants import VARIANTS, Variant, variant_for
 from . import atomic, peft
 from .safetensors import (
     INDEX_FILE,
@@ -55,8 +56,9 @@ class CheckpointError(ValueError):
 
 @dataclass
 class _Update:
-    """One adapter's change to one base tensor: W += scale * B @ A (A (r, d_in),
-    B (d_out, r)); `transposed` when W is stored (d_in, d_out): Conv1D and Embedding.
+    """One adapter's change to one base tensor: its variant's merge_into (W += scale * B @ A
+    for plain LoRA; A (r, d_in), B (d_out, r), `extra` the variant's further tensors);
+    `transposed` when W is stored (d_in, d_out): Conv1D and Embedding.
     Or, when `replace` is set, W = replace (already rounded to W's dtype)."""
 
     A: np.ndarray | None = None
@@ -64,6 +66,8 @@ class _Update:
     scale: float = 0.0
     transposed: bool = False
     replace: np.ndarray | None = None
+    variant: Variant = VARIANTS["lora"]
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -197,6 +201,11 @@ def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
             plan.updates.setdefault(name, []).append(
                 _update(lora, config, located[name], directory, user_scale)
             )
+    for name, updates in plan.updates.items():
+        alone = [u.variant.name for u in updates if u.replace is None and not u.variant.stacks]
+        if alone and sum(u.replace is None for u in updates) > 1:
+            raise CheckpointError(f"base tensor {name!r}: a {alone[0]} adapter merges alone, "
+                                  "and several adapters target this tensor; merge them in turn")
     return plan
 
 
@@ -282,9 +291,18 @@ def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: floa
     scale = user_scale * config_scaling(config, lora.path, r)
     if not np.isfinite(scale):
         raise peft.AdapterFormatError(f"{where}: scaling {scale} is not finite")
+    variant = variant_for(config, where)
+    want = variant.extra_shapes(lora.kind, d_out, d_in, r)
+    got = {k: v.shape for k, v in lora.extra.items()}
+    if got != want:
+        raise peft.AdapterFormatError(
+            f"{where}: the {variant.name} adapter needs {want or 'no tensors'} beside lora_A and "
+            f"lora_B, the file has {got or 'none'}"
+        )
     compute = np.float64 if info.dtype == "F64" else np.float32
     return _Update(
-        np.ascontiguousarray(A, compute), np.ascontiguousarray(B, compute), scale, transposed
+        np.ascontiguousarray(A, compute), np.ascontiguousarray(B, compute), scale, transposed,
+        variant=variant, extra={k: np.ascontiguousarray(v, compute) for k, v in lora.extra.items()},
     )
 
 
@@ -401,7 +419,7 @@ def _write_shard(header: Header, dst: str, updates: dict[str, list[_Update]], ba
                 if u.replace is not None:
                     weight[...] = u.replace
                 else:
-                    merge(weight, u.A, u.B, u.scale, fan_in_fan_out=u.transposed)
+                    u.variant.merge_into(weight, u.A, u.B, u.scale, u.extra, u.transposed)
             stored = from_compute(weight, info.dtype)
             if not _finite(weight, stored, info.dtype):
                 raise CheckpointError(
