@@ -195,6 +195,9 @@ def test_dora_float32_and_trainable_parameters():
 
 def test_dora_refuses_what_it_cannot_do():
     model = _dora_model()
+    lora.add_adapter(model, "d2", target_modules=["fc1"], r=3, use_dora=True, seed=4)
+    with pytest.raises(ValueError, match="combines plain LoRA"):
+        lora.add_weighted_adapter(model, ["default", "d2"], [0.5, 0.5], "mix")
     lora.add_adapter(model, "plain", target_modules=["fc1"], r=2, seed=3)
     lora.set_adapter(model, ["default", "plain"])
     with pytest.raises(ValueError, match="dora adapter among them"):
@@ -216,7 +219,11 @@ def test_dora_save_load_roundtrip_and_mismatch(tmp_path):
     back = lora.load_adapter(MLP(np.random.default_rng(0)), tmp_path / "a").eval()
     np.testing.assert_allclose(back(IDS), y, rtol=1e-5, atol=1e-6)  # float32 on disk
     info = describe_adapter(tmp_path / "a")
-    assert "use_dora                 True" in info and "dora" in info
+    assert "use_dora                 True" in info
+    assert "linear dora" in info and "embedding dora" in info
+    # fc1: A (3, 12) + B (16, 3) + 16 magnitudes
+    assert any(line.split()[:2] == ["fc1", "linear"] and "100" in line
+               for line in info.splitlines())
     plain = MLP(np.random.default_rng(0))
     lora.wrap(plain, target_modules=["embed", "fc1", "fc2"], r=3)
     with pytest.raises(lora.AdapterFormatError, match="lora_magnitude_vector"):
@@ -296,3 +303,20 @@ def test_peft_dora_merged_weights_and_reverse_load(tmp_path):
     with t.no_grad():
         np.testing.assert_allclose(pm2(t.from_numpy(IDS)).numpy(), ours(IDS), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_peft_dora_merged_by_lora_merge(tmp_path):
+    """`lora merge` (merge_checkpoint) on a PEFT DoRA adapter writes PEFT's merged weights."""
+    from safetensors.numpy import load_file, save_file
+
+    t, peft, pm, ours = _peft_dora(tmp_path / "adapter")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    save_file({k: np.ascontiguousarray(v) for k, v in _base_state(pm).items()},
+              str(base / "model.safetensors"), metadata={"format": "pt"})
+    stats = lora.merge_checkpoint(base, tmp_path / "adapter", tmp_path / "out", progress=False)
+    assert stats["tensors_merged"] == 3
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, v in pm.merge_and_unload().state_dict().items():
+        np.testing.assert_allclose(got[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -14,12 +14,14 @@ __all__ = ["describe_adapter"]
 
 def describe_adapter(directory: str | os.PathLike) -> str:
     """A human-readable summary of the PEFT LoRA adapter in `directory`: its config, and per
-    target module the kind, rank, scaling, shapes and parameter count, with the count of a
+    target module the kind (with the variant, e.g. "linear dora"), rank, scaling, shapes and
+    parameter count (a variant's own tensors included), with the count of a
     full update of the same weights for comparison, and the names of further adapters saved
     beside it in subdirectories (PEFT's layout of several). Raises AdapterFormatError (a ValueError)
     for a missing, corrupt or non-LoRA adapter."""
     from ..io import peft as fmt
     from ..tuners.config import config_scaling
+    from ..tuners.variants import variant_for
 
     if not os.path.isdir(directory):
         raise fmt.AdapterFormatError(f"{directory}: no such directory")
@@ -39,18 +41,20 @@ def describe_adapter(directory: str | os.PathLike) -> str:
         if key in config:
             lines.append(f"  {key:<24} {config[key]!r}")
 
+    variant = variant_for(config, os.path.join(directory, fmt.CONFIG_NAME))
     rows = []
     lora_total = full_total = 0
     for path in sorted(pairs, key=_natural_key):
         t = pairs[path]
         r = t.r
         d_in, d_out = t.A.shape[1], t.B.shape[0]
-        n_lora = t.A.size + t.B.size
+        n_lora = t.A.size + t.B.size + sum(v.size for v in t.extra.values())
         n_full = d_in * d_out
         lora_total += n_lora
         full_total += n_full
         scale = config_scaling(config, path, r)
-        rows.append((path, t.kind, str(r), f"{scale:g}", f"{d_in} -> {d_out}",
+        kind = t.kind if variant.name == "lora" else f"{t.kind} {variant.name}"
+        rows.append((path, kind, str(r), f"{scale:g}", f"{d_in} -> {d_out}",
                      f"{n_lora:,}", f"{n_full:,}", str(t.A.dtype)))
     header = ("module", "kind", "r", "scaling", "in -> out", "LoRA params", "full W", "dtype")
     lines.append(f"targets  {len(pairs)} module(s)")

@@ -182,10 +182,6 @@ def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
 
     for directory, user_scale in zip(adapters, scales, strict=True):
         config = peft.read_config(directory)
-        if config.get("use_dora"):
-            raise peft.AdapterFormatError(
-                f"{directory}: DoRA adapters (use_dora) are not supported"
-            )
         weights = os.path.join(directory, peft.WEIGHTS_NAME)
         tensors = peft.read_tensors(directory)
         pairs, others = peft.split_lora_tensors(tensors)
@@ -238,7 +234,7 @@ def _replaced_tensor(key: str, value: np.ndarray, located: dict, weights: str, c
     if name not in located:
         raise peft.AdapterFormatError(
             f"{weights}: tensor {key!r} is neither a LoRA pair nor a base tensor "
-            "(modules_to_save, lora_bias and DoRA are not supported)"
+            "(modules_to_save and lora_bias are not supported)"
         )
     module, _, leaf = name.rpartition(".")
     by_design = (

@@ -27,6 +27,7 @@ import numpy as np
 from ..nn import Module
 from .adapters import add_adapter, configs
 from .lora import check_adapter_name
+from .variants import variant_for
 from .wrap import lora_layers
 
 COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
@@ -69,6 +70,11 @@ def add_weighted_adapter(model: Module, adapters: Sequence[str], weights: Sequen
     if len(adapters) == 1:
         combination_type = "linear"  # as PEFT: one adapter is only ever rescaled
     cfgs = [known[a] for a in adapters]
+    odd = sorted({variant_for(c).name for c in cfgs} - {"lora"})
+    if odd:
+        raise ValueError(f"add_weighted_adapter: combines plain LoRA adapters; "
+                         f"{'/'.join(odd)} adapters carry parameters (DoRA's magnitudes) that "
+                         "no combination type defines")
     ranks = [max([c.r, *c.rank_pattern.values()]) for c in cfgs]
     if combination_type in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
         if len(set(ranks)) != 1:
