@@ -107,6 +107,34 @@ static void check_merge(size_t d_out, size_t d_in, size_t r) {
     free(W), free(A), free(B), free(W2), free(want);
 }
 
+/* dora_norm against the norms of W + scale B A formed in double, in both layouts. */
+static void check_dora_norm(size_t d_out, size_t d_in, size_t r) {
+    unsigned st = 4242u + (unsigned)r;
+    float *W = random_array(d_out * d_in, &st), *A = random_array(r * d_in, &st);
+    float *B = random_array(d_out * r, &st), *Wt = malloc(d_out * d_in * sizeof(float));
+    float *norm = malloc(d_out * sizeof(float));
+    float *scratch = malloc((r * d_out + r * r + d_out) * sizeof(float));
+    double *want = malloc(d_out * sizeof(double));
+    for (size_t j = 0; j < d_out; j++) {
+        double acc = 0;
+        for (size_t i = 0; i < d_in; i++) {
+            double v = W[j * d_in + i];
+            for (size_t k = 0; k < r; k++) v += 0.5 * (double)B[j * r + k] * A[k * d_in + i];
+            acc += v * v;
+            Wt[i * d_out + j] = W[j * d_in + i];
+        }
+        want[j] = sqrt(acc);
+    }
+    char what[80];
+    dora_norm_f32(norm, scratch, W, A, B, 0.5f, NULL, d_out, d_in, r, 0, NULL);
+    snprintf(what, sizeof what, "dora_norm d_out=%zu d_in=%zu r=%zu", d_out, d_in, r);
+    expect_close(what, norm, want, d_out);
+    dora_norm_f32(norm, scratch, Wt, A, B, 0.5f, NULL, d_out, d_in, r, 1, NULL);
+    snprintf(what, sizeof what, "dora_norm transposed d_out=%zu d_in=%zu r=%zu", d_out, d_in, r);
+    expect_close(what, norm, want, d_out);
+    free(W), free(A), free(B), free(Wt), free(norm), free(scratch), free(want);
+}
+
 /* A packed weight (pack_panels, both directions) through dense_forward and dense_backward's
  * dx, against naive loops: small batches (x copied whole) and a large one (by blocks). */
 static void check_packed(size_t n, size_t d_in, size_t d_out) {
@@ -436,6 +464,8 @@ int main(void) {
     check_quant(LORA_Q8_0, 3, 96, 37);
     check_quant(LORA_NF4, 4, 128, 65);
     check_quant(LORA_Q4_0, 9, 512, 700); /* two tiles of rows */
+    check_dora_norm(1, 1, 1);
+    check_dora_norm(300, 70, 8); /* rows over threads */
     check_mixed(1, 16, 9, 1, 2);
     check_mixed(50, 40, 33, 7, 3);
     check_mixed(400, 96, 80, 20, 6); /* segments over tiles and threads */

@@ -36,7 +36,7 @@ def python_blocks(path: pathlib.Path) -> list[str]:
 
 
 RUN_PAGES = ["README.md", "getting-started.md", "concepts.md", "adapter-format.md",
-             "design.md", "index.md", "quantization.md", "adapters.md"]
+             "design.md", "index.md", "quantization.md", "adapters.md", "variants.md"]
 PAGES_WITH_CODE = [p for p in PAGES if p.name in RUN_PAGES and python_blocks(p)]
 
 

@@ -65,6 +65,10 @@ def _case(rng, op, dtype):
         kw = {"scale": scale}
         twin = getattr(ref, op)
         return args, kw, ("weight",), lambda a: twin(a["weight"], a["A"], a["B"], kw["scale"])
+    if op == "dora_norm":
+        args = {"weight": arr(d_out, d_in), "A": arr(r, d_in), "B": arr(d_out, r)}
+        kw = {"scale": scale}
+        return args, kw, (), lambda a: ref.dora_norm(a["weight"], a["A"], a["B"], kw["scale"])
     if op == "dense_forward":
         args = {"x": arr(n, d_in), "weight": arr(d_out, d_in)}
         kw = {"bias": arr(d_out) if rng.random() < 0.5 else None}
@@ -99,13 +103,13 @@ def _case(rng, op, dtype):
 
 OPS = ["linear_forward", "linear_backward", "merge", "unmerge", "dense_forward",
        "dense_backward", "gelu_forward", "gelu_backward", "layer_norm_forward", "adam_step",
-       "mixed_forward"]
+       "mixed_forward", "dora_norm"]
 SPOILS = ["none", "none", "none", "dtype", "shape", "strided", "alias", "readonly", "nonfinite",
           "huge", "not_array", "scalar"]
 
 
 GEMM_OPS = ("linear_forward", "linear_backward", "merge", "unmerge", "dense_forward",
-            "dense_backward", "mixed_forward")
+            "dense_backward", "mixed_forward", "dora_norm")
 
 
 def _spoil(rng, op, kind, args, kw, inplace, dtype):
@@ -182,7 +186,7 @@ def _close(got, want, dtype):
 
 def _call(op, args, kw):
     fn = getattr(F, op)
-    if op in ("merge", "unmerge"):
+    if op in ("merge", "unmerge", "dora_norm"):
         return fn(args["weight"], args["A"], args["B"], kw["scale"])
     if op == "adam_step":
         return fn(args["param"], args["grad"], args["m"], args["v"], **kw)

@@ -43,7 +43,8 @@ def test_dora_norm_over_quantized_blocks():
     W = rng.standard_normal((48, 64)).astype(np.float32)
     q = lora.quant.quantize(W, "Q8_0")
     Wq = q.dequantize()
-    A, B = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((48, 4)).astype(np.float32)
+    A = rng.standard_normal((4, 64)).astype(np.float32)
+    B = rng.standard_normal((48, 4)).astype(np.float32)
     got = F.dora_norm(q.kernel_weight(), A, B, 0.5, weight_sqnorm=np.einsum("ij,ij->i", Wq, Wq))
     np.testing.assert_allclose(got, ref.dora_norm(Wq.astype(float), A, B, 0.5), rtol=1e-5)
 
@@ -256,7 +257,7 @@ def _base_state(pm):
     """The base weights of a PEFT model under the plain model's names."""
     out = {}
     for k, v in pm.get_base_model().state_dict().items():
-        if "lora_" in k:
+        if "lora_" in k or "vera_" in k:
             continue
         out[k.replace(".base_layer", "")] = v.detach().numpy().copy()
     return out
@@ -275,8 +276,8 @@ def test_peft_dora_outputs_and_gradients(tmp_path):
     ours.train()
     ours(IDS)
     ours.backward(g)
-    theirs = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
-              for n, p in pm.named_parameters() if p.requires_grad}
+    theirs = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""):
+              p.grad for n, p in pm.named_parameters() if p.requires_grad}
     mine = {n.replace(".weight", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert set(mine) == set(theirs)
     for name, grad in mine.items():
@@ -317,6 +318,192 @@ def test_peft_dora_merged_by_lora_merge(tmp_path):
               str(base / "model.safetensors"), metadata={"format": "pt"})
     stats = lora.merge_checkpoint(base, tmp_path / "adapter", tmp_path / "out", progress=False)
     assert stats["tensors_merged"] == 3
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, v in pm.merge_and_unload().state_dict().items():
+        np.testing.assert_allclose(got[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _conv1d(W, b):
+    """A GPT-2 Conv1D holding W (out, in) as its (in, out) weight."""
+    layer = nn.Conv1D(W.shape[0], W.shape[1], dtype=W.dtype)
+    layer.weight.data = np.ascontiguousarray(W.T)
+    layer.bias.data = b.copy()
+    return layer
+
+
+def test_dora_on_conv1d_and_quantized_bases_equals_the_float_linear():
+    rng = np.random.default_rng(11)
+    W = rng.standard_normal((24, 64)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    g = rng.standard_normal((5, 24)).astype(np.float32)
+    q = lora.quant.quantize(W, "Q8_0")
+    bases = {
+        "linear": nn.Linear.from_arrays(q.dequantize(), b.copy()),
+        "conv1d": _conv1d(q.dequantize(), b),
+        "quant": nn.QuantLinear(q, b.copy()),
+    }
+    results = {}
+    for kind, base in bases.items():
+        layer = lora.LoRALinear(base, r=4, lora_alpha=8, init_lora_weights=False,
+                                rng=np.random.default_rng(0), variant="dora")
+        layer.adapter("default").extra[DORA].data *= np.linspace(0.5, 1.5, 24, dtype=np.float32)
+        layer.train()
+        y = layer(x)
+        layer.need_input_grad = True
+        dx = layer.backward(g)
+        results[kind] = (y, dx) + tuple(p.grad for p in layer.adapter("default").params())
+    for kind, got in results.items():
+        for a, b_ in zip(got, results["linear"], strict=True):
+            np.testing.assert_allclose(a, b_, rtol=2e-4, atol=2e-4, err_msg=kind)
+
+
+# ------------------------------------------------------------------ VeRA
+
+
+def _vera_model(seed=0, dtype=np.float64, **kw):
+    model = MLP(np.random.default_rng(seed))
+    for _, p in model.named_parameters():
+        p.data = p.data.astype(dtype)
+    config = lora.VeraConfig(r=4, target_modules=["fc1", "fc2"], **kw)
+    lora.wrap(model, config, seed=1)
+    rng = np.random.default_rng(seed + 3)
+    for _, layer in lora.lora_layers(model):  # non-zero vectors, so that they matter
+        for p in layer.adapter("default").params():
+            p.data[...] = rng.standard_normal(p.shape)
+    return model
+
+
+def test_vera_layers_match_the_formula_and_share_projections():
+    model = _vera_model()
+    fc1, fc2 = model.fc1, model.fc2
+    a1, a2 = fc1.adapter("default"), fc2.adapter("default")
+    shared = a1.options["projections"]
+    assert shared is a2.options["projections"] and shared.A.shape == (4, 16)
+    assert np.shares_memory(a1.A.data, shared.A) and np.shares_memory(a2.B.data, shared.B)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{m}.vera_lambda_{v}" for m in ("fc1", "fc2") for v in "bd"}
+    x = np.random.default_rng(1).standard_normal((7, 12))
+    lb, ld = a1.extra["vera_lambda_b"].data, a1.extra["vera_lambda_d"].data
+    A_s, B_s = shared.A[:, :12], shared.B[:16]
+    want = x @ fc1.weight.data.T + fc1.bias.data + lb * ((ld * (x @ A_s.T)) @ B_s.T)
+    np.testing.assert_allclose(fc1(x), want, rtol=1e-12, atol=1e-12)
+    fresh = MLP(np.random.default_rng(0))
+    y0 = fresh(IDS)
+    lora.wrap(fresh, lora.VeraConfig(r=4, target_modules=["fc1", "fc2"]), seed=2)
+    np.testing.assert_array_equal(fresh(IDS), y0)  # lambda_b = 0
+    assert fresh.fc1.adapter("default").extra["vera_lambda_d"].data[0] == np.float32(0.1)
+    assert fresh.fc1.adapter("default").options["projections"].A.dtype == np.float32
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_vera_gradients_match_finite_differences(dropout):
+    model = _vera_model(vera_dropout=dropout).train()
+    g = np.random.default_rng(5).standard_normal((4, 5, 5))
+    layers = [layer for _, layer in lora.lora_layers(model)]
+
+    def loss():
+        for i, layer in enumerate(layers):
+            layer.rng = np.random.default_rng(100 + i)
+        return float((model(IDS) * g).sum())
+
+    loss()
+    model.zero_grad()
+    for i, layer in enumerate(layers):
+        layer.rng = np.random.default_rng(100 + i)
+    model.backward(g)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            np.testing.assert_allclose(p.grad, numeric_gradient(loss, p.data), rtol=1e-6,
+                                       atol=1e-8, err_msg=name)
+
+
+def test_vera_merge_save_load_and_refusals(tmp_path):
+    model = _vera_model().eval()
+    y = model(IDS)
+    sd = lora.tuners.merged_state_dict(model)
+    lora.merge_adapter(model)
+    np.testing.assert_allclose(model(IDS), y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.fc2.weight.data, sd["fc2.weight"], rtol=1e-12)
+    lora.unmerge_adapter(model)
+    lora.save_adapter(model, tmp_path / "v")
+    back = lora.load_adapter(MLP(np.random.default_rng(0)), tmp_path / "v").eval()
+    np.testing.assert_allclose(back(IDS), y, rtol=1e-5, atol=1e-6)
+    info = describe_adapter(tmp_path / "v")
+    assert "'VERA'" in info and "linear vera" in info and "base_model.vera_A" in info
+    with pytest.raises(ValueError, match="save_projection=False"):
+        lora.VeraConfig(target_modules=["fc1"], save_projection=False)
+    with pytest.raises(ValueError, match="does not adapt embedding"):
+        lora.wrap(MLP(np.random.default_rng(0)), lora.VeraConfig(r=2, target_modules=["embed"]))
+    import json
+    cfg = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    (tmp_path / "v" / "adapter_config.json").write_text(
+        json.dumps({**cfg, "save_projection": False}))
+    with pytest.raises(lora.AdapterFormatError, match="without its projections"):
+        lora.load_adapter(MLP(np.random.default_rng(0)), tmp_path / "v")
+
+
+def _peft_vera(tmp_path):
+    t = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    t.manual_seed(0)
+    pm = peft.get_peft_model(_torch_mlp(t)(), peft.VeraConfig(r=4, target_modules=["fc1", "fc2"]))
+    with t.no_grad():
+        for name, p in pm.named_parameters():
+            if "vera_lambda" in name:
+                p.copy_(t.randn_like(p))
+    pm.save_pretrained(tmp_path)
+    ours = MLP(np.random.default_rng(0))
+    ours.load_state_dict(_base_state(pm))
+    lora.load_adapter(ours, tmp_path)
+    return t, peft, pm, ours
+
+
+def test_peft_vera_outputs_gradients_and_merge(tmp_path):
+    t, peft, pm, ours = _peft_vera(tmp_path / "peft")
+    ids = t.from_numpy(IDS)
+    pm.train()
+    y_ref = pm(ids)
+    ours.train()
+    np.testing.assert_allclose(ours(IDS), y_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
+    (y_ref * t.from_numpy(g)).sum().backward()
+    ours.zero_grad()
+    ours(IDS)
+    ours.backward(g)
+    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p.grad.numpy()
+              for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(mine) == set(theirs)
+    for name, grad in mine.items():
+        np.testing.assert_allclose(grad, theirs[name], rtol=1e-4,
+                                   atol=1e-4 * np.abs(theirs[name]).max(), err_msg=name)
+    ours.eval()
+    pm.eval()
+    sd = lora.tuners.merged_state_dict(ours)
+    # saved here, loaded by PEFT
+    lora.save_adapter(ours, tmp_path / "ours")
+    base = _torch_mlp(t)()
+    base.load_state_dict({k: t.from_numpy(p.data.copy()) for k, p in ours.named_parameters()
+                          if "lora_" not in k and "vera_" not in k})
+    pm2 = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    with t.no_grad():
+        np.testing.assert_allclose(pm2(ids).numpy(), ours(IDS), rtol=1e-5, atol=1e-6)
+    for k, v in pm.merge_and_unload().state_dict().items():
+        np.testing.assert_allclose(sd[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_peft_vera_merged_by_lora_merge(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    t, peft, pm, ours = _peft_vera(tmp_path / "adapter")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    save_file({k: np.ascontiguousarray(v) for k, v in _base_state(pm).items()},
+              str(base / "model.safetensors"), metadata={"format": "pt"})
+    stats = lora.merge_checkpoint(base, tmp_path / "adapter", tmp_path / "out", progress=False)
+    assert stats["tensors_merged"] == 2
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     for k, v in pm.merge_and_unload().state_dict().items():
         np.testing.assert_allclose(got[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -15,7 +15,7 @@
  * forming the sum costs d_out d_in memory and the same flops. w_sq gives ||W_j||^2 (it is
  * constant for a frozen W: the caller may keep it); NULL computes it from W, which must then
  * be an array. The three terms are summed in double, and a sum that rounds below zero gives
- * a norm of 0. Overwrites norm (d_out).
+ * a norm of 0 (NaN stays NaN). Overwrites norm (d_out).
  * scratch: r * d_out + r * r elements, plus d_out when w_sq is NULL and wt. */
 
 typedef struct {
@@ -43,7 +43,7 @@ static void FN(dora_norm_rows)(void *arg, size_t begin, size_t end) {
             bgb += (double)b[k] * gb;
         }
         double n2 = w2 + 2 * a->scale * bp + a->scale * a->scale * bgb;
-        a->norm[j] = (T)(n2 > 0 ? sqrt(n2) : 0);
+        a->norm[j] = (T)(n2 > 0 ? sqrt(n2) : n2 == n2 ? 0 : n2); /* NaN stays NaN */
     }
 }
 

@@ -33,7 +33,8 @@ def describe_adapter(directory: str | os.PathLike) -> str:
         )
 
     lines = [f"adapter  {os.path.abspath(directory)}", "config"]
-    shown = ("peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules",
+    shown = ("peft_type", "r", "lora_alpha", "projection_prng_key", "d_initial", "vera_dropout",
+             "use_rslora", "lora_dropout", "target_modules",
              "exclude_modules", "bias", "init_lora_weights", "fan_in_fan_out", "rank_pattern",
              "alpha_pattern", "modules_to_save", "use_dora", "task_type",
              "base_model_name_or_path")
@@ -47,22 +48,28 @@ def describe_adapter(directory: str | os.PathLike) -> str:
     for path in sorted(pairs, key=_natural_key):
         t = pairs[path]
         r = t.r
-        d_in, d_out = t.A.shape[1], t.B.shape[0]
-        n_lora = t.A.size + t.B.size + sum(v.size for v in t.extra.values())
-        n_full = d_in * d_out
+        n_lora = sum(v.size for v in t.extra.values())
+        if t.A is not None:
+            d_in, d_out = t.A.shape[1], t.B.shape[0]
+            n_lora += t.A.size + t.B.size
+            n_full = d_in * d_out
+            full_total += n_full
+        else:  # VeRA: the layer's pair is a slice of the shared projections
+            d_in, d_out, n_full = "?", max((v.size for v in t.extra.values()), default=0), "?"
         lora_total += n_lora
-        full_total += n_full
-        scale = config_scaling(config, path, r)
+        scale = 1.0 if t.A is None else config_scaling(config, path, r)
         kind = t.kind if variant.name == "lora" else f"{t.kind} {variant.name}"
         rows.append((path, kind, str(r), f"{scale:g}", f"{d_in} -> {d_out}",
-                     f"{n_lora:,}", f"{n_full:,}", str(t.A.dtype)))
+                     f"{n_lora:,}", f"{n_full:,}" if t.A is not None else n_full,
+                     str(next(iter(t.extra.values())).dtype if t.A is None else t.A.dtype)))
     header = ("module", "kind", "r", "scaling", "in -> out", "LoRA params", "full W", "dtype")
     lines.append(f"targets  {len(pairs)} module(s)")
     lines += ["  " + line for line in _table(header, rows)]
     extra = sum(v.size for v in others.values())
+    adapted = (f"for {full_total:,} weights they adapt ({100.0 * lora_total / full_total:.2f}%)"
+               if full_total else "(the adapted weights' shapes are the base model's)")
     lines.append(
-        f"total    {lora_total:,} LoRA parameters for {full_total:,} weights they adapt "
-        f"({100.0 * lora_total / full_total:.2f}%)"
+        f"total    {lora_total:,} LoRA parameters {adapted}"
         + (f"; plus {extra:,} in {len(others)} other tensor(s)" if others else "")
     )
     for key in sorted(others):

@@ -20,7 +20,7 @@ import numpy as np
 from ..nn import Embedding, Module, Parameter
 from ..tuners.config import LoraConfig
 from ..tuners.lora import LoRAEmbedding, check_adapter_name
-from ..tuners.variants import variant_for
+from ..tuners.variants import config_from_dict, variant_for
 from ..tuners.wrap import (
     ModulesToSaveWrapper,
     _modules_to_save_paths,
@@ -68,7 +68,9 @@ def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[s
     """The tensors save_adapter writes for one adapter (default: the first active one), under
     PEFT's keys: for every LoRA layer it covers `base_model.model.<path>.lora_A.weight`
     (r, in) and `.lora_B.weight` (out, r), or `.lora_embedding_A` (r, num) and
-    `.lora_embedding_B` (dim, r); the trained copies of modules_to_save as
+    `.lora_embedding_B` (dim, r), a variant's own tensors beside them (DoRA's
+    `.lora_magnitude_vector`; VeRA's `.vera_lambda_b`/`_d` and its shared
+    `base_model.vera_A`/`vera_B` instead of the pairs); the trained copies of modules_to_save as
     `base_model.model.<path>.weight`/`.bias`; biases per config.bias (the first adapter's)."""
     name, config = _config_of(model, adapter_name)
     layers = lora_layers(model)
@@ -76,13 +78,15 @@ def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[s
     for path, layer in layers:
         if name not in layer.adapters:
             continue
-        keys = (
-            fmt.embedding_keys(path) if isinstance(layer, LoRAEmbedding) else fmt.linear_keys(path)
-        )
-        for key, p in zip(keys, layer._pair(name), strict=True):
-            tensors[key] = p.data
-        for field, p in layer.adapter(name).extra.items():
+        ad = layer.adapter(name)
+        if ad.variant.pair_in_file:
+            keys = (fmt.embedding_keys(path) if isinstance(layer, LoRAEmbedding)
+                    else fmt.linear_keys(path))
+            for key, p in zip(keys, (ad.A, ad.B), strict=True):
+                tensors[key] = p.data
+        for field, p in ad.extra.items():
             tensors[fmt.KEY_PREFIX + path + "." + field] = p.data
+        tensors.update(ad.variant.model_tensors(ad.options))  # VeRA's shared projections
     if config.bias == "none" and not config.modules_to_save:
         return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     saved_paths = _saved_paths(model)
@@ -215,12 +219,18 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
     where = os.path.join(directory, fmt.CONFIG_NAME)
     try:
         check_adapter_name(adapter_name, "load_adapter")
-        config = LoraConfig.from_dict(fmt.read_config(directory), where=where)
+        config = config_from_dict(fmt.read_config(directory), where=where)
+        variant = variant_for(config, where)
     except AdapterFormatError:
         raise
     except (TypeError, ValueError) as e:
         raise AdapterFormatError(str(e)) from None
     pairs, others = fmt.split_lora_tensors(fmt.read_tensors(directory))
+    shared = {}  # the adapter's model-level tensors (VeRA's projections)
+    for key in variant.model_tensors_keys():
+        if key not in others:
+            raise AdapterFormatError(f"load_adapter: the {variant.name} adapter has no {key!r}")
+        shared[key] = others.pop(key)
 
     wrapped = bool(lora_layers(model))
     known = model.__dict__.get("lora_configs") or {}
@@ -229,6 +239,10 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
         raise AdapterFormatError(f"load_adapter: {where} has modules_to_save or trained biases, "
                                  "which belong to a model's first adapter; load it into the "
                                  "plain model")
+    if existing and shared:
+        raise AdapterFormatError(f"load_adapter: a {variant.name} adapter brings its own shared "
+                                 "tensors; load it under a new adapter_name (or into the plain "
+                                 f"model), not into the existing adapter {adapter_name!r}")
     if existing:
         merged = [p for p, layer in lora_layers(model) if layer.merged]
         if merged:
@@ -246,7 +260,6 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
             targets = find_targets(model, config)
         except ValueError as e:
             raise AdapterFormatError(f"load_adapter: {e}") from None
-        variant = variant_for(config, where)
         expected = {path: _expected_shapes(base, config.rank_for(path), variant)
                     for path, base in targets}
     _check_pairs(pairs, expected, config)
@@ -275,16 +288,16 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
     init = dataclasses.replace(config, init_lora_weights=True)
     try:
         if not wrapped:
-            wrap(model, init, seed=seed, adapter_name=adapter_name)
+            wrap(model, init, seed=seed, adapter_name=adapter_name, tensors=shared or None)
             extra = _extra_params(model, set(expected), _saved_paths(model))
         elif not existing:
-            named.add_adapter(model, adapter_name, init, seed=seed)
+            named.add_adapter(model, adapter_name, init, seed=seed, tensors=shared or None)
         _assign(model, config, pairs, others, extra, adapter_name)
         if wrapped and not existing and is_trainable:
             for _, layer in lora_layers(model):
                 if adapter_name in layer.adapters:
-                    ad = layer.adapter(adapter_name)
-                    ad.A.requires_grad = ad.B.requires_grad = True
+                    for p in layer.adapter(adapter_name).params():
+                        p.requires_grad = True
     except BaseException:
         if existing:
             undo()
@@ -302,8 +315,9 @@ def _assign(model: Module, config: LoraConfig, pairs: dict, others: dict, extra:
     layers = dict(lora_layers(model))
     for path, t in pairs.items():
         ad = layers[path].adapter(adapter_name)
-        ad.A.data[...] = t.A
-        ad.B.data[...] = t.B
+        if t.A is not None:
+            ad.A.data[...] = t.A
+            ad.B.data[...] = t.B
         for name, value in t.extra.items():
             ad.extra[name].data[...] = value
         ad.lora_alpha, ad.use_rslora = config.alpha_for(path), config.use_rslora
@@ -350,7 +364,10 @@ def _expected_shapes(base: Module, r: int, variant) -> tuple[str, tuple, tuple, 
         kind, d_out, d_in = "embedding", base.embedding_dim, base.num_embeddings
     else:
         kind, d_out, d_in = "linear", base.out_features, base.in_features
-    return kind, (r, d_in), (d_out, r), variant.extra_shapes(kind, d_out, d_in, r)
+    extra = variant.extra_shapes(kind, d_out, d_in, r)
+    if not variant.pair_in_file:
+        return kind, None, None, extra
+    return kind, (r, d_in), (d_out, r), extra
 
 
 def _check_pairs(pairs: dict, expected: dict, config: LoraConfig) -> None:
@@ -367,7 +384,13 @@ def _check_pairs(pairs: dict, expected: dict, config: LoraConfig) -> None:
                 f"load_adapter: {path!r} has rank {t.r} in the file, its config says "
                 f"{config.rank_for(path)}"
             )
-        if t.A.shape != a_shape or t.B.shape != b_shape:
+        if a_shape is None or t.A is None:
+            if (a_shape is None) != (t.A is None):
+                has = "has no" if t.A is None else "has"
+                raise AdapterFormatError(f"load_adapter: the file {has} lora_A/lora_B for "
+                                         f"{path!r}, which its config's LoRA variant "
+                                         f"{'needs' if t.A is None else 'does not take'}")
+        elif t.A.shape != a_shape or t.B.shape != b_shape:
             raise AdapterFormatError(
                 f"load_adapter: {path!r}: the file's A {t.A.shape} and B {t.B.shape} do not fit "
                 f"the model's A {a_shape} and B {b_shape}"
@@ -377,7 +400,7 @@ def _check_pairs(pairs: dict, expected: dict, config: LoraConfig) -> None:
             raise AdapterFormatError(
                 f"load_adapter: {path!r}: the file has {got or 'no further tensors'} beside A and "
                 f"B, the adapter's variant needs {extra or 'none'} (use_dora in the config and "
-                "lora_magnitude_vector tensors go together)"
+                "lora_magnitude_vector tensors go together, VeRA's vera_lambda_b/_d likewise)"
             )
     for path in pairs:
         if path not in expected:

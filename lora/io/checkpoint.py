@@ -31,7 +31,7 @@ import numpy as np
 
 from .._progress import progress_bar
 from ..tuners.config import config_scaling
-from ..tuners.variants import VARIANTS, Variant, variant_for
+from ..tuners.variants import VARIANTS, Variant, config_from_dict, variant_for
 from . import atomic, peft
 from .safetensors import (
     INDEX_FILE,
@@ -187,6 +187,9 @@ def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
         pairs, others = peft.split_lora_tensors(tensors)
         if not pairs:
             raise peft.AdapterFormatError(f"{weights}: no LoRA tensors in the file")
+        variant = variant_for(config, directory)
+        if not variant.pair_in_file:  # VeRA: each layer's pair is a slice of shared tensors
+            _shared_pairs(variant, config, pairs, others, located, directory)
         # Full tensors PEFT saves beside the pairs (the embedding it saves when an embedding
         # is targeted, biases with bias="all") are loaded over the base before merging.
         for key in sorted(others):
@@ -263,6 +266,32 @@ def _replacement(value: np.ndarray, info: TensorInfo) -> _Update:
         value.astype(np.float64 if info.dtype == "F64" else np.float32), info.dtype
     )
     return _Update(replace=to_compute(stored, info.dtype))
+
+
+def _shared_pairs(variant, config: dict, pairs: dict, others: dict, located: dict,
+                  directory: str) -> None:
+    """Give each layer of a variant without per-layer pairs (VeRA) its A and B: the slices of
+    the adapter's model-level tensors (popped from `others`) its base tensor's shape picks."""
+    shared = {}
+    for key in variant.model_tensors_keys():
+        if key not in others:
+            raise peft.AdapterFormatError(f"{directory}: the {variant.name} adapter has no "
+                                          f"{key!r}")
+        shared[key] = others.pop(key)
+    transposed = bool(config.get("fan_in_fan_out", False))
+    dims = {}
+    for path in pairs:
+        shape = located[_base_tensor(path, located, directory)].shape
+        if len(shape) != 2:
+            raise CheckpointError(f"{directory}: module {path!r}: base tensor of shape {shape}")
+        dims[path] = shape[::-1] if transposed else shape
+    try:
+        options = variant.options(config_from_dict(config, directory), list(dims.values()),
+                                  np.float64, shared)
+    except ValueError as e:
+        raise peft.AdapterFormatError(f"{directory}: {e}") from None
+    for path, t in pairs.items():
+        t.A, t.B = variant.pair(options, *dims[path])
 
 
 def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: float) -> _Update:

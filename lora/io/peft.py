@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tuners.config import check_values
-from ..tuners.variants import extra_fields
+from ..tuners.variants import VARIANTS, extra_fields, peft_types
 from .safetensors import SafetensorsError, read_float_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,13 +41,14 @@ class LoraTensors:
 
     path: str
     kind: str  # "linear" or "embedding"
-    A: np.ndarray
-    B: np.ndarray
+    A: np.ndarray | None  # None for a variant without per-layer pairs (VeRA)
+    B: np.ndarray | None
     extra: dict = field(default_factory=dict)
+    rank: int | None = None  # the rank when there is no A to read it from
 
     @property
     def r(self) -> int:
-        return self.A.shape[0]
+        return self.A.shape[0] if self.A is not None else self.rank
 
 
 def linear_keys(path: str) -> tuple[str, str]:
@@ -73,8 +74,9 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; only LORA is supported")
+    if str(peft_type).upper() not in peft_types():
+        raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; this library reads "
+                                 f"{', '.join(sorted(peft_types()))} adapters")
     try:
         check_values(config, path)
     except ValueError as e:
@@ -135,8 +137,12 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
         if name is None or not key.startswith(KEY_PREFIX):
             continue
         path = key[len(KEY_PREFIX):-len(name) - 1]
-        if path not in pairs:
+        owner = next(v for v in VARIANTS.values() if name in v.extra_shapes("linear", 1, 1, 1))
+        if path not in pairs and owner.pair_in_file:
             raise AdapterFormatError(f"tensor {key!r}: {name} for module {path!r}, which has no "
                                      "lora_A/lora_B pair in the file")
-        pairs[path].extra[name] = others.pop(key)
+        t = pairs.setdefault(path, LoraTensors(path, "linear", None, None))
+        t.extra[name] = others.pop(key)
+        if t.A is None and name == owner.rank_field:
+            t.rank = t.extra[name].shape[0] if t.extra[name].ndim == 1 else 0
     return pairs, others

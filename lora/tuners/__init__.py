@@ -18,6 +18,7 @@ from .combine import add_weighted_adapter
 
 from .config import LoraConfig, scaling_factor
 from .lora import LoRAEmbedding, LoRALinear, init_lora_weights
+from .variants import VeraConfig
 from .wrap import (
     ModulesToSaveWrapper,
     disable_adapters,
@@ -42,6 +43,7 @@ __all__ = [
     "set_adapter",
     "unmerge_adapter",
     "LoraConfig",
+    "VeraConfig",
     "scaling_factor",
     "LoRALinear",
     "LoRAEmbedding",

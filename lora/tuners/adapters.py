@@ -24,7 +24,7 @@ from ..nn import Embedding, Module
 from .config import LoraConfig
 from .lora import BASE_ROWS, BATCH_ADAPTERS, LoRAEmbedding, LoRALinear, check_adapter_name
 from .variants import variant_for
-from .wrap import find_targets, lora_layers, unload, wrap
+from .wrap import find_targets, lora_layers, unload, variant_options, wrap
 
 __all__ = [
     "active_adapters",
@@ -69,7 +69,8 @@ def active_adapters(model: Module) -> list[str]:
 
 
 def add_adapter(model: Module, adapter_name: str, config: LoraConfig | None = None, *,
-                seed: int | None = None, **config_kwargs) -> Module:
+                seed: int | None = None, tensors: dict | None = None,
+                **config_kwargs) -> Module:
     """Add a new adapter named `adapter_name` to a wrapped model (a plain model is wrapped,
     the adapter becoming its first), with its own config: r, lora_alpha, target_modules,
     lora_dropout, use_rslora, rank/alpha patterns, init_lora_weights. Layers it targets that
@@ -84,7 +85,7 @@ def add_adapter(model: Module, adapter_name: str, config: LoraConfig | None = No
         raise TypeError("add_adapter: pass either a LoraConfig or its fields, not both")
     check_adapter_name(adapter_name, "add_adapter")
     if not lora_layers(model):
-        return wrap(model, config, seed=seed, adapter_name=adapter_name)
+        return wrap(model, config, seed=seed, adapter_name=adapter_name, tensors=tensors)
     known = configs(model, "add_adapter")
     if adapter_name in known:
         raise ValueError(f"add_adapter: the model already has an adapter named {adapter_name!r}")
@@ -99,13 +100,15 @@ def add_adapter(model: Module, adapter_name: str, config: LoraConfig | None = No
         raise ValueError(f"add_adapter: target_modules {config.target_modules!r} match no "
                          "module of the model")
     rng = np.random.default_rng(seed)
+    variant = variant_for(config)
+    options = variant_options(variant, config, [m for _, m in targets], tensors)
     done: list[tuple[str, Module, Module]] = []  # (path, module before, after) to undo
     try:
         for path, m in targets:
             layer_rng = np.random.default_rng(rng.integers(0, 2**63))
             r, alpha = config.rank_for(path), config.alpha_for(path)
             kwargs = dict(use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                          variant=variant_for(config).name)
+                          variant=variant.name, variant_options=options)
             if isinstance(m, (LoRALinear, LoRAEmbedding)):
                 saved_rng = m.rng
                 m.rng = layer_rng

@@ -51,10 +51,13 @@ class Adapter:
     variant: Variant = VARIANTS["lora"]
     extra: dict = dataclasses.field(default_factory=dict)
     merge_state: object = None  # what the variant's merge_into returned, while merged
+    options: dict = dataclasses.field(default_factory=dict)  # shared by the adapter's layers
+    registered: tuple = ()  # the field names of its Parameters registered on the layer
 
     def params(self) -> list[Parameter]:
-        """Every trainable Parameter of the adapter: A, B and the variant's."""
-        return [self.A, self.B, *self.extra.values()]
+        """Every trainable Parameter of the adapter: A, B and the variant's (VeRA: only its
+        vectors; its A and B are frozen slices of the model's shared projections)."""
+        return self.variant.trainable(self)
 
 
 def check_adapter_name(name, where: str) -> None:
@@ -115,7 +118,8 @@ class _LoRABase(Module):
         self.weight.requires_grad = False
 
     def _new_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool,
-                     lora_dropout: float, dtype, variant: str = "lora") -> Adapter:
+                     lora_dropout: float, dtype, variant: str = "lora",
+                     variant_options: dict | None = None) -> Adapter:
         where = type(self).__name__
         check_adapter_args(where, name, r, lora_alpha, lora_dropout)
         if name in self._adapters:
@@ -123,13 +127,25 @@ class _LoRABase(Module):
         if variant not in VARIANTS:
             raise ValueError(f"{where}: unknown LoRA variant {variant!r}; one of {list(VARIANTS)}")
         v = VARIANTS[variant]
+        if self._KIND not in v.kinds:
+            raise ValueError(f"{where}: the {v.name} variant does not adapt {self._KIND} layers "
+                             f"(it adapts {', '.join(v.kinds)} layers)")
         d_out, d_in = self._dims
-        ad = Adapter(Parameter(np.zeros((r, d_in), dtype)), Parameter(np.zeros((d_out, r), dtype)),
-                     r, lora_alpha, use_rslora, scaling_factor(lora_alpha, r, use_rslora),
-                     lora_dropout, v)
+        options = dict(variant_options or {})
+        shared = v.pair(options, d_out, d_in)
+        if shared is None:
+            A, B = Parameter(np.zeros((r, d_in), dtype)), Parameter(np.zeros((d_out, r), dtype))
+        else:  # frozen views of arrays the adapter's layers share
+            A, B = Parameter(np.zeros(0, dtype), False), Parameter(np.zeros(0, dtype), False)
+            A.data, B.data = shared
+        ad = Adapter(A, B, r, lora_alpha, use_rslora, scaling_factor(lora_alpha, r, use_rslora),
+                     lora_dropout, v, options=options)
         for field, shape in v.extra_shapes(self._KIND, d_out, d_in, r).items():
             ad.extra[field] = Parameter(np.zeros(shape, dtype))
-        for field, p in zip(self._PAIR + tuple(ad.extra), ad.params(), strict=True):
+        own = {"A": ad.A, "B": ad.B} if shared is None else {}
+        fields = dict(zip(self._PAIR, own.values(), strict=False)) | ad.extra
+        ad.registered = tuple(fields)
+        for field, p in fields.items():
             self._parameters[self.param_name(field, name)] = p
         first = not self._adapters
         self._adapters[name] = ad
@@ -141,11 +157,12 @@ class _LoRABase(Module):
         return ad
 
     def _init_adapter(self, name: str, init, loftq_config=None) -> None:
-        """init_lora_weights, then the variant's own parameters; the adapter is removed
-        again if either fails."""
+        """init_lora_weights (of an adapter with its own A and B), then the variant's own
+        parameters; the adapter is removed again if either fails."""
         try:
-            _init_weights(self, init, loftq_config, adapter_name=name)
             ad = self._adapters[name]
+            if self._PAIR[0] in ad.registered:  # its own A and B (not VeRA's shared ones)
+                _init_weights(self, init, loftq_config, adapter_name=name)
             ad.variant.init(self, ad)
         except BaseException:
             self.delete_adapter(name)
@@ -158,10 +175,12 @@ class _LoRABase(Module):
         A, B, s = ad.A.data, ad.B.data, ad.scaling
         base = self._base
         if isinstance(base, QuantLinear):
-            if getattr(base, "_row_sqnorm", None) is None or base._row_sqnorm[0] is not base.weight.data:
+            kept = getattr(base, "_row_sqnorm", None)
+            if kept is None or kept[0] is not base.weight.data:  # blocks replaced: again
                 w = base.dequantize()
-                object.__setattr__(base, "_row_sqnorm", (base.weight.data, np.einsum("ij,ij->i", w, w)))
-            return F.dora_norm(base.qweight.kernel_weight(), A, B, s, weight_sqnorm=base._row_sqnorm[1])
+                kept = (base.weight.data, np.einsum("ij,ij->i", w, w))
+                object.__setattr__(base, "_row_sqnorm", kept)
+            return F.dora_norm(base.qweight.kernel_weight(), A, B, s, weight_sqnorm=kept[1])
         W = base.dequantize() if isinstance(base, QuantEmbedding) else self.weight.data
         return F.dora_norm(W, A, B, s, fan_in_fan_out=self._transposed)
 
@@ -255,7 +274,7 @@ class _LoRABase(Module):
                 self._unmerge_one(self.weight.data, ad)
                 self.merged_adapters.remove(name)
                 self._weight_changed()
-        for field in self._PAIR + tuple(ad.extra):
+        for field in ad.registered:
             del self._parameters[self.param_name(field, name)]
         del self._adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
@@ -364,6 +383,7 @@ class LoRALinear(_Packable, _LoRABase):
         loftq_config: dict | None = None,
         adapter_name: str = ADAPTER_NAME,
         variant: str = "lora",
+        variant_options: dict | None = None,
     ):
         super().__init__()
         if not isinstance(base, (Linear, Conv1D)):
@@ -375,7 +395,7 @@ class LoRALinear(_Packable, _LoRABase):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora,
                          init_lora_weights=init_lora_weights, loftq_config=loftq_config,
-                         variant=variant)
+                         variant=variant, variant_options=variant_options)
 
     _KIND = "linear"
 
@@ -390,11 +410,13 @@ class LoRALinear(_Packable, _LoRABase):
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, *, use_rslora: bool = False,
                     init_lora_weights: bool | str = True,
-                    loftq_config: dict | None = None, variant: str = "lora") -> Adapter:
+                    loftq_config: dict | None = None, variant: str = "lora",
+                    variant_options: dict | None = None) -> Adapter:
         """Add adapter `name` (inactive and frozen unless it is the layer's first), of
-        `variant` (a name in lora.tuners.variants.VARIANTS: "lora", "dora")."""
+        `variant` (a name in lora.tuners.variants.VARIANTS: "lora", "dora", "vera"), with
+        what the variant's layers share (Variant.options; VeRA's projections)."""
         ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout,
-                               self.compute_dtype, variant)
+                               self.compute_dtype, variant, variant_options)
         self._init_adapter(name, init_lora_weights, loftq_config)
         return ad
 
@@ -524,6 +546,7 @@ class LoRAEmbedding(_LoRABase):
         rng: np.random.Generator | None = None,
         adapter_name: str = ADAPTER_NAME,
         variant: str = "lora",
+        variant_options: dict | None = None,
     ):
         super().__init__()
         if not isinstance(base, Embedding):
@@ -533,7 +556,8 @@ class LoRAEmbedding(_LoRABase):
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
         self.add_adapter(adapter_name, r, lora_alpha, use_rslora=use_rslora,
-                         init_lora_weights=init_lora_weights, variant=variant)
+                         init_lora_weights=init_lora_weights, variant=variant,
+                         variant_options=variant_options)
 
     _KIND = "embedding"
     _transposed = True  # the weight is (num_embeddings, dim) = (d_in, d_out)
@@ -545,11 +569,12 @@ class LoRAEmbedding(_LoRABase):
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, *, use_rslora: bool = False,
                     init_lora_weights: bool | str = True, loftq_config=None,
-                    variant: str = "lora") -> Adapter:
+                    variant: str = "lora", variant_options: dict | None = None) -> Adapter:
         """Add adapter `name` (inactive and frozen unless it is the layer's first); PEFT's
         embedding LoRA has no dropout, so lora_dropout is not used."""
         dtype = getattr(self._base, "compute_dtype", self.weight.dtype)
-        ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout, dtype, variant)
+        ad = self._new_adapter(name, r, lora_alpha, use_rslora, lora_dropout, dtype, variant,
+                               variant_options)
         self._init_adapter(name, init_lora_weights)
         return ad
 

@@ -86,6 +86,23 @@ def find_targets(model: Module, config: LoraConfig) -> list[tuple[str, Module]]:
     return targets
 
 
+def layer_dims(m: Module) -> tuple[int, int]:
+    """(d_out, d_in) of a layer LoRA adapts: (embedding_dim, num_embeddings) for an
+    embedding."""
+    if isinstance(m, (Embedding, LoRAEmbedding)):
+        return m.embedding_dim, m.num_embeddings
+    return m.out_features, m.in_features
+
+
+def variant_options(variant, config: LoraConfig, modules: list[Module],
+                    tensors: dict | None = None) -> dict:
+    """What the layers of one new adapter of `variant` share (Variant.options), for the
+    target `modules`; `tensors` a file's model-level tensors when loading."""
+    first = modules[0]
+    dtype = getattr(first, "compute_dtype", None) or first.weight.dtype
+    return variant.options(config, [layer_dims(m) for m in modules], dtype, tensors)
+
+
 def _modules_to_save_paths(model: Module, names: list[str] | None) -> list[str]:
     """The paths of the modules `names` selects (a path equal to a name or ending in "." +
     name; outermost only). A name that selects nothing is absent from this model and ignored,
@@ -99,7 +116,7 @@ def _modules_to_save_paths(model: Module, names: list[str] | None) -> list[str]:
 
 def wrap(
     model: Module, config: LoraConfig | None = None, *, seed: int | None = None,
-    adapter_name: str = "default", **config_kwargs
+    adapter_name: str = "default", tensors: dict | None = None, **config_kwargs
 ) -> Module:
     """Put LoRA on `model` in place and return it.
 
@@ -107,7 +124,9 @@ def wrap(
     `wrap(model, target_modules=["q_proj", "v_proj"], r=8)`. Every parameter is frozen except
     the LoRA matrices, the biases `config.bias` asks for, and the trainable copies of
     `config.modules_to_save`. `seed` seeds the LoRA initialisation and dropout masks.
-    `adapter_name` names the adapter (PEFT's "default"). ValueError when nothing matches
+    `adapter_name` names the adapter (PEFT's "default"). `config` may be a VeraConfig
+    (lora.VeraConfig: VeRA); `tensors` are an adapter file's model-level tensors (VeRA's
+    projections), for load_adapter. ValueError when nothing matches
     target_modules or the model already has LoRA layers (lora.add_adapter adds another).
     """
     if config is None:
@@ -137,7 +156,9 @@ def wrap(
             stacklevel=2,
         )
     check_adapter_name(adapter_name, "wrap")
-    variant = variant_for(config).name
+    variant = variant_for(config)
+    options = variant_options(variant, config, [m for _, m in targets], tensors)
+    variant = variant.name
     rng = np.random.default_rng(seed)
     model.requires_grad_(False)
     for path, base in targets:
@@ -153,6 +174,7 @@ def wrap(
                 rng=layer_rng,
                 adapter_name=adapter_name,
                 variant=variant,
+                variant_options=options,
             )
         else:
             if config.fan_in_fan_out != isinstance(base, Conv1D):
@@ -172,6 +194,7 @@ def wrap(
                 loftq_config=config.loftq_config,
                 adapter_name=adapter_name,
                 variant=variant,
+                variant_options=options,
             )
         layer.train(model.training)
         model.set_submodule(path, layer)

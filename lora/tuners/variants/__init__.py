@@ -13,23 +13,50 @@ config flag, that flag as a LoraConfig field (docs/design.md).
 
 from __future__ import annotations
 
+from ..config import LoraConfig
 from .dora import DoRA
 from .lora import LoRA, Variant
+from .vera import VeraConfig, VeRA
 
-__all__ = ["VARIANTS", "Variant", "extra_fields", "variant_for"]
+__all__ = ["VARIANTS", "Variant", "VeraConfig", "config_from_dict", "extra_fields",
+           "peft_types", "variant_for"]
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (LoRA(), DoRA())}
+VARIANTS: dict[str, Variant] = {v.name: v for v in (LoRA(), DoRA(), VeRA())}
+
+
+def _peft_type(config) -> str:
+    if isinstance(config, dict):
+        return str(config.get("peft_type") or "LORA").upper()
+    return next((v.peft_type for v in VARIANTS.values()
+                 if v.config_class is not None and isinstance(config, v.config_class)), "LORA")
 
 
 def variant_for(config, where: str = "LoraConfig") -> Variant:
-    """The variant a LoraConfig (or an adapter_config.json dict) selects: the one whose
-    config_field is true, plain LoRA when none is; ValueError when several are."""
+    """The variant a config (a LoraConfig, a VeraConfig, or an adapter_config.json dict)
+    selects: by its peft_type, then the one whose config_field is true, else that type's
+    default; ValueError when several are."""
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    chosen = [v for v in VARIANTS.values() if v.config_field and get(v.config_field, False)]
+    peft_type = _peft_type(config)
+    of_type = [v for v in VARIANTS.values() if v.peft_type == peft_type]
+    if not of_type:
+        raise ValueError(f"{where}: peft_type {peft_type!r} is not one this library reads "
+                         f"({', '.join(sorted(peft_types()))})")
+    chosen = [v for v in of_type if v.config_field and get(v.config_field, False)]
     if len(chosen) > 1:
         raise ValueError(f"{where}: {' and '.join(v.config_field + '=True' for v in chosen)} "
                          "select different LoRA variants; choose one")
-    return chosen[0] if chosen else VARIANTS["lora"]
+    return chosen[0] if chosen else next(v for v in of_type if not v.config_field)
+
+
+def peft_types() -> set[str]:
+    """The peft_type values of the adapters this library reads and writes."""
+    return {v.peft_type for v in VARIANTS.values()}
+
+
+def config_from_dict(config: dict, where: str = "adapter_config.json") -> LoraConfig:
+    """The config class of the dict's peft_type (LoraConfig, VeraConfig) built from it."""
+    cls = variant_for(config, where).config_class or LoraConfig
+    return cls.from_dict(config, where=where)
 
 
 def extra_fields() -> set[str]:

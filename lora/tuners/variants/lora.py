@@ -25,9 +25,40 @@ class Variant:
     one), then add an instance to VARIANTS."""
 
     name = "lora"
-    # the LoraConfig field (PEFT's name) whose true value selects the variant; None: the default
+    # PEFT's peft_type of its adapters, and the config class that reads and writes them
+    peft_type = "LORA"
+    config_class = None  # None: LoraConfig
+    # the config field (PEFT's name) whose true value selects the variant among those of its
+    # peft_type; None: the default of its peft_type
     config_field: str | None = None
     stacks = True  # several active adapters as one stacked branch, and mixed batches
+    pair_in_file = True  # lora_A/lora_B per layer in the file (VeRA: shared projections)
+    rank_field: str | None = None  # without a pair: the further tensor whose length is r
+    kinds = ("linear", "embedding")  # the layers it adapts
+
+    def options(self, config, dims: list[tuple[int, int]], dtype,
+                tensors: dict | None = None) -> dict:
+        """What every layer of one adapter shares, built once by wrap/add_adapter/load for
+        layers of `dims` ((d_out, d_in) each) and kept on each Adapter (`ad.options`);
+        `tensors` are a file's model-level tensors (model_tensors' keys) when loading."""
+        return {}
+
+    def pair(self, options: dict, d_out: int, d_in: int):
+        """The adapter's A and B for a layer when they are not its own (VeRA's slices of
+        the shared projections); None: new trainable Parameters."""
+        return None
+
+    def model_tensors(self, options: dict) -> dict:
+        """The adapter's model-level tensors by file key (VeRA's projections)."""
+        return {}
+
+    def model_tensors_keys(self) -> tuple[str, ...]:
+        """The file keys model_tensors writes (and a load needs)."""
+        return ()
+
+    def trainable(self, ad) -> list:
+        """The adapter's trainable Parameters: A, B and the further ones."""
+        return [ad.A, ad.B, *ad.extra.values()]
 
     # ---- parameters beyond A and B
     def extra_shapes(self, kind: str, d_out: int, d_in: int, r: int) -> dict[str, tuple]:
