@@ -387,3 +387,15 @@ PyObject *call_end(Call *c, PyObject *result) {
     }
     return result;
 }
+
+int check_lora_pair(const Call *c, PyArrayObject *A, PyArrayObject *B, npy_intp d_out,
+                    npy_intp d_in, npy_intp *r) {
+    if (check_ndim(c, "A", A, 2, 0) || check_ndim(c, "B", B, 2, 0)) return -1;
+    *r = PyArray_DIM(A, 0);
+    if (check_blas_size(c, "A", "the rank r (A.shape[0])", *r, 1)) return -1;
+    npy_intp want_a[2] = {*r, d_in}, want_b[2] = {d_out, *r};
+    if (check_shape(c, "A", A, 2, want_a, "(r, d_in)") ||
+        check_shape(c, "B", B, 2, want_b, "(d_out, r)"))
+        return -1;
+    return 0;
+}

@@ -82,6 +82,10 @@ int check_rows_like(const Call *c, const char *name, PyArrayObject *a, PyArrayOb
 /* BLAS takes int sizes: refuse anything larger (or below lo) before it reaches a BLAS call. */
 int check_blas_size(const Call *c, const char *arg, const char *what, npy_intp size,
                     npy_intp lo);
+/* A LoRA pair against a weight of d_out x d_in: A (r, d_in), B (d_out, r), r >= 1 and a BLAS
+ * int; sets *r. */
+int check_lora_pair(const Call *c, PyArrayObject *A, PyArrayObject *B, npy_intp d_out,
+                    npy_intp d_in, npy_intp *r);
 /* x is (..., d_in); *n, its rows (the product of the leading dims), fits a BLAS int. */
 int check_x(const Call *c, PyArrayObject *x, npy_intp d_in);
 int count_rows(const Call *c, PyArrayObject *x, npy_intp *n);

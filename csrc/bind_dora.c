@@ -46,14 +46,11 @@ PyObject *py_dora_norm(PyObject *self, PyObject *args, PyObject *kwds) {
     double scale;
     void *scratch;
     if (arg_array(&c, &A, "A", a_o) || arg_weight(&c, w_o, wt, 0, &w) ||
-        arg_array(&c, &B, "B", b_o) || arg_optional(&c, &sq, "weight_sqnorm", sq_o) ||
-        check_ndim(&c, "A", A, 2, 0) || check_ndim(&c, "B", B, 2, 0))
+        arg_array(&c, &B, "B", b_o) || arg_optional(&c, &sq, "weight_sqnorm", sq_o))
         goto done;
-    const npy_intp d_out = w.d_out, d_in = w.d_in, r = PyArray_DIM(A, 0);
-    npy_intp want_a[2] = {r, d_in}, want_b[2] = {d_out, r};
-    if (check_blas_size(&c, "A", "the rank r (A.shape[0])", r, 1) ||
-        check_shape(&c, "A", A, 2, want_a, "(r, d_in)") ||
-        check_shape(&c, "B", B, 2, want_b, "(d_out, r)") ||
+    const npy_intp d_out = w.d_out, d_in = w.d_in;
+    npy_intp r;
+    if (check_lora_pair(&c, A, B, d_out, d_in, &r) ||
         (sq && check_shape(&c, "weight_sqnorm", sq, 1, &d_out, "(d_out,)")) ||
         arg_real(&c, "scale", scale_o, REAL_ANY, &scale))
         goto done;

@@ -19,19 +19,6 @@ typedef struct {
     npy_intp d_out, d_in, r;
 } LoraDims;
 
-/* A (r, d_in) and B (d_out, r) against the weight's d_out and d_in; sets dims->r. */
-static int check_lora_weights(const Call *c, PyArrayObject *A, PyArrayObject *B,
-                              LoraDims *dims) {
-    if (check_ndim(c, "A", A, 2, 0) || check_ndim(c, "B", B, 2, 0)) return -1;
-    dims->r = PyArray_DIM(A, 0);
-    if (check_blas_size(c, "A", "the rank r (A.shape[0])", dims->r, 1)) return -1;
-    npy_intp want_a[2] = {dims->r, dims->d_in}, want_b[2] = {dims->d_out, dims->r};
-    if (check_shape(c, "A", A, 2, want_a, "(r, d_in)") ||
-        check_shape(c, "B", B, 2, want_b, "(d_out, r)"))
-        return -1;
-    return 0;
-}
-
 /* What linear_forward and linear_backward share beyond their arrays. */
 typedef struct {
     WeightArg w;
@@ -45,7 +32,8 @@ typedef struct {
 static int check_lora(const Call *c, LoraArgs *la, PyArrayObject *A, PyArrayObject *B,
                       PyArrayObject *x) {
     la->dm.d_out = la->w.d_out, la->dm.d_in = la->w.d_in;
-    return check_lora_weights(c, A, B, &la->dm) || check_x(c, x, la->dm.d_in);
+    return check_lora_pair(c, A, B, la->dm.d_out, la->dm.d_in, &la->dm.r) ||
+           check_x(c, x, la->dm.d_in);
 }
 
 /* scale, dropout and seed. */
