@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tuners.config import check_values
-from ..tuners.variants import VARIANTS, extra_fields, peft_types
+from ..tuners.variants import field_owners, peft_types
 from .safetensors import SafetensorsError, read_float_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -132,12 +132,13 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
         if path in pairs:
             raise AdapterFormatError(f"module {path!r}: both Linear and Embedding LoRA keys")
         pairs[path] = LoraTensors(path, kind, A, B)
+    owners = field_owners()
     for key in list(others):  # the variants' tensors (DoRA's magnitudes) join their pair
-        name = next((f for f in extra_fields() if key.endswith("." + f)), None)
+        name = next((f for f in owners if key.endswith("." + f)), None)
         if name is None or not key.startswith(KEY_PREFIX):
             continue
         path = key[len(KEY_PREFIX):-len(name) - 1]
-        owner = next(v for v in VARIANTS.values() if name in v.extra_shapes("linear", 1, 1, 1))
+        owner = owners[name]
         if path not in pairs and owner.pair_in_file:
             raise AdapterFormatError(f"tensor {key!r}: {name} for module {path!r}, which has no "
                                      "lora_A/lora_B pair in the file")

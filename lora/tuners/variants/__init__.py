@@ -19,7 +19,7 @@ from .lora import LoRA, Variant
 from .vera import VeraConfig, VeRA
 
 __all__ = ["VARIANTS", "Variant", "VeraConfig", "config_from_dict", "extra_fields",
-           "peft_types", "variant_for"]
+           "field_owners", "peft_types", "variant_for"]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (LoRA(), DoRA(), VeRA())}
 
@@ -59,6 +59,12 @@ def config_from_dict(config: dict, where: str = "adapter_config.json") -> LoraCo
     return cls.from_dict(config, where=where)
 
 
+def field_owners() -> dict[str, Variant]:
+    """Every variant's further parameter names (their tensor keys end in '.<field>'), each
+    with the variant that declares it."""
+    return {f: v for v in VARIANTS.values() for f in v.extra_shapes("linear", 1, 1, 1)}
+
+
 def extra_fields() -> set[str]:
-    """Every variant's further parameter names (their tensor keys end in '.<field>')."""
-    return {f for v in VARIANTS.values() for f in v.extra_shapes("linear", 1, 1, 1)}
+    """Every variant's further parameter names."""
+    return set(field_owners())

@@ -171,16 +171,10 @@ class VeRA(Variant):
         ad.extra[LAMBDA_D].data[...] = ad.options.get("d_initial", 0.1)
 
     # ---- Linear: the LoRA kernels on the scaled pair
-    @staticmethod
-    def _scaled(ad, dtype):
-        lb, ld = ad.extra[LAMBDA_B].data, ad.extra[LAMBDA_D].data
-        return (ld[:, None] * ad.A.data).astype(dtype, copy=False), \
-            (lb[:, None] * ad.B.data).astype(dtype, copy=False)
-
     def linear_forward(self, layer, live, x, W, fifo, bias, residual):
         (ad,) = live
         p = ad.lora_dropout if layer.training else 0.0
-        A, B = self._scaled(ad, x.dtype)
+        A, B = _scaled(ad.A.data, ad.B.data, {k: v.data for k, v in ad.extra.items()}, x.dtype)
         seed = int(layer.rng.integers(0, 2**63)) if p > 0 else None
         y, xa = F.linear_forward(x, W, A, B, 1.0, bias, dropout=p, seed=seed,
                                  fan_in_fan_out=fifo, residual=residual)
@@ -204,13 +198,15 @@ class VeRA(Variant):
 
     # ---- the update of the weight
     def merge_into(self, weight, A, B, scaling, extra, transposed):
-        lb, ld = extra[LAMBDA_B], extra[LAMBDA_D]
-        F.merge(weight, np.ascontiguousarray(ld[:, None] * A, weight.dtype),
-                np.ascontiguousarray(lb[:, None] * B, weight.dtype), 1.0,
-                fan_in_fan_out=transposed)
+        F.merge(weight, *_scaled(A, B, extra, weight.dtype), 1.0, fan_in_fan_out=transposed)
 
     def unmerge_from(self, weight, A, B, scaling, extra, transposed, state) -> None:
-        lb, ld = extra[LAMBDA_B], extra[LAMBDA_D]
-        F.unmerge(weight, np.ascontiguousarray(ld[:, None] * A, weight.dtype),
-                  np.ascontiguousarray(lb[:, None] * B, weight.dtype), 1.0,
-                  fan_in_fan_out=transposed)
+        F.unmerge(weight, *_scaled(A, B, extra, weight.dtype), 1.0, fan_in_fan_out=transposed)
+
+
+def _scaled(A, B, extra: dict, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The LoRA pair VeRA computes with: lambda_d A (r, d_in) and lambda_b B (d_out, r),
+    new contiguous arrays of `dtype`."""
+    lb, ld = extra[LAMBDA_B], extra[LAMBDA_D]
+    return (np.ascontiguousarray(ld[:, None] * A, dtype),
+            np.ascontiguousarray(lb[:, None] * B, dtype))
