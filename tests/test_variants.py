@@ -118,28 +118,37 @@ def test_dora_layers_match_the_formula_and_start_as_the_base():
     np.testing.assert_allclose(fresh(IDS), y0, rtol=1e-12, atol=1e-12)  # m = ||W||, B = 0
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_dora_gradients_match_finite_differences(dropout):
-    model = _dora_model(lora_dropout=dropout).train()
+def _check_finite_differences(model, hold_norms=False):
+    """Every trainable parameter's gradient of sum(model(IDS) * g) against central
+    differences, with the same dropout masks in every call (the layers' generators
+    reseeded) and, for DoRA, its norms held."""
+    model.train()
     g = np.random.default_rng(5).standard_normal((4, 5, 5))
-    # the same dropout masks in every call: reseed the layers' generators
     layers = [layer for _, layer in lora.lora_layers(model)]
 
-    def loss():
+    def reseed():
         for i, layer in enumerate(layers):
             layer.rng = np.random.default_rng(100 + i)
+
+    def loss():
+        reseed()
         return float((model(IDS) * g).sum())
 
-    _hold_norms(layers)
+    if hold_norms:
+        _hold_norms(layers)
     loss()
     model.zero_grad()
-    for i, layer in enumerate(layers):
-        layer.rng = np.random.default_rng(100 + i)
+    reseed()
     model.backward(g)
     for name, p in model.named_parameters():
         if p.requires_grad:
             want = numeric_gradient(loss, p.data)
             np.testing.assert_allclose(p.grad, want, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_gradients_match_finite_differences(dropout):
+    _check_finite_differences(_dora_model(lora_dropout=dropout), hold_norms=True)
 
 
 def _hold_norms(layers):
@@ -234,23 +243,73 @@ def test_dora_save_load_roundtrip_and_mismatch(tmp_path):
 # ------------------------------------------------------------------ against PEFT
 
 
-def _peft_dora(tmp_path, dtype="float32"):
+def _peft_model(tmp_path, config_of, move):
+    """A PEFT model of the torch MLP with the adapter config_of(peft) gives, its trained
+    tensors changed in place by move(name, p) so that they matter, saved to tmp_path, and
+    our MLP with the same base weights and, from that save, the same adapter."""
     t = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     t.manual_seed(0)
-    base = _torch_mlp(t)().double() if dtype == "float64" else _torch_mlp(t)()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"],
-                             use_dora=True, init_lora_weights=False)
-    pm = peft.get_peft_model(base, config)
-    with t.no_grad():  # magnitudes away from the norms, so that they matter
+    pm = peft.get_peft_model(_torch_mlp(t)(), config_of(peft))
+    with t.no_grad():
         for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(t.rand_like(p) + 0.5)
+            move(t, name, p)
     pm.save_pretrained(tmp_path)
     ours = MLP(np.random.default_rng(0))
     ours.load_state_dict(_base_state(pm))
     lora.load_adapter(ours, tmp_path)
     return t, peft, pm, ours
+
+
+def _peft_dora(tmp_path):
+    def move(t, name, p):  # magnitudes away from the norms
+        if "lora_magnitude_vector" in name:
+            p.mul_(t.rand_like(p) + 0.5)
+
+    return _peft_model(tmp_path, lambda peft: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], use_dora=True,
+        init_lora_weights=False), move)
+
+
+def _peft_vera(tmp_path):
+    def move(t, name, p):  # lambda_b is 0 at init
+        if "vera_lambda" in name:
+            p.copy_(t.randn_like(p))
+
+    return _peft_model(tmp_path, lambda peft: peft.VeraConfig(r=4, target_modules=["fc1", "fc2"]),
+                       move)
+
+
+def _check_gradients_against_peft(t, pm, ours):
+    """Outputs, and the trained tensors' gradients of sum(y * g), ours against PEFT's in
+    the modes the two models are in."""
+    y_ref = pm(t.from_numpy(IDS))
+    np.testing.assert_allclose(ours(IDS), y_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
+    (y_ref * t.from_numpy(g)).sum().backward()
+    ours.zero_grad()
+    ours.train()
+    ours(IDS)
+    ours.backward(g)
+    theirs = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""):
+              p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(mine) == set(theirs)
+    for name, grad in mine.items():
+        np.testing.assert_allclose(grad, theirs[name], rtol=1e-4,
+                                   atol=1e-4 * np.abs(theirs[name]).max(), err_msg=name)
+
+
+def _check_peft_loads_ours(t, peft, ours, directory):
+    """Our adapter saved to `directory` and loaded by PEFT on the same base gives our outputs."""
+    lora.save_adapter(ours, directory)
+    base = _torch_mlp(t)()
+    base.load_state_dict({k: t.from_numpy(p.data.copy()) for k, p in ours.named_parameters()
+                          if "lora_" not in k and "vera_" not in k})
+    pm2 = peft.PeftModel.from_pretrained(base, directory).eval()
+    with t.no_grad():
+        np.testing.assert_allclose(pm2(t.from_numpy(IDS)).numpy(), ours.eval()(IDS), rtol=1e-5,
+                                   atol=1e-6)
 
 
 def _base_state(pm):
@@ -267,23 +326,7 @@ def test_peft_dora_outputs_and_gradients(tmp_path):
     t, peft, pm, ours = _peft_dora(tmp_path)
     pm.eval()
     ours.eval()
-    ids = t.from_numpy(IDS)
-    y_ref = pm(ids)
-    np.testing.assert_allclose(ours(IDS), y_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
-    g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
-    (y_ref * t.from_numpy(g)).sum().backward()
-    ours.zero_grad()
-    ours.train()
-    ours(IDS)
-    ours.backward(g)
-    theirs = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""):
-              p.grad for n, p in pm.named_parameters() if p.requires_grad}
-    mine = {n.replace(".weight", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(mine) == set(theirs)
-    for name, grad in mine.items():
-        want = theirs[name].numpy()
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    _check_gradients_against_peft(t, pm, ours)
 
 
 def test_peft_dora_merged_weights_and_reverse_load(tmp_path):
@@ -294,33 +337,7 @@ def test_peft_dora_merged_weights_and_reverse_load(tmp_path):
     merged = pm.merge_and_unload()
     for k, v in merged.state_dict().items():
         np.testing.assert_allclose(sd[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
-    # saved here, loaded by PEFT
-    lora.save_adapter(ours, tmp_path / "ours")
-    t.manual_seed(0)
-    base = _torch_mlp(t)()
-    base.load_state_dict({k: t.from_numpy(p.data.copy()) for k, p in ours.named_parameters()
-                          if "lora_" not in k})
-    pm2 = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
-    with t.no_grad():
-        np.testing.assert_allclose(pm2(t.from_numpy(IDS)).numpy(), ours(IDS), rtol=1e-5,
-                                   atol=1e-6)
-
-
-def test_peft_dora_merged_by_lora_merge(tmp_path):
-    """`lora merge` (merge_checkpoint) on a PEFT DoRA adapter writes PEFT's merged weights."""
-    from safetensors.numpy import load_file, save_file
-
-    t, peft, pm, ours = _peft_dora(tmp_path / "adapter")
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    save_file({k: np.ascontiguousarray(v) for k, v in _base_state(pm).items()},
-              str(base / "model.safetensors"), metadata={"format": "pt"})
-    stats = lora.merge_checkpoint(base, tmp_path / "adapter", tmp_path / "out", progress=False)
-    assert stats["tensors_merged"] == 3
-    got = load_file(str(tmp_path / "out" / "model.safetensors"))
-    for k, v in pm.merge_and_unload().state_dict().items():
-        np.testing.assert_allclose(got[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    _check_peft_loads_ours(t, peft, ours, tmp_path / "ours")
 
 
 def _conv1d(W, b):
@@ -398,24 +415,7 @@ def test_vera_layers_match_the_formula_and_share_projections():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_vera_gradients_match_finite_differences(dropout):
-    model = _vera_model(vera_dropout=dropout).train()
-    g = np.random.default_rng(5).standard_normal((4, 5, 5))
-    layers = [layer for _, layer in lora.lora_layers(model)]
-
-    def loss():
-        for i, layer in enumerate(layers):
-            layer.rng = np.random.default_rng(100 + i)
-        return float((model(IDS) * g).sum())
-
-    loss()
-    model.zero_grad()
-    for i, layer in enumerate(layers):
-        layer.rng = np.random.default_rng(100 + i)
-    model.backward(g)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            np.testing.assert_allclose(p.grad, numeric_gradient(loss, p.data), rtol=1e-6,
-                                       atol=1e-8, err_msg=name)
+    _check_finite_differences(_vera_model(vera_dropout=dropout))
 
 
 def test_vera_merge_save_load_and_refusals(tmp_path):
@@ -443,67 +443,34 @@ def test_vera_merge_save_load_and_refusals(tmp_path):
         lora.load_adapter(MLP(np.random.default_rng(0)), tmp_path / "v")
 
 
-def _peft_vera(tmp_path):
-    t = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    t.manual_seed(0)
-    pm = peft.get_peft_model(_torch_mlp(t)(), peft.VeraConfig(r=4, target_modules=["fc1", "fc2"]))
-    with t.no_grad():
-        for name, p in pm.named_parameters():
-            if "vera_lambda" in name:
-                p.copy_(t.randn_like(p))
-    pm.save_pretrained(tmp_path)
-    ours = MLP(np.random.default_rng(0))
-    ours.load_state_dict(_base_state(pm))
-    lora.load_adapter(ours, tmp_path)
-    return t, peft, pm, ours
-
-
 def test_peft_vera_outputs_gradients_and_merge(tmp_path):
     t, peft, pm, ours = _peft_vera(tmp_path / "peft")
-    ids = t.from_numpy(IDS)
     pm.train()
-    y_ref = pm(ids)
     ours.train()
-    np.testing.assert_allclose(ours(IDS), y_ref.detach().numpy(), rtol=1e-5, atol=1e-6)
-    g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
-    (y_ref * t.from_numpy(g)).sum().backward()
-    ours.zero_grad()
-    ours(IDS)
-    ours.backward(g)
-    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p.grad.numpy()
-              for n, p in pm.named_parameters() if p.requires_grad}
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(mine) == set(theirs)
-    for name, grad in mine.items():
-        np.testing.assert_allclose(grad, theirs[name], rtol=1e-4,
-                                   atol=1e-4 * np.abs(theirs[name]).max(), err_msg=name)
+    _check_gradients_against_peft(t, pm, ours)
     ours.eval()
     pm.eval()
     sd = lora.tuners.merged_state_dict(ours)
-    # saved here, loaded by PEFT
-    lora.save_adapter(ours, tmp_path / "ours")
-    base = _torch_mlp(t)()
-    base.load_state_dict({k: t.from_numpy(p.data.copy()) for k, p in ours.named_parameters()
-                          if "lora_" not in k and "vera_" not in k})
-    pm2 = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
-    with t.no_grad():
-        np.testing.assert_allclose(pm2(ids).numpy(), ours(IDS), rtol=1e-5, atol=1e-6)
+    _check_peft_loads_ours(t, peft, ours, tmp_path / "ours")
     for k, v in pm.merge_and_unload().state_dict().items():
         np.testing.assert_allclose(sd[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_peft_vera_merged_by_lora_merge(tmp_path):
+@pytest.mark.parametrize("make,targets", [(_peft_dora, 3), (_peft_vera, 2)],
+                         ids=["dora", "vera"])
+def test_peft_adapter_merged_by_lora_merge(tmp_path, make, targets):
+    """`lora merge` (merge_checkpoint) on a PEFT DoRA or VeRA adapter writes PEFT's merged
+    weights."""
     from safetensors.numpy import load_file, save_file
 
-    t, peft, pm, ours = _peft_vera(tmp_path / "adapter")
+    t, peft, pm, ours = make(tmp_path / "adapter")
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
     save_file({k: np.ascontiguousarray(v) for k, v in _base_state(pm).items()},
               str(base / "model.safetensors"), metadata={"format": "pt"})
     stats = lora.merge_checkpoint(base, tmp_path / "adapter", tmp_path / "out", progress=False)
-    assert stats["tensors_merged"] == 2
+    assert stats["tensors_merged"] == targets
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     for k, v in pm.merge_and_unload().state_dict().items():
         np.testing.assert_allclose(got[k], v.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
