@@ -81,7 +81,7 @@ def _profile_modules(classes):
     return totals
 
 
-def child_lora(targets, steps, warmup, threads, profile=False):
+def child_lora(targets, steps, warmup, threads, profile=False, use_dora=False):
     import time
 
     import lora
@@ -107,7 +107,8 @@ def child_lora(targets, steps, warmup, threads, profile=False):
         pkg.MODEL_DIR, LABELS, pooling="mean", seed=0,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model.dropout.p = 0.0
-    lora.wrap(model.bert, r=R, lora_alpha=ALPHA, target_modules=targets, seed=0)
+    lora.wrap(model.bert, r=R, lora_alpha=ALPHA, target_modules=targets, use_dora=use_dora,
+              seed=0)
     model.train()
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     ids, mask, labels = _batch()
@@ -136,6 +137,7 @@ def child_lora(targets, steps, warmup, threads, profile=False):
         "blas": f"lora OpenBLAS core {info['corename']} ({info['config']}), "
                 f"{info['num_threads']} threads",
         "numpy_blas": _numpy_blas(),
+        "trainable": sum(p.size for p in model.parameters() if p.requires_grad),
         "profile_ms": {k: v * 1e3 / steps for k, v in sorted((totals or {}).items())},
     }
 
@@ -149,7 +151,7 @@ def _numpy_blas() -> str:
                      for d in threadpool_info() if d.get("user_api") == "blas")
 
 
-def child_torch(targets, steps, warmup, threads):
+def child_torch(targets, steps, warmup, threads, use_dora=False):
     import time
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,7 +165,7 @@ def child_torch(targets, steps, warmup, threads):
     torch.manual_seed(0)
     base = transformers.BertModel.from_pretrained(
         str(pkg.MODEL_DIR), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, use_dora=use_dora)
     model = peft.get_peft_model(base, cfg)
     head = torch.nn.Linear(base.config.hidden_size, LABELS)
     model.train()
@@ -195,6 +197,7 @@ def child_torch(targets, steps, warmup, threads):
         "ms": [t * 1e3 for t in times],
         "phases_ms": dict(zip(PHASES, (t * 1e3 for t in phases[med]), strict=True)),
         "peak_rss_mb": _peak_rss_mb(),
+        "trainable": sum(p.numel() for p in params),
         "blas": f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
                 + "; ".join(blas) + f"; attention {base.config._attn_implementation}",
     }

