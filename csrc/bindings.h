@@ -29,6 +29,9 @@ LORA_KW_BINDING(unmerge);
 
 /* bind_dora.c */
 LORA_KW_BINDING(dora_norm);
+/* bind_conv.c */
+LORA_KW_BINDING(im2col);
+LORA_KW_BINDING(col2im);
 /* bind_optim.c */
 LORA_KW_BINDING(adam_step);
 /* bind_nn.c */

@@ -151,6 +151,13 @@ size_t lora_causal_attention_scratch_bytes(const LoraGqaDims *d, size_t elem, si
 size_t lora_lm_loss_scores_bytes(size_t chunk, size_t V, size_t elem);
 size_t lora_lm_loss_scratch_bytes(size_t chunk, size_t V, size_t elem);
 
+/* The geometry of a 2-D convolution (kernels/conv.c): x (n, c, h, w), a kh x kw kernel with
+ * stride (sh, sw), zero padding (ph, pw) and dilation (dh, dw), output oh x ow pixels
+ * (oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1, likewise ow). */
+typedef struct {
+    size_t n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
+} LoraConvDims;
+
 #define LORA_DECLARE(T, SUF)                                                                  \
     void lora_forward_##SUF(T *y, T *xa, T *scratch, const T *x, const T *W, const T *bias,  \
                             const T *res, const T *A, const T *B, T scale, double p,          \
@@ -215,6 +222,10 @@ size_t lora_lm_loss_scratch_bytes(size_t chunk, size_t V, size_t elem);
                                          const T *q, const T *k, const T *v, const T *ctx,    \
                                          const T *lse, const unsigned char *key_mask,         \
                                          T scale, const LoraGqaDims *d, size_t parts);   \
+    /* kernels/conv.c: cols (n oh ow, c kh kw) = the patches of x (overwritten); dx = the  \
+     * patches' gradient summed back onto the images (overwritten) */                       \
+    void im2col_##SUF(T *cols, const T *x, const LoraConvDims *d);                           \
+    void col2im_##SUF(T *dx, const T *cols, const LoraConvDims *d);                          \
     /* kernels/lm_loss.c */                                                                   \
     double linear_cross_entropy_##SUF(T *dh, T *dW, void *scratch, const T *h, const T *W,     \
                                       const int64_t *labels, int64_t ignore, T grad_scale,    \

@@ -2,7 +2,8 @@
  *
  * The functions live by family in bind_linear.c (linear and dense layers), bind_multi.c
  * (mixed_forward: a batch whose rows use different adapters), bind_merge.c (merge,
- * unmerge), bind_dora.c (dora_norm: DoRA's weight norm), bind_optim.c (adam_step),
+ * unmerge), bind_dora.c (dora_norm: DoRA's weight norm), bind_conv.c (im2col,
+ * col2im: a 2-D convolution's patches), bind_optim.c (adam_step),
  * bind_nn.c (GELU, LayerNorm, attention), bind_llama.c
  * (RMSNorm, RoPE, SwiGLU, causal GQA attention), bind_quant.c (quantize, dequantize, the
  * QuantWeight type) and bind_blas.c (set_num_threads, blas_info); the PackedWeight type in
@@ -27,6 +28,8 @@ static PyMethodDef methods[] = {
     KW_METHOD(merge),
     KW_METHOD(unmerge),
     KW_METHOD(dora_norm),
+    KW_METHOD(im2col),
+    KW_METHOD(col2im),
     KW_METHOD(dense_forward),
     KW_METHOD(dense_backward),
     KW_METHOD(mixed_forward),

@@ -19,6 +19,13 @@ def unmerge(weight: Array, A: Array, B: Array, scale: float, *,
             fan_in_fan_out: bool = False) -> Array: ...
 def dora_norm(weight: Array | PackedWeight | QuantWeight, A: Array, B: Array, scale: float, *,
               fan_in_fan_out: bool = False, weight_sqnorm: Array | None = None) -> Array: ...
+def im2col(x: Array, kernel_size: int | tuple[int, int], *, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] = 0,
+           dilation: int | tuple[int, int] = 1) -> Array: ...
+def col2im(cols: Array, image_shape: tuple[int, int, int, int],
+           kernel_size: int | tuple[int, int], *, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] = 0,
+           dilation: int | tuple[int, int] = 1) -> Array: ...
 def mixed_forward(x: Array, weight: Array | PackedWeight | QuantWeight,
                   A: list[Array] | tuple[Array, ...], B: list[Array] | tuple[Array, ...],
                   scales: list[float] | tuple[float, ...], adapter_ids: NDArray[np.integer],

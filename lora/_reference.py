@@ -86,6 +86,46 @@ def dora_norm(weight, A, B, scale, *, fan_in_fan_out=False, weight_sqnorm=None):
     return np.linalg.norm(W + scale * (B @ A), axis=1)
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _patch_index(image_shape, kernel_size, stride, padding, dilation):
+    """For every (output pixel, kernel element): the row and column it reads in the padded
+    image, as im2col's cols lays them out (rows (n, oh, ow), columns (c, i, j))."""
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size), _pair(stride), _pair(dilation)
+    ph, pw = _pair(padding)
+    _, _, h, w = image_shape
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    rows = (np.arange(oh) * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
+    cols = (np.arange(ow) * sw)[None, :, None, None] + (np.arange(kw) * dw)[None, None, None, :]
+    return rows, cols, (oh, ow), (ph, pw)
+
+
+def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
+    """The patches of x (n, c, h, w) as rows (n oh ow, c kh kw), by fancy indexing of the
+    zero-padded images."""
+    n, c = x.shape[:2]
+    rows, cols, (oh, ow), (ph, pw) = _patch_index(x.shape, kernel_size, stride, padding, dilation)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    patches = xp[:, :, rows, cols]  # (n, c, oh, ow, kh, kw)
+    return patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+
+
+def col2im(cols, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
+    """The adjoint of im2col: every patch element added back (np.add.at) onto its pixel."""
+    n, c, h, w = image_shape
+    rows, cidx, (oh, ow), (ph, pw) = _patch_index(image_shape, kernel_size, stride, padding,
+                                                  dilation)
+    kh, kw = _pair(kernel_size)
+    g = cols.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 1, 2, 4, 5)
+    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), cols.dtype)
+    r, q = np.broadcast_arrays(rows, cidx)
+    np.add.at(dxp, (slice(None), slice(None), r, q), g)
+    return dxp[:, :, ph:ph + h, pw:pw + w]
+
+
 def dense_forward(x, weight, bias=None):
     y = x @ weight.T
     return y if bias is None else y + bias

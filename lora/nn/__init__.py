@@ -24,6 +24,7 @@ from .layers import (
     pack_weights,
     unpack_weights,
 )
+from .conv import Conv2d
 from .quantized import QuantEmbedding, QuantLinear, quantize_model
 from .losses import causal_lm_loss, cross_entropy, mse_loss
 from .module import Module, ModuleDict, ModuleList, Parameter, Sequential
@@ -38,6 +39,7 @@ __all__ = [
     "QuantEmbedding",
     "quantize_model",
     "Conv1D",
+    "Conv2d",
     "Embedding",
     "LayerNorm",
     "Dropout",

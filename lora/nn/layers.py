@@ -2,8 +2,7 @@
 LayerNorm, Dropout and the activations; packing frozen weights for small batches.
 
 Dense layers, GELU and LayerNorm run on the C kernels in lora.functional. Deliberately not
-here: convolutions other than GPT-2's Conv1D (a transposed Linear), the LoRA layers
-(lora/tuners/lora.py).
+here: the 2-D convolution (conv.py), the LoRA layers (lora/tuners/lora.py).
 """
 
 from __future__ import annotations
