@@ -135,6 +135,43 @@ static void check_dora_norm(size_t d_out, size_t d_in, size_t r) {
     free(W), free(A), free(B), free(Wt), free(norm), free(scratch), free(want);
 }
 
+/* im2col against the patch definition read straight from x, and col2im as its adjoint:
+ * <im2col(x), g> = <x, col2im(g)>, in double. */
+static void check_conv(size_t n, size_t c, size_t h, size_t w, size_t kh, size_t kw, size_t s,
+                       size_t p, size_t d) {
+    const size_t oh = (h + 2 * p - d * (kh - 1) - 1) / s + 1, ow = (w + 2 * p - d * (kw - 1) - 1) / s + 1;
+    const LoraConvDims dims = {n, c, h, w, kh, kw, s, s, p, p, d, d, oh, ow};
+    const size_t rows = n * oh * ow, ckk = c * kh * kw;
+    unsigned st = 99u + (unsigned)(h * 13 + kh);
+    float *x = random_array(n * c * h * w, &st), *g = random_array(rows * ckk, &st);
+    float *cols = malloc(rows * ckk * sizeof(float)), *dx = malloc(n * c * h * w * sizeof(float));
+    double *want = malloc(rows * ckk * sizeof(double));
+    for (size_t b = 0; b < n; b++)
+        for (size_t y = 0; y < oh; y++)
+            for (size_t xo = 0; xo < ow; xo++)
+                for (size_t ci = 0; ci < c; ci++)
+                    for (size_t i = 0; i < kh; i++)
+                        for (size_t j = 0; j < kw; j++) {
+                            const long iy = (long)(y * s + i * d) - (long)p;
+                            const long ix = (long)(xo * s + j * d) - (long)p;
+                            const int in = iy >= 0 && iy < (long)h && ix >= 0 && ix < (long)w;
+                            want[((b * oh + y) * ow + xo) * ckk + (ci * kh + i) * kw + j] =
+                                in ? x[((b * c + ci) * h + (size_t)iy) * w + (size_t)ix] : 0.0;
+                        }
+    im2col_f32(cols, x, &dims);
+    col2im_f32(dx, g, &dims);
+    char what[80];
+    snprintf(what, sizeof what, "im2col %zux%zux%zux%zu k=%zux%zu s=%zu p=%zu d=%zu", n, c, h, w,
+             kh, kw, s, p, d);
+    expect_close(what, cols, want, rows * ckk);
+    double lhs = 0, rhs = 0;
+    for (size_t i = 0; i < rows * ckk; i++) lhs += want[i] * g[i];
+    for (size_t i = 0; i < n * c * h * w; i++) rhs += (double)x[i] * dx[i];
+    const float got = (float)rhs;
+    expect_close("  col2im, the adjoint", &got, &lhs, 1);
+    free(x), free(g), free(cols), free(dx), free(want);
+}
+
 /* A packed weight (pack_panels, both directions) through dense_forward and dense_backward's
  * dx, against naive loops: small batches (x copied whole) and a large one (by blocks). */
 static void check_packed(size_t n, size_t d_in, size_t d_out) {
@@ -466,6 +503,9 @@ int main(void) {
     check_quant(LORA_Q4_0, 9, 512, 700); /* two tiles of rows */
     check_dora_norm(1, 1, 1);
     check_dora_norm(300, 70, 8); /* rows over threads */
+    check_conv(1, 1, 1, 1, 1, 1, 1, 0, 1);
+    check_conv(2, 3, 9, 7, 3, 2, 2, 1, 2);
+    check_conv(4, 16, 32, 32, 3, 3, 1, 1, 1); /* rows and planes over threads */
     check_mixed(1, 16, 9, 1, 2);
     check_mixed(50, 40, 33, 7, 3);
     check_mixed(400, 96, 80, 20, 6); /* segments over tiles and threads */

@@ -13,9 +13,11 @@ from .functional import blas_info, set_num_threads
 from .io import AdapterFormatError, load_adapter, merge_checkpoint, save_adapter
 from .nn import pack_weights, quantize_model, unpack_weights
 from .tuners import (
+    LoRAConv2d,
     LoRAEmbedding,
     LoRALinear,
     LoraConfig,
+    TiedLoraConfig,
     VeraConfig,
     active_adapters,
     adapter_names,
@@ -40,9 +42,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "LoRAConv2d",
     "LoRAEmbedding",
     "LoRALinear",
     "LoraConfig",
+    "TiedLoraConfig",
     "VeraConfig",
     "__version__",
     "active_adapters",

@@ -91,7 +91,8 @@ class Adam:
                         f"{type(self).__name__}: expected Parameters, got {type(p).__name__}"
                     )
                 if id(p) in seen:
-                    raise ValueError(f"{type(self).__name__}: a parameter appears in two groups")
+                    raise ValueError(f"{type(self).__name__}: a parameter appears twice (in "
+                                     "two groups, or twice in one: a tied Parameter is one)")
                 seen.add(id(p))
             _check_hyper(group, type(self).__name__)
             self.param_groups.append(group)

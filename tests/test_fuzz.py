@@ -69,6 +69,19 @@ def _case(rng, op, dtype):
         args = {"weight": arr(d_out, d_in), "A": arr(r, d_in), "B": arr(d_out, r)}
         kw = {"scale": scale}
         return args, kw, (), lambda a: ref.dora_norm(a["weight"], a["A"], a["B"], kw["scale"])
+    if op in ("im2col", "col2im"):  # a valid geometry for a small batch of images
+        k, st, pad, dil = (int(v) for v in rng.integers(1, 4, 4))
+        pad -= 1
+        hw = [int(rng.integers(dil * (k - 1) + 1, 12)) for _ in range(2)]
+        shape = (max(n, 1), r, *hw)
+        kw = {"kernel_size": k, "stride": st, "padding": pad, "dilation": dil}
+        if op == "im2col":
+            return {"x": arr(*shape)}, kw, (), lambda a: ref.im2col(a["x"], **kw)
+        rows = len(ref.im2col(np.zeros(shape), **kw))
+        kw["image_shape"] = shape
+        geo = {k: v for k, v in kw.items() if k not in ("image_shape", "kernel_size")}
+        return ({"cols": arr(rows, r * k * k)}, kw, (),
+                lambda a: ref.col2im(a["cols"], shape, k, **geo))
     if op == "dense_forward":
         args = {"x": arr(n, d_in), "weight": arr(d_out, d_in)}
         kw = {"bias": arr(d_out) if rng.random() < 0.5 else None}
@@ -103,7 +116,7 @@ def _case(rng, op, dtype):
 
 OPS = ["linear_forward", "linear_backward", "merge", "unmerge", "dense_forward",
        "dense_backward", "gelu_forward", "gelu_backward", "layer_norm_forward", "adam_step",
-       "mixed_forward", "dora_norm"]
+       "mixed_forward", "dora_norm", "im2col", "col2im"]
 SPOILS = ["none", "none", "none", "dtype", "shape", "strided", "alias", "readonly", "nonfinite",
           "huge", "not_array", "scalar"]
 

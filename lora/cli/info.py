@@ -50,14 +50,14 @@ def describe_adapter(directory: str | os.PathLike) -> str:
         r = t.r
         n_lora = sum(v.size for v in t.extra.values())
         if t.A is not None:
-            d_in, d_out = t.A.shape[1], t.B.shape[0]
+            d_in, d_out = t.A[0].size, t.B.shape[0]  # a conv's d_in: in_channels * kh * kw
             n_lora += t.A.size + t.B.size
             n_full = d_in * d_out
             full_total += n_full
         else:  # VeRA: the layer's pair is a slice of the shared projections
             d_in, d_out, n_full = "?", max((v.size for v in t.extra.values()), default=0), "?"
         lora_total += n_lora
-        scale = 1.0 if t.A is None else config_scaling(config, path, r)
+        scale = config_scaling(config, path, r) if variant.scaled else 1.0
         kind = t.kind if variant.name == "lora" else f"{t.kind} {variant.name}"
         rows.append((path, kind, str(r), f"{scale:g}", f"{d_in} -> {d_out}",
                      f"{n_lora:,}", f"{n_full:,}" if t.A is not None else n_full,

@@ -17,9 +17,10 @@ import shutil
 
 import numpy as np
 
-from ..nn import Embedding, Module, Parameter
+from ..nn import Conv2d, Embedding, Module, Parameter
 from ..tuners.config import LoraConfig
-from ..tuners.lora import LoRAEmbedding, check_adapter_name
+from ..tuners.conv import LoRAConv2d
+from ..tuners.lora import LoRAEmbedding, LoRALinear, check_adapter_name
 from ..tuners.variants import config_from_dict, variant_for
 from ..tuners.wrap import (
     ModulesToSaveWrapper,
@@ -27,6 +28,7 @@ from ..tuners.wrap import (
     find_targets,
     lora_layers,
     unload,
+    variant_options,
     wrap,
 )
 from . import atomic, safetensors
@@ -70,8 +72,10 @@ def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[s
     (r, in) and `.lora_B.weight` (out, r), or `.lora_embedding_A` (r, num) and
     `.lora_embedding_B` (dim, r), a variant's own tensors beside them (DoRA's
     `.lora_magnitude_vector`; VeRA's `.vera_lambda_b`/`_d` and its shared
-    `base_model.vera_A`/`vera_B` instead of the pairs); the trained copies of modules_to_save as
-    `base_model.model.<path>.weight`/`.bias`; biases per config.bias (the first adapter's)."""
+    `base_model.vera_A`/`vera_B` instead of the pairs; Tied-LoRA's `.tied_lora_u`/`_v` and
+    its tied pairs `base_model.tied_lora_A.<out>x<in>`/`_B`); the trained copies of
+    modules_to_save as `base_model.model.<path>.weight`/`.bias`; biases per config.bias (the
+    first adapter's)."""
     name, config = _config_of(model, adapter_name)
     layers = lora_layers(model)
     tensors = {}
@@ -82,11 +86,11 @@ def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[s
         if ad.variant.pair_in_file:
             keys = (fmt.embedding_keys(path) if isinstance(layer, LoRAEmbedding)
                     else fmt.linear_keys(path))
-            for key, p in zip(keys, (ad.A, ad.B), strict=True):
-                tensors[key] = p.data
+            for key, p, shape in zip(keys, (ad.A, ad.B), _file_shapes(layer, ad), strict=True):
+                tensors[key] = p.data.reshape(shape)  # a conv's as kernels (a view)
         for field, p in ad.extra.items():
             tensors[fmt.KEY_PREFIX + path + "." + field] = p.data
-        tensors.update(ad.variant.model_tensors(ad.options))  # VeRA's shared projections
+        tensors.update(ad.variant.model_tensors(ad.options))  # VeRA's projections, ...
     if config.bias == "none" and not config.modules_to_save:
         return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     saved_paths = _saved_paths(model)
@@ -226,11 +230,7 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
     except (TypeError, ValueError) as e:
         raise AdapterFormatError(str(e)) from None
     pairs, others = fmt.split_lora_tensors(fmt.read_tensors(directory))
-    shared = {}  # the adapter's model-level tensors (VeRA's projections)
-    for key in variant.model_tensors_keys():
-        if key not in others:
-            raise AdapterFormatError(f"load_adapter: the {variant.name} adapter has no {key!r}")
-        shared[key] = others.pop(key)
+    shared = fmt.pop_model_tensors(variant, others, "load_adapter")
 
     wrapped = bool(lora_layers(model))
     known = model.__dict__.get("lora_configs") or {}
@@ -239,7 +239,7 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
         raise AdapterFormatError(f"load_adapter: {where} has modules_to_save or trained biases, "
                                  "which belong to a model's first adapter; load it into the "
                                  "plain model")
-    if existing and shared:
+    if existing and shared is not None:
         raise AdapterFormatError(f"load_adapter: a {variant.name} adapter brings its own shared "
                                  "tensors; load it under a new adapter_name (or into the plain "
                                  f"model), not into the existing adapter {adapter_name!r}")
@@ -248,8 +248,7 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
         if merged:
             raise AdapterFormatError(f"load_adapter: layer {merged[0]!r} is merged; unmerge first")
         expected = {
-            path: (_kind(layer), layer._pair(adapter_name)[0].shape,
-                   layer._pair(adapter_name)[1].shape,
+            path: (_kind(layer), *_file_shapes(layer, layer.adapter(adapter_name)),
                    {f: p.shape for f, p in layer.adapter(adapter_name).extra.items()})
             for path, layer in lora_layers(model) if adapter_name in layer.adapters
         }
@@ -262,6 +261,11 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
             raise AdapterFormatError(f"load_adapter: {e}") from None
         expected = {path: _expected_shapes(base, config.rank_for(path), variant)
                     for path, base in targets}
+        if shared is not None and targets:  # they must fit the layers, checked here first
+            try:
+                variant_options(variant, config, [m for _, m in targets], shared)
+            except ValueError as e:
+                raise AdapterFormatError(f"load_adapter: {e}") from None
     _check_pairs(pairs, expected, config)
     if wrapped:
         saved_paths = _saved_paths(model)
@@ -288,10 +292,10 @@ def load_adapter(model: Module, directory: str | os.PathLike, *, adapter_name: s
     init = dataclasses.replace(config, init_lora_weights=True)
     try:
         if not wrapped:
-            wrap(model, init, seed=seed, adapter_name=adapter_name, tensors=shared or None)
+            wrap(model, init, seed=seed, adapter_name=adapter_name, tensors=shared)
             extra = _extra_params(model, set(expected), _saved_paths(model))
         elif not existing:
-            named.add_adapter(model, adapter_name, init, seed=seed, tensors=shared or None)
+            named.add_adapter(model, adapter_name, init, seed=seed, tensors=shared)
         _assign(model, config, pairs, others, extra, adapter_name)
         if wrapped and not existing and is_trainable:
             for _, layer in lora_layers(model):
@@ -315,9 +319,9 @@ def _assign(model: Module, config: LoraConfig, pairs: dict, others: dict, extra:
     layers = dict(lora_layers(model))
     for path, t in pairs.items():
         ad = layers[path].adapter(adapter_name)
-        if t.A is not None:
-            ad.A.data[...] = t.A
-            ad.B.data[...] = t.B
+        if t.A is not None:  # a conv's kernels flattened
+            ad.A.data[...] = t.A.reshape(ad.A.shape)
+            ad.B.data[...] = t.B.reshape(ad.B.shape)
         for name, value in t.extra.items():
             ad.extra[name].data[...] = value
         ad.lora_alpha, ad.use_rslora = config.alpha_for(path), config.use_rslora
@@ -354,19 +358,30 @@ def _snapshot(model: Module, pairs: dict, extra: dict, adapter_name: str):
     return undo
 
 
+def _file_shapes(layer, ad) -> tuple[tuple, tuple]:
+    """The shapes of adapter ad's A and B in the file (a conv's as kernels)."""
+    return layer.file_shapes(ad.r) if isinstance(layer, LoRALinear) else (ad.A.shape, ad.B.shape)
+
+
 def _kind(layer: Module) -> str:
-    return "embedding" if isinstance(layer, (LoRAEmbedding, Embedding)) else "linear"
+    if isinstance(layer, (LoRAEmbedding, Embedding)):
+        return "embedding"
+    return "conv2d" if isinstance(layer, (LoRAConv2d, Conv2d)) else "linear"
 
 
 def _expected_shapes(base: Module, r: int, variant) -> tuple[str, tuple, tuple, dict]:
-    """(kind, A's shape, B's, {field: shape} of the variant's tensors) for a layer."""
-    if isinstance(base, (Embedding, LoRAEmbedding)):
-        kind, d_out, d_in = "embedding", base.embedding_dim, base.num_embeddings
+    """(kind, A's shape, B's, {field: shape} of the variant's tensors) for a layer, the
+    pair's as the file holds them (a conv's as kernels)."""
+    kind = _kind(base)
+    if kind == "embedding":
+        d_out, d_in = base.embedding_dim, base.num_embeddings
     else:
-        kind, d_out, d_in = "linear", base.out_features, base.in_features
+        d_out, d_in = base.out_features, base.in_features
     extra = variant.extra_shapes(kind, d_out, d_in, r)
     if not variant.pair_in_file:
         return kind, None, None, extra
+    if kind == "conv2d":
+        return kind, (r, base.in_channels, *base.kernel_size), (d_out, r, 1, 1), extra
     return kind, (r, d_in), (d_out, r), extra
 
 

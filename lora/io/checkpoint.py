@@ -188,7 +188,7 @@ def _plan(base: str, adapters: list[str], scales: list[float]) -> _Plan:
         if not pairs:
             raise peft.AdapterFormatError(f"{weights}: no LoRA tensors in the file")
         variant = variant_for(config, directory)
-        if not variant.pair_in_file:  # VeRA: each layer's pair is a slice of shared tensors
+        if not variant.pair_in_file:  # VeRA, Tied-LoRA: each layer's pair is model-level
             _shared_pairs(variant, config, pairs, others, located, directory)
         # Full tensors PEFT saves beside the pairs (the embedding it saves when an embedding
         # is targeted, biases with bias="all") are loaded over the base before merging.
@@ -270,14 +270,10 @@ def _replacement(value: np.ndarray, info: TensorInfo) -> _Update:
 
 def _shared_pairs(variant, config: dict, pairs: dict, others: dict, located: dict,
                   directory: str) -> None:
-    """Give each layer of a variant without per-layer pairs (VeRA) its A and B: the slices of
-    the adapter's model-level tensors (popped from `others`) its base tensor's shape picks."""
-    shared = {}
-    for key in variant.model_tensors_keys():
-        if key not in others:
-            raise peft.AdapterFormatError(f"{directory}: the {variant.name} adapter has no "
-                                          f"{key!r}")
-        shared[key] = others.pop(key)
+    """Give each layer of a variant without per-layer pairs (VeRA, Tied-LoRA) its A and B:
+    from the adapter's model-level tensors (popped from `others`), by its base tensor's shape
+    (VeRA's slices of the projections, Tied-LoRA's tied pair of that shape)."""
+    shared = peft.pop_model_tensors(variant, others, directory)
     transposed = bool(config.get("fan_in_fan_out", False))
     dims = {}
     for path in pairs:
@@ -290,16 +286,21 @@ def _shared_pairs(variant, config: dict, pairs: dict, others: dict, located: dic
                                   np.float64, shared)
     except ValueError as e:
         raise peft.AdapterFormatError(f"{directory}: {e}") from None
-    for path, t in pairs.items():
-        t.A, t.B = variant.pair(options, *dims[path])
+    for path, t in pairs.items():  # arrays (VeRA's views) or Parameters (Tied-LoRA's)
+        t.A, t.B = (getattr(p, "data", p) for p in variant.pair(options, *dims[path]))
 
 
 def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: float) -> _Update:
     A, B = lora.A, lora.B
-    (r, d_in), (d_out, _) = A.shape, B.shape
-    embedding = lora.kind == "embedding"
+    r, d_out = A.shape[0], B.shape[0]
+    embedding, conv = lora.kind == "embedding", lora.kind == "conv2d"
     transposed = embedding or bool(config.get("fan_in_fan_out", False))
-    expected = (d_in, d_out) if transposed else (d_out, d_in)
+    if conv:  # the kernels flattened: the update of W (out, in, kh, kw) viewed (out, in kh kw)
+        expected = (d_out, *A.shape[1:])
+        A, B = A.reshape(r, -1), B.reshape(d_out, r)
+    d_in = A.shape[1]
+    if not conv:
+        expected = (d_in, d_out) if transposed else (d_out, d_in)
     where = f"{adapter}: module {lora.path!r}"
     if info.dtype not in STORAGE:
         raise CheckpointError(
@@ -308,10 +309,11 @@ def _update(lora, config: dict, info: TensorInfo, adapter: str, user_scale: floa
         )
     if info.shape != expected:
         layout = ("embedding (num_embeddings, embedding_dim)" if embedding else
+                  "conv (out, in, kh, kw)" if conv else
                   "fan_in_fan_out (in, out)" if transposed else "(out, in)")  # fmt: skip
         raise CheckpointError(
-            f"{where}: lora_A {A.shape} and lora_B {B.shape} need base tensor {info.name!r} "
-            f"of shape {expected} [{layout}], but it is {info.shape}"
+            f"{where}: lora_A {lora.A.shape} and lora_B {lora.B.shape} need base tensor "
+            f"{info.name!r} of shape {expected} [{layout}], but it is {info.shape}"
         )
     scale = user_scale * config_scaling(config, lora.path, r)
     if not np.isfinite(scale):
@@ -443,8 +445,9 @@ def _write_shard(header: Header, dst: str, updates: dict[str, list[_Update]], ba
             for u in updates[info.name]:
                 if u.replace is not None:
                     weight[...] = u.replace
-                else:
-                    u.variant.merge_into(weight, u.A, u.B, u.scale, u.extra, u.transposed)
+                else:  # a conv kernel as (out, in kh kw), a view
+                    u.variant.merge_into(weight.reshape(weight.shape[0], -1), u.A, u.B, u.scale,
+                                         u.extra, u.transposed)
             stored = from_compute(weight, info.dtype)
             if not _finite(weight, stored, info.dtype):
                 raise CheckpointError(

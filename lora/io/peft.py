@@ -3,7 +3,8 @@
 An adapter is a directory with adapter_config.json and adapter_model.safetensors. Tensor keys
 are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` for Linear layers and
 `base_model.model.<module path>.lora_embedding_A` / `lora_embedding_B` for Embedding layers,
-plus a variant's own tensors beside them (DoRA's `<module path>.lora_magnitude_vector`).
+plus a variant's own tensors beside them (DoRA's `<module path>.lora_magnitude_vector`) and
+its model-level ones (VeRA's `base_model.vera_A`, Tied-LoRA's `base_model.tied_lora_A.<o>x<i>`).
 This module only reads and names things; building or checking a model is lora/io/adapter.py's
 job and merging into a checkpoint is lora/io/checkpoint.py's. It never unpickles anything.
 """
@@ -35,12 +36,13 @@ class AdapterFormatError(ValueError):
 @dataclass
 class LoraTensors:
     """The LoRA pair of one module. A is (r, d_in), B is (d_out, r) for a Linear layer;
-    for an Embedding layer A is (r, num_embeddings) and B is (embedding_dim, r). `extra`
+    for an Embedding layer A is (r, num_embeddings) and B is (embedding_dim, r); for a
+    Conv2d (kind "conv2d") A is (r, in_channels, kh, kw) and B (out_channels, r, 1, 1). `extra`
     holds a variant's further tensors by field (DoRA's lora_magnitude_vector, key
     `<path>.lora_magnitude_vector`)."""
 
     path: str
-    kind: str  # "linear" or "embedding"
+    kind: str  # "linear", "embedding" or "conv2d"
     A: np.ndarray | None  # None for a variant without per-layer pairs (VeRA)
     B: np.ndarray | None
     extra: dict = field(default_factory=dict)
@@ -124,10 +126,15 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
             missing = "B" if "A" in ab else "A"
             raise AdapterFormatError(f"module {path!r}: lora_{missing} is missing from the file")
         A, B = ab["A"], ab["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+        if kind == "linear" and A.ndim == 4 and B.ndim == 4 and B.shape[2:] == (1, 1):
+            kind = "conv2d"  # PEFT's Conv2d: lora_A a conv kernel, lora_B a 1x1 one
+        elif A.ndim != 2 or B.ndim != 2:
+            A = B = np.zeros((0, 0))
+        if A.shape[0] != B.shape[1] or A.shape[0] == 0:
             raise AdapterFormatError(
-                f"module {path!r}: lora_A {A.shape} and lora_B {B.shape} do not form a "
-                "(r, in) / (out, r) pair with r >= 1"
+                f"module {path!r}: lora_A {ab['A'].shape} and lora_B {ab['B'].shape} do not form "
+                "a (r, in) / (out, r) pair (or, for a Conv2d, an (r, in, kh, kw) / "
+                "(out, r, 1, 1) pair) with r >= 1"
             )
         if path in pairs:
             raise AdapterFormatError(f"module {path!r}: both Linear and Embedding LoRA keys")
@@ -147,3 +154,16 @@ def split_lora_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraTe
         if t.A is None and name == owner.rank_field:
             t.rank = t.extra[name].shape[0] if t.extra[name].ndim == 1 else 0
     return pairs, others
+
+
+def pop_model_tensors(variant, others: dict, where: str) -> dict | None:
+    """The adapter's model-level tensors (VeRA's projections, Tied-LoRA's tied pairs) by key,
+    popped from `others` (split_lora_tensors'); None for a variant with per-layer pairs.
+    AdapterFormatError when one the variant always needs is missing."""
+    if variant.pair_in_file:
+        return None
+    shared = {k: others.pop(k) for k in list(others) if variant.is_model_tensor(k)}
+    for key in variant.model_tensors_keys():
+        if key not in shared:
+            raise AdapterFormatError(f"{where}: the {variant.name} adapter has no {key!r}")
+    return shared

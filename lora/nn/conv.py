@@ -126,7 +126,8 @@ class Conv2d(Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                   self.dilation)
         h, w = x_shape[-2:]
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
     @staticmethod
     def to_images(rows: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:

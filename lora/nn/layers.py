@@ -65,7 +65,7 @@ class _Packable:
         if self.weight.requires_grad:
             raise ValueError(f"{type(self).__name__}.pack: the weight is trainable; only a "
                              "frozen weight (requires_grad=False) can be packed")
-        packed = F.PackedWeight(self.weight.data, fan_in_fan_out=self.fan_in_fan_out,
+        packed = F.PackedWeight(self.weight_2d(), fan_in_fan_out=self.fan_in_fan_out,
                                 backward=backward)
         object.__setattr__(self, "_packed", packed)
         object.__setattr__(self, "_packed_from", self.weight.data)
@@ -76,6 +76,11 @@ class _Packable:
         object.__setattr__(self, "_packed", None)
         object.__setattr__(self, "_packed_from", None)
         return self
+
+    def weight_2d(self) -> np.ndarray:
+        """The weight as the dense kernels take it, (out, in) ((in, out) for fan_in_fan_out):
+        the array itself here; a view of a conv's flattened kernel (lora/tuners/conv.py)."""
+        return self.weight.data
 
     @property
     def packed(self) -> bool:
@@ -95,7 +100,7 @@ class _Packable:
                 and x.size <= pw.max_rows * max(x.shape[-1], 1)
                 and (not backward or pw.backward_panels is not None)):
             return pw, False
-        return self.weight.data, self.fan_in_fan_out
+        return self.weight_2d(), self.fan_in_fan_out
 
 
 def pack_weights(model: Module, backward: bool = True) -> int:

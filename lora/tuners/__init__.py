@@ -17,8 +17,9 @@ from .adapters import (
 from .combine import add_weighted_adapter
 
 from .config import LoraConfig, scaling_factor
+from .conv import LoRAConv2d
 from .lora import LoRAEmbedding, LoRALinear, init_lora_weights
-from .variants import VeraConfig
+from .variants import TiedLoraConfig, VeraConfig
 from .wrap import (
     ModulesToSaveWrapper,
     disable_adapters,
@@ -44,8 +45,10 @@ __all__ = [
     "unmerge_adapter",
     "LoraConfig",
     "VeraConfig",
+    "TiedLoraConfig",
     "scaling_factor",
     "LoRALinear",
+    "LoRAConv2d",
     "LoRAEmbedding",
     "init_lora_weights",
     "ModulesToSaveWrapper",

@@ -24,7 +24,7 @@ from ..nn import Embedding, Module
 from .config import LoraConfig
 from .lora import BASE_ROWS, BATCH_ADAPTERS, LoRAEmbedding, LoRALinear, check_adapter_name
 from .variants import variant_for
-from .wrap import find_targets, lora_layers, unload, variant_options, wrap
+from .wrap import find_targets, lora_class, lora_layers, unload, variant_options, wrap
 
 __all__ = [
     "active_adapters",
@@ -126,7 +126,7 @@ def add_adapter(model: Module, adapter_name: str, config: LoraConfig | None = No
                 layer = LoRAEmbedding(m, r, alpha, rng=layer_rng, adapter_name=adapter_name,
                                       **kwargs)
             else:
-                layer = LoRALinear(m, r, alpha, config.lora_dropout, rng=layer_rng,
+                layer = lora_class(m)(m, r, alpha, config.lora_dropout, rng=layer_rng,
                                    loftq_config=config.loftq_config, adapter_name=adapter_name,
                                    **kwargs)
             layer.train(model.training)

@@ -56,7 +56,8 @@ class Adapter:
 
     def params(self) -> list[Parameter]:
         """Every trainable Parameter of the adapter: A, B and the variant's (VeRA: only its
-        vectors; its A and B are frozen slices of the model's shared projections)."""
+        vectors; its A and B are frozen slices of the model's shared projections; Tied-LoRA:
+        the parts its config trains, A and B shared with the adapter's other layers)."""
         return self.variant.trainable(self)
 
 
@@ -135,15 +136,18 @@ class _LoRABase(Module):
         shared = v.pair(options, d_out, d_in)
         if shared is None:
             A, B = Parameter(np.zeros((r, d_in), dtype)), Parameter(np.zeros((d_out, r), dtype))
+            names = self._PAIR
+        elif isinstance(shared[0], Parameter):  # one pair of Parameters for the adapter's layers
+            (A, B), names = shared, v.pair_names
         else:  # frozen views of arrays the adapter's layers share
             A, B = Parameter(np.zeros(0, dtype), False), Parameter(np.zeros(0, dtype), False)
             A.data, B.data = shared
+            names = None
         ad = Adapter(A, B, r, lora_alpha, use_rslora, scaling_factor(lora_alpha, r, use_rslora),
                      lora_dropout, v, options=options)
         for field, shape in v.extra_shapes(self._KIND, d_out, d_in, r).items():
             ad.extra[field] = Parameter(np.zeros(shape, dtype))
-        own = {"A": ad.A, "B": ad.B} if shared is None else {}
-        fields = dict(zip(self._PAIR, own.values(), strict=False)) | ad.extra
+        fields = (dict(zip(names, (A, B), strict=True)) if names else {}) | ad.extra
         ad.registered = tuple(fields)
         for field, p in fields.items():
             self._parameters[self.param_name(field, name)] = p
@@ -161,7 +165,7 @@ class _LoRABase(Module):
         parameters; the adapter is removed again if either fails."""
         try:
             ad = self._adapters[name]
-            if self._PAIR[0] in ad.registered:  # its own A and B (not VeRA's shared ones)
+            if self._PAIR[0] in ad.registered:  # its own A and B (not a variant's shared ones)
                 _init_weights(self, init, loftq_config, adapter_name=name)
             ad.variant.init(self, ad)
         except BaseException:
@@ -181,17 +185,22 @@ class _LoRABase(Module):
                 kept = (base.weight.data, np.einsum("ij,ij->i", w, w))
                 object.__setattr__(base, "_row_sqnorm", kept)
             return F.dora_norm(base.qweight.kernel_weight(), A, B, s, weight_sqnorm=kept[1])
-        W = base.dequantize() if isinstance(base, QuantEmbedding) else self.weight.data
+        W = base.dequantize() if isinstance(base, QuantEmbedding) else self.weight_2d()
         return F.dora_norm(W, A, B, s, fan_in_fan_out=self._transposed)
+
+    def weight_2d(self) -> np.ndarray:
+        return self.weight.data
 
     def _merge_one(self, weight: np.ndarray, ad: Adapter) -> object:
         """Add adapter ad's update to `weight` (this layer's layout) in place, by its variant."""
         extra = {k: p.data for k, p in ad.extra.items()}
+        weight = weight.reshape(weight.shape[0], -1)  # a conv's kernel flattened: a view
         return ad.variant.merge_into(weight, ad.A.data, ad.B.data, ad.scaling, extra,
                                      self._transposed)
 
     def _unmerge_one(self, weight: np.ndarray, ad: Adapter) -> None:
         extra = {k: p.data for k, p in ad.extra.items()}
+        weight = weight.reshape(weight.shape[0], -1)
         ad.variant.unmerge_from(weight, ad.A.data, ad.B.data, ad.scaling, extra,
                                 self._transposed, ad.merge_state)
         ad.merge_state = None
@@ -386,9 +395,11 @@ class LoRALinear(_Packable, _LoRABase):
         variant_options: dict | None = None,
     ):
         super().__init__()
-        if not isinstance(base, (Linear, Conv1D)):
-            raise TypeError(f"LoRALinear wraps a Linear or Conv1D, got {type(base).__name__}")
-        check_adapter_args("LoRALinear", adapter_name, r, lora_alpha, lora_dropout)
+        if not isinstance(base, self._BASES):
+            raise TypeError(f"{type(self).__name__} wraps a "
+                            f"{' or '.join(b.__name__ for b in self._BASES)}, got "
+                            f"{type(base).__name__}")
+        check_adapter_args(type(self).__name__, adapter_name, r, lora_alpha, lora_dropout)
         self._setup(base, rng)
         self.bias = base.bias
         self.fan_in_fan_out = isinstance(base, Conv1D)
@@ -398,10 +409,16 @@ class LoRALinear(_Packable, _LoRABase):
                          variant=variant, variant_options=variant_options)
 
     _KIND = "linear"
+    _BASES = (Linear, Conv1D)
 
     @property
     def _dims(self) -> tuple[int, int]:
         return self.out_features, self.in_features
+
+    def file_shapes(self, r: int) -> tuple[tuple, tuple]:
+        """The shapes of an adapter's A and B of rank r in adapter_model.safetensors (PEFT's:
+        (r, in), (out, r) here; a conv's are conv kernels, lora/tuners/conv.py)."""
+        return (r, self.in_features), (self.out_features, r)
 
     @property
     def _transposed(self) -> bool:
@@ -445,7 +462,7 @@ class LoRALinear(_Packable, _LoRABase):
     def _weight_out_in(self) -> np.ndarray:
         if isinstance(self._base, QuantLinear):
             return self._base.dequantize()
-        w = self.weight.data
+        w = self.weight_2d()
         return np.ascontiguousarray(w.T) if self.fan_in_fan_out else w
 
     def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
@@ -508,9 +525,9 @@ class LoRALinear(_Packable, _LoRABase):
             variant, _, saved = rest
             dx = variant.linear_backward(self, saved, x, dout, W, fifo, add_dx_to)
         if self.weight.requires_grad:
-            _, dW = F.dense_backward(dout, x, self.weight.data, need_dx=False,
+            _, dW = F.dense_backward(dout, x, self.weight_2d(), need_dx=False,
                                      fan_in_fan_out=self.fan_in_fan_out)
-            self.weight.accumulate(dW)
+            self.weight.accumulate(dW.reshape(self.weight.shape))
         if self.bias is not None and self.bias.requires_grad:
             self.bias.accumulate(_rows(dout).sum(axis=0))
         return dx
@@ -677,7 +694,8 @@ def init_lora_weights(layer: LoRALinear | LoRAEmbedding, init: bool | str = True
             a, b = R[:r], Q[:, :r]
         A.data[...], B.data[...] = a, b
         residual = (W - ad.scaling * (b @ a)).astype(dtype)
-        layer.weight.data[...] = residual.T if layer.fan_in_fan_out else residual
+        layer.weight.data[...] = (residual.T if layer.fan_in_fan_out else residual).reshape(
+            layer.weight.shape)
     else:
         raise ValueError(f"init_lora_weights: unknown method {init!r}")
 

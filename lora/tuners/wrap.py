@@ -20,9 +20,10 @@ import numpy as np
 
 from .._checks import check_fields
 from .config import LoraConfig
+from .conv import LoRAConv2d
 from .lora import LoRAEmbedding, LoRALinear, check_adapter_name
 from .variants import variant_for
-from ..nn import Conv1D, Embedding, Linear, Module, Parameter, QuantLinear
+from ..nn import Conv1D, Conv2d, Embedding, Linear, Module, Parameter, QuantLinear
 
 
 class ModulesToSaveWrapper(Module):
@@ -77,13 +78,19 @@ def find_targets(model: Module, config: LoraConfig) -> list[tuple[str, Module]]:
         return targets
     for path, m in model.named_modules():
         if path and config.matches(path):
-            if not isinstance(m, (Linear, Conv1D, Embedding, LoRALinear, LoRAEmbedding)):
+            if not isinstance(m, (Linear, Conv1D, Conv2d, Embedding, LoRALinear,
+                                  LoRAEmbedding)):
                 raise ValueError(
                     f"target module {path!r} is a {type(m).__name__}; LoRA supports Linear, "
-                    "Conv1D and Embedding layers"
+                    "Conv1D, Conv2d and Embedding layers"
                 )
             targets.append((path, m))
     return targets
+
+
+def lora_class(base: Module) -> type[LoRALinear]:
+    """The LoRA layer class that wraps a Linear, Conv1D or Conv2d layer."""
+    return LoRAConv2d if isinstance(base, Conv2d) else LoRALinear
 
 
 def layer_dims(m: Module) -> tuple[int, int]:
@@ -125,9 +132,10 @@ def wrap(
     the LoRA matrices, the biases `config.bias` asks for, and the trainable copies of
     `config.modules_to_save`. `seed` seeds the LoRA initialisation and dropout masks.
     `adapter_name` names the adapter (PEFT's "default"). `config` may be a VeraConfig
-    (lora.VeraConfig: VeRA); `tensors` are an adapter file's model-level tensors (VeRA's
-    projections), for load_adapter. ValueError when nothing matches
-    target_modules or the model already has LoRA layers (lora.add_adapter adds another).
+    (lora.VeraConfig: VeRA) or a TiedLoraConfig (Tied-LoRA); `tensors` are an adapter file's
+    model-level tensors (VeRA's projections, Tied-LoRA's tied pairs), for load_adapter.
+    ValueError when nothing matches target_modules or the model already has LoRA layers
+    (lora.add_adapter adds another).
     """
     if config is None:
         check_fields("wrap", config_kwargs, [f.name for f in dataclasses.fields(LoraConfig)])
@@ -183,7 +191,7 @@ def wrap(
                     f"{isinstance(base, Conv1D)} for it (the config says {config.fan_in_fan_out})",
                     stacklevel=2,
                 )
-            layer = LoRALinear(
+            layer = lora_class(base)(
                 base,
                 r,
                 alpha,
@@ -269,7 +277,7 @@ def merged_state_dict(model: Module) -> dict[str, np.ndarray]:
     matrices and no frozen originals. What a whole fine-tuned model is saved as."""
     layers = {id(layer.weight): layer for _, layer in lora_layers(model)}
     pairs = {id(p) for layer in layers.values() for ad in layer._adapters.values()
-             for p in ad.params()}
+             for p in (ad.A, ad.B, *ad.extra.values())}  # frozen ones too (Tied-LoRA's)
     out = {}
     for name, p in model.named_parameters():
         if ".original_module." in f".{name}" or id(p) in pairs:

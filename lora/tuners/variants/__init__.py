@@ -16,12 +16,13 @@ from __future__ import annotations
 from ..config import LoraConfig
 from .dora import DoRA
 from .lora import LoRA, Variant
+from .tied import TiedLoraConfig, TiedLoRA
 from .vera import VeraConfig, VeRA
 
-__all__ = ["VARIANTS", "Variant", "VeraConfig", "config_from_dict", "extra_fields",
-           "field_owners", "peft_types", "variant_for"]
+__all__ = ["VARIANTS", "TiedLoraConfig", "Variant", "VeraConfig", "config_from_dict",
+           "extra_fields", "field_owners", "peft_types", "variant_for"]
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (LoRA(), DoRA(), VeRA())}
+VARIANTS: dict[str, Variant] = {v.name: v for v in (LoRA(), DoRA(), VeRA(), TiedLoRA())}
 
 
 def _peft_type(config) -> str:
@@ -32,9 +33,9 @@ def _peft_type(config) -> str:
 
 
 def variant_for(config, where: str = "LoraConfig") -> Variant:
-    """The variant a config (a LoraConfig, a VeraConfig, or an adapter_config.json dict)
-    selects: by its peft_type, then the one whose config_field is true, else that type's
-    default; ValueError when several are."""
+    """The variant a config (a LoraConfig, a VeraConfig, a TiedLoraConfig, or an
+    adapter_config.json dict) selects: by its peft_type, then the one whose config_field is
+    true, else that type's default; ValueError when several are."""
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     peft_type = _peft_type(config)
     of_type = [v for v in VARIANTS.values() if v.peft_type == peft_type]
@@ -54,7 +55,8 @@ def peft_types() -> set[str]:
 
 
 def config_from_dict(config: dict, where: str = "adapter_config.json") -> LoraConfig:
-    """The config class of the dict's peft_type (LoraConfig, VeraConfig) built from it."""
+    """The config class of the dict's peft_type (LoraConfig, VeraConfig, TiedLoraConfig)
+    built from it."""
     cls = variant_for(config, where).config_class or LoraConfig
     return cls.from_dict(config, where=where)
 

@@ -31,6 +31,7 @@ class DoRA(Variant):
     name = "dora"
     config_field = "use_dora"
     stacks = False
+    kinds = ("linear", "embedding")
 
     def extra_shapes(self, kind, d_out, d_in, r):
         return {MAGNITUDE: (d_out,)}

@@ -3,6 +3,7 @@ plain LoRA's answers.
 
     Linear:    y = x W^T + b + scaling * (drop(x) A^T) B^T
     Embedding: y = W[ids] + scaling * A^T[ids] B^T
+    Conv2d:    the Linear update on the patches of x (lora/tuners/conv.py)
     merge:     W += scaling * B A
 
 A variant's methods take the LoRA layer (lora/tuners/lora.py) and its `Adapter`s; the layer
@@ -34,7 +35,11 @@ class Variant:
     stacks = True  # several active adapters as one stacked branch, and mixed batches
     pair_in_file = True  # lora_A/lora_B per layer in the file (VeRA: shared projections)
     rank_field: str | None = None  # without a pair: the further tensor whose length is r
-    kinds = ("linear", "embedding")  # the layers it adapts
+    # the names a pair of Parameters shared by the adapter's layers (pair() returning
+    # Parameters: Tied-LoRA's) is registered under on each layer; None: not registered
+    pair_names: tuple[str, str] | None = None
+    scaled = True  # the update is scaled by lora_alpha / r (VeRA's is not)
+    kinds = ("linear", "embedding", "conv2d")  # the layers it adapts (conv2d: lora/tuners/conv.py)
 
     def options(self, config, dims: list[tuple[int, int]], dtype,
                 tensors: dict | None = None) -> dict:
@@ -44,8 +49,9 @@ class Variant:
         return {}
 
     def pair(self, options: dict, d_out: int, d_in: int):
-        """The adapter's A and B for a layer when they are not its own (VeRA's slices of
-        the shared projections); None: new trainable Parameters."""
+        """The adapter's A and B for a layer when they are not its own: frozen arrays (VeRA's
+        slices of the shared projections) or Parameters its layers share (Tied-LoRA's tied
+        pair, registered under pair_names); None: new trainable Parameters."""
         return None
 
     def model_tensors(self, options: dict) -> dict:
@@ -53,11 +59,17 @@ class Variant:
         return {}
 
     def model_tensors_keys(self) -> tuple[str, ...]:
-        """The file keys model_tensors writes (and a load needs)."""
+        """The file keys model_tensors writes (and a load needs) whatever the layers are."""
         return ()
 
+    def is_model_tensor(self, key: str) -> bool:
+        """Whether a file key names one of the adapter's model-level tensors (a load hands
+        all of them to options, which checks they fit the layers)."""
+        return key in self.model_tensors_keys()
+
     def trainable(self, ad) -> list:
-        """The adapter's trainable Parameters: A, B and the further ones."""
+        """The adapter's trainable Parameters: A, B and the further ones (requires_grad
+        follows set_adapter for these; the others stay frozen)."""
         return [ad.A, ad.B, *ad.extra.values()]
 
     # ---- parameters beyond A and B

@@ -124,6 +124,7 @@ class VeRA(Variant):
     stacks = False
     pair_in_file = False  # no lora_A/lora_B per layer: the shared projections instead
     rank_field = LAMBDA_D
+    scaled = False
     kinds = ("linear",)
 
     def extra_shapes(self, kind, d_out, d_in, r):
