@@ -81,7 +81,7 @@ def _profile_modules(classes):
     return totals
 
 
-def child_lora(targets, steps, warmup, threads, profile=False, use_dora=False):
+def child_lora(targets, steps, warmup, threads, profile=False, variant="lora"):
     import time
 
     import lora
@@ -107,8 +107,7 @@ def child_lora(targets, steps, warmup, threads, profile=False, use_dora=False):
         pkg.MODEL_DIR, LABELS, pooling="mean", seed=0,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model.dropout.p = 0.0
-    lora.wrap(model.bert, r=R, lora_alpha=ALPHA, target_modules=targets, use_dora=use_dora,
-              seed=0)
+    lora.wrap(model.bert, _lora_config(lora, variant, targets), seed=0)
     model.train()
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     ids, mask, labels = _batch()
@@ -142,6 +141,16 @@ def child_lora(targets, steps, warmup, threads, profile=False, use_dora=False):
     }
 
 
+def _lora_config(lora, variant: str, targets):
+    """The config of a LoRA variant at rank R on `targets` (bench_variants.py's sides)."""
+    if variant == "vera":
+        return lora.VeraConfig(r=R, target_modules=targets)
+    if variant == "tied":
+        return lora.TiedLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
+    return lora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets,
+                           use_dora=variant == "dora")
+
+
 def _numpy_blas() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -151,7 +160,7 @@ def _numpy_blas() -> str:
                      for d in threadpool_info() if d.get("user_api") == "blas")
 
 
-def child_torch(targets, steps, warmup, threads, use_dora=False):
+def child_torch(targets, steps, warmup, threads, variant="lora"):
     import time
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,7 +174,11 @@ def child_torch(targets, steps, warmup, threads, use_dora=False):
     torch.manual_seed(0)
     base = transformers.BertModel.from_pretrained(
         str(pkg.MODEL_DIR), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, use_dora=use_dora)
+    if variant == "vera":
+        cfg = peft.VeraConfig(r=R, target_modules=targets)
+    else:
+        cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets,
+                              use_dora=variant == "dora")
     model = peft.get_peft_model(base, cfg)
     head = torch.nn.Linear(base.config.hidden_size, LABELS)
     model.train()

@@ -1,13 +1,14 @@
-"""Race LoRA variants on an all-MiniLM-L6-v2 training step: plain LoRA and DoRA, in lora and
-in PEFT + PyTorch.
+"""Race LoRA variants on an all-MiniLM-L6-v2 training step: plain LoRA, DoRA, VeRA and
+Tied-LoRA in lora, and plain LoRA, DoRA and VeRA in PEFT + PyTorch.
 
-The step is bench_bert.py's, run by its own children with use_dora (32 sequences x 128
-tokens, mean pooling, a linear head, cross-entropy, the full backward, AdamW), LoRA r = 8 on
-every linear layer of the encoder (query, key, value, dense), dropout off, 2 threads. Each
-of the four sides runs in its own subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
+The step is bench_bert.py's, run by its own children per variant (32 sequences x 128
+tokens, mean pooling, a linear head, cross-entropy, the full backward, AdamW), rank r = 8
+for every variant on every linear layer of the encoder (query, key, value, dense), dropout
+off, 2 threads. Each side runs in its own subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
 removed, and the sides take turns round after round (the machine's noise moves single runs
-by up to 2x); the best median per side is kept. Prints ms per step, peak RSS, DoRA's cost
-next to plain LoRA on each library, and lora's DoRA against PEFT's.
+by up to 2x); the best median per side is kept. Prints ms per step, peak RSS and trainable
+parameters per side, each variant's cost next to plain LoRA on each library, and lora's
+variants against PEFT's.
 
     python benchmarks/bench_variants.py [--steps 6] [--warmup 2] [--rounds 2] [--threads 2]
 
@@ -24,10 +25,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_bert import child_lora, child_torch  # noqa: E402  (the same step, with use_dora)
+from bench_bert import child_lora, child_torch  # noqa: E402  (the same step, per variant)
 
 TARGETS = ["query", "key", "value", "dense"]
-SIDES = ("lora", "lora-dora", "peft", "peft-dora")
+SIDES = ("lora", "lora-dora", "lora-vera", "lora-tied", "peft", "peft-dora", "peft-vera")
 
 
 def run_child(side: str, args) -> dict:
@@ -55,9 +56,10 @@ def main():
     ap.add_argument("--child", choices=SIDES)
     args = ap.parse_args()
     if args.child:
-        run = child_lora if args.child.startswith("lora") else child_torch
+        lib, _, variant = args.child.partition("-")
+        run = child_lora if lib == "lora" else child_torch
         print(json.dumps(run(TARGETS, args.steps, args.warmup, args.threads,
-                             use_dora=args.child.endswith("dora"))))
+                             variant=variant or "lora")))
         return
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
@@ -71,13 +73,14 @@ def main():
               f"{r['peak_rss_mb']:.0f} MB, {r['trainable']:,} trainable; {r['blas']}")
     ms = {s: best[s]["median_ms"] for s in SIDES}
     rss = {s: best[s]["peak_rss_mb"] for s in SIDES}
-    print(f"DoRA / plain LoRA, time:   lora {ms['lora-dora'] / ms['lora']:.2f}x, "
-          f"PEFT {ms['peft-dora'] / ms['peft']:.2f}x")
-    print(f"DoRA / plain LoRA, memory: lora {rss['lora-dora'] / rss['lora']:.2f}x, "
-          f"PEFT {rss['peft-dora'] / rss['peft']:.2f}x")
-    print(f"lora DoRA is {ms['peft-dora'] / ms['lora-dora']:.2f}x faster than PEFT's DoRA "
-          f"(plain LoRA: {ms['peft'] / ms['lora']:.2f}x), "
-          f"{rss['lora-dora'] / rss['peft-dora']:.2f}x its peak RSS")
+    for lib in ("lora", "peft"):
+        for v in ("dora", "vera", "tied"):
+            if f"{lib}-{v}" in ms:
+                print(f"{lib} {v} / plain LoRA: time {ms[f'{lib}-{v}'] / ms[lib]:.2f}x, "
+                      f"peak RSS {rss[f'{lib}-{v}'] / rss[lib]:.2f}x")
+    for v in ("", "-dora", "-vera"):
+        print(f"lora{v} is {ms['peft' + v] / ms['lora' + v]:.2f}x faster than peft{v}, "
+              f"{rss['lora' + v] / rss['peft' + v]:.2f}x its peak RSS")
 
 
 if __name__ == "__main__":
