@@ -355,3 +355,25 @@ def test_conv_lora_refusals(tmp_path):
     other.conv1 = nn.Conv2d(3, 8, 5, padding=2, dtype=np.float64)  # a 5x5 kernel now
     with pytest.raises(lora.AdapterFormatError, match=r"conv1.*\(3, 3, 3, 3\).*\(3, 3, 5, 5\)"):
         lora.load_adapter(other, tmp_path)
+
+
+def test_conv_lora_training_forward_keeps_the_images_not_the_patches():
+    model = _wrapped()
+    layer = model.conv1
+    x = np.random.default_rng(13).standard_normal((4, 3, 16, 16))
+    y = layer.train()(x)
+    patches = 4 * 16 * 16 * 27 * 8  # bytes the patches take (float64)
+
+    def held(v):
+        if isinstance(v, np.ndarray):
+            return v.nbytes
+        return sum(held(u) for u in v) if isinstance(v, (tuple, list)) else 0
+
+    assert held(layer.__dict__["_cache"]) < patches / 4
+    g = np.random.default_rng(14).standard_normal(y.shape)
+    dx = layer.backward(g)
+    layer.zero_grad()
+    layer.train()(x)
+    np.testing.assert_array_equal(layer.backward(g), dx)  # the same gradient every time
+    with pytest.raises(RuntimeError, match="no forward pass cached"):
+        layer.backward(g)

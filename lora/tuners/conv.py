@@ -17,7 +17,8 @@ Differences from PEFT, both deliberate: dropout (lora_dropout > 0, training only
 elements of the patches, not of the input before its patches are made (the same rate and
 expectation; PEFT's mask is shared by the patches that overlap); and lora_A takes the base's
 dilation (PEFT's does not, so its forward fails on a dilated base while its merge assumes
-it). The training forward keeps the patch rows for backward: kh * kw times the input.
+it). The training forward keeps its input for backward, not the patch rows (kh * kw times
+larger): backward makes them again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..nn import Conv2d
 from .lora import LoRALinear
 
 __all__ = ["LoRAConv2d"]
+
+_PATCHES = object()  # in the saved forward, where the patches were: made again in backward
 
 
 class LoRAConv2d(LoRALinear):
@@ -50,17 +53,27 @@ class LoRAConv2d(LoRALinear):
         base = self._base
         single = np.ndim(x) == 3
         x = base.images(x, self.compute_dtype)
-        rows = super().forward(base.patches(x))  # (n, oh * ow, out_channels)
-        object.__setattr__(self, "_images", (x.shape, single) if self.training else None)
+        cols = base.patches(x)
+        rows = super().forward(cols)  # (n, oh * ow, out_channels)
+        cache = self.__dict__.get("_cache")
+        if cache is not None:  # keep the images, not their kh * kw times larger patches
+            object.__setattr__(self, "_cache", tuple(_PATCHES if c is cols else c for c in cache))
+        object.__setattr__(self, "_images", (x, single) if self.training else None)
         y = base.to_images(rows, base.out_size(x.shape))
         return y[0] if single else y
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
         """dx (None without need_input_grad), accumulating the adapters' gradients."""
-        shape, single = self.__dict__.get("_images") or (None, None)
-        if shape is None:
+        x, single = self.__dict__.get("_images") or (None, None)
+        cache = self.__dict__.get("_cache")
+        if x is None or cache is None:
             raise RuntimeError("LoRAConv2d.backward: no forward pass cached; call the module "
-                               "in training mode (model.train()) before backward")
+                               "in training mode (model.train()) before backward, once per "
+                               "backward")
+        object.__setattr__(self, "_images", None)
+        cols = self._base.patches(x)  # made again: a copy, cheap next to the GEMMs
+        object.__setattr__(self, "_cache", tuple(cols if c is _PATCHES else c for c in cache))
+        shape = x.shape
         dcols = super().backward(self._base.rows_of(dout, shape))
         if dcols is None:
             return None
