@@ -50,8 +50,8 @@ def model_key(part: str, d_out: int, d_in: int) -> str:
 class TiedLoraConfig(LoraConfig):
     """Tied-LoRA settings: LoraConfig's (r, lora_alpha, lora_dropout, target_modules,
     use_rslora, alpha_pattern, bias, modules_to_save, ...) and which parts train: train_A and
-    train_B (the tied pair), train_u and train_v (each layer's vectors); all four by default,
-    the configuration the paper recommends. rank_pattern is refused (the layers of a shape
+    train_B (the tied pair), train_u and train_v (each layer's vectors); all four by default
+    (the paper compares the combinations). rank_pattern is refused (the layers of a shape
     share one pair of rank r), and so are use_dora and an init_lora_weights other than True."""
 
     train_A: bool = True
