@@ -124,7 +124,7 @@ def _initial(spec: ModelSpec) -> tuple[dict, dict, dict]:
     by_id = {id(p.data): n for n, p in params.items()}
     keys = {}
     for key, value in adapter_state_dict(model).items():
-        name = by_id.get(id(value))
+        name = by_id.get(id(value), by_id.get(id(value.base)))  # a conv's: a view
         if name is not None:
             keys[name] = key
     config = model.__dict__["lora_config"]

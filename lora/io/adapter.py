@@ -87,7 +87,8 @@ def adapter_state_dict(model: Module, adapter_name: str | None = None) -> dict[s
             keys = (fmt.embedding_keys(path) if isinstance(layer, LoRAEmbedding)
                     else fmt.linear_keys(path))
             for key, p, shape in zip(keys, (ad.A, ad.B), _file_shapes(layer, ad), strict=True):
-                tensors[key] = p.data.reshape(shape)  # a conv's as kernels (a view)
+                # a conv's as kernels (a view); the array itself otherwise
+                tensors[key] = p.data if p.data.shape == shape else p.data.reshape(shape)
         for field, p in ad.extra.items():
             tensors[fmt.KEY_PREFIX + path + "." + field] = p.data
         tensors.update(ad.variant.model_tensors(ad.options))  # VeRA's projections, ...
