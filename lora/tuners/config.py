@@ -150,6 +150,7 @@ _PEFT_UNSUPPORTED = {
     "kasa_config",
     "velora_config",
     "monteclora_config",
+    "astra_config",
 }
 
 
