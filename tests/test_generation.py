@@ -94,6 +94,26 @@ def test_cached_rows_equal_the_full_attention():
     assert start == n
 
 
+@pytest.mark.parametrize("heads,kv", [(1, 1), (8, 8), (12, 4), (70, 1), (130, 2)])
+def test_decoding_step_groups_the_heads_of_a_kv_head(heads, kv):
+    """A one-row step takes the query heads of a kv head as one tile (more of them than a
+    tile's rows for multi-query attention with many heads): the twin's values, padding and
+    fully masked items included."""
+    rng = np.random.default_rng(13)
+    b, cap, length, d = 3, 40, 29, 8
+    q, k, v = cache_case(rng, b, cap, 1, length, heads, kv, d, np.float64)
+    mask = np.ones((b, length), bool)
+    mask[1, :11] = False
+    mask[2, :] = False
+    mask[2, -1] = True
+    for m in (None, mask):
+        ctx, lse = F.causal_attention_forward(q, k, v, heads, kv, key_mask=m, kv_len=length)
+        ctx_ref, lse_ref = ref.causal_attention_forward(q, k, v, heads, kv, key_mask=m,
+                                                        kv_len=length)
+        np.testing.assert_allclose(ctx, ctx_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(lse, lse_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_cached_attention_bad_input():
     rng = np.random.default_rng(12)
     q, k, v = cache_case(rng, 2, 10, 3, 6, 4, 2, 4, np.float64)

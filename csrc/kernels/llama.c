@@ -31,8 +31,10 @@ static size_t causal_items_bytes(const LoraGqaDims *d) {
     return round64(2 * d->batch * sizeof(size_t));
 }
 
+/* The forward's units: (item, head) pairs, or (item, kv head) groups when decoding (seq = 1,
+ * see causal_forward_parts); the backward's (item, kv head) groups. */
 size_t lora_causal_attention_parts(const LoraGqaDims *d, int backward) {
-    return lora_threads(d->batch * (backward ? d->kv_heads : d->heads));
+    return lora_threads(d->batch * (backward || d->seq == 1 ? d->kv_heads : d->heads));
 }
 
 size_t lora_causal_attention_scratch_bytes(const LoraGqaDims *d, size_t elem, size_t parts) {

@@ -201,8 +201,9 @@ void FN(swiglu_backward)(T *dgate, T *dup, const T *dy, const T *gate, const T *
  * unmasked keys are skipped. A row with no key left (a left-padded query position) gives
  * ctx = 0, lse = -inf and no gradient.
  *
- * The forward splits (item, head) pairs over threads; the backward (item, kv head) groups,
- * so that each thread owns the dk, dv rows it accumulates into. */
+ * The forward splits (item, head) pairs over threads (a decoding step: (item, kv head)
+ * groups); the backward (item, kv head) groups, so that each thread owns the dk, dv rows it
+ * accumulates into. */
 typedef struct {
     T *ctx, *lse, *dq, *dk, *dv;
     char *scratch;
@@ -324,6 +325,12 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
     const size_t H = a->d.heads, KV = a->d.kv_heads, D = a->d.head_dim, Sq = a->d.seq;
     const size_t hq = H * D, hk = KV * D, pairs = a->d.batch * H, rep = H / KV;
     const size_t Sk = a->d.kv_seq, off = a->d.kv_len - Sq; /* query row i is key off + i */
+    /* A decoding step (Sq = 1) takes the rep query heads that read one kv head as the rows
+     * of one tile, all at position off: each key tile is transposed once for the group
+     * instead of once per head. Masking row r as if at position off + r changes nothing
+     * there, since every key read is at or before off. */
+    const int grouped = Sq == 1;
+    const size_t units = grouped ? a->d.batch * KV : pairs;
     for (size_t part = part0; part < part1; part++) {
         char *base = a->scratch + part * causal_part_bytes(&a->d, sizeof(T));
         T *kt = (T *)base;
@@ -331,16 +338,20 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
         T *acc = (T *)((char *)S + 2 * round64(TQ * TK * sizeof(T)));
         T *mx = (T *)((char *)acc + round64(TQ * D * sizeof(T)));
         T *sum = (T *)((char *)mx + round64(TQ * sizeof(T)));
-        for (size_t pair = pairs * part / a->parts; pair < pairs * (part + 1) / a->parts; pair++) {
-            const size_t b = pair / H, h = pair % H, g = h / rep;
+        for (size_t u = units * part / a->parts; u < units * (part + 1) / a->parts; u++) {
+            /* rows: the item's Sq query positions of head h, or the group's rep heads */
+            const size_t b = grouped ? u / KV : u / H, h = grouped ? u % KV * rep : u % H;
+            const size_t g = h / rep, rows = grouped ? rep : Sq, ld = grouped ? D : hq;
             const size_t lo = a->lo[b], hi = a->hi[b];
             const unsigned char *mask = a->key_mask ? a->key_mask + b * a->d.mask_ld : NULL;
             const T *qh = a->q + b * Sq * hq + h * D;
             const T *kh = a->k + b * Sk * hk + g * D, *vh = a->v + b * Sk * hk + g * D;
-            T *ch = a->ctx + b * Sq * hq + h * D, *lse = a->lse + pair * Sq;
-            for (size_t i0 = 0; i0 < Sq; i0 += TQ) {
-                const size_t R = Sq - i0 < TQ ? Sq - i0 : TQ;
-                const size_t jend = off + i0 + R < hi ? off + i0 + R : hi;
+            T *ch = a->ctx + b * Sq * hq + h * D, *lse = a->lse + (b * H + h) * Sq;
+            for (size_t i0 = 0; i0 < rows; i0 += TQ) {
+                const size_t R = rows - i0 < TQ ? rows - i0 : TQ;
+                const size_t pos = grouped ? off : off + i0; /* the tile's first row */
+                const size_t last = grouped ? off + 1 : off + i0 + R;
+                const size_t jend = last < hi ? last : hi;
                 for (size_t r = 0; r < R; r++) {
                     mx[r] = -INFINITY;
                     sum[r] = 0;
@@ -349,8 +360,8 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
                 for (size_t j0 = lo; j0 < jend; j0 += TK) {
                     const size_t n = jend - j0 < TK ? jend - j0 : TK;
                     FN(load_kt)(kt, kh + j0 * hk, hk, n, D);
-                    FN(tile_scores)(S, qh + i0 * hq, hq, kt, R, D, a->scale);
-                    FN(mask_tile)(S, off + i0, R, j0, n, mask);
+                    FN(tile_scores)(S, qh + i0 * ld, ld, kt, R, D, a->scale);
+                    FN(mask_tile)(S, pos, R, j0, n, mask);
                     for (size_t r = 0; r < R; r++) {
                         T *s = S + r * TK, m = mx[r];
 #pragma omp simd reduction(max : m)
@@ -379,7 +390,7 @@ static LORA_CLONES LORA_FMA void FN(causal_forward_parts)(void *arg, size_t part
                     FN(tile_pv)(acc, D, S, vh + j0 * hk, hk, R, n, D, 1);
                 }
                 for (size_t r = 0; r < R; r++) {
-                    T *cr = ch + (i0 + r) * hq;
+                    T *cr = ch + (i0 + r) * ld;
                     const T *ar = acc + r * D;
                     if (sum[r] == 0) { /* every key masked */
                         memset(cr, 0, D * sizeof(T));

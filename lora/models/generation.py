@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from .. import functional as F
+from .. import nn
+from ..nn.quantized import QuantLinear
 from .llama import rope_tables
 
 __all__ = ["generate", "generate_steps", "stream", "TextStreamer", "repetition_penalty",
@@ -68,20 +70,78 @@ def _attention(attn, x, residual, cos, sin, ck, cv, key_mask, start, end):
 
 
 def forward_cached(model, input_ids: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                   cache: KVCache) -> np.ndarray:
+                   cache: KVCache, plan: list | None = None) -> np.ndarray:
     """The logits (batch, vocab) of the last position of `input_ids` (batch, seq), the tokens
     at cache rows [cache.length, cache.length + seq), whose rope tables cos and sin are
-    (batch, seq, head_dim); appends their keys and values to the cache."""
+    (batch, seq, head_dim); appends their keys and values to the cache. `plan` (decode_plan's,
+    for the batch's size) runs a step's kernels without the modules around them."""
     start, end = cache.length, cache.length + input_ids.shape[1]
     decoder = model.model
     x = decoder.embed_tokens(input_ids)
-    for i, layer in enumerate(decoder.layers):
-        h = _attention(layer.self_attn, layer.input_layernorm(x), x, cos, sin, cache.k[i],
-                       cache.v[i], cache.key_mask, start, end)
-        x = layer.mlp(layer.post_attention_layernorm(h), h)
+    if plan is not None:
+        for i, step in enumerate(plan):
+            x = step(x, cos, sin, cache.k[i], cache.v[i], cache.key_mask, start, end)
+    else:
+        for i, layer in enumerate(decoder.layers):
+            h = _attention(layer.self_attn, layer.input_layernorm(x), x, cos, sin, cache.k[i],
+                           cache.v[i], cache.key_mask, start, end)
+            x = layer.mlp(layer.post_attention_layernorm(h), h)
     cache.length = end
     last = decoder.norm(np.ascontiguousarray(x[:, -1:]))
     return model.lm_head(last)[:, 0]
+
+
+def _projection(layer, rows: int):
+    """f(x, residual) = layer(x, residual=residual) for inputs of `rows` rows: the kernel
+    itself with the weight argument the layer would pass (taken once) for a plain Linear or
+    QuantLinear, whose forward in eval mode is that one call; the layer otherwise (a LoRA
+    layer, whose adapters, dropout or mixed batch the module decides)."""
+    if type(layer) not in (nn.Linear, QuantLinear):
+        return layer
+    dtype = getattr(layer, "compute_dtype", layer.weight.dtype)
+    W, fifo = layer._weight_arg(np.empty((rows, layer.in_features), dtype))
+    if fifo:
+        return layer
+    bias = None if layer.bias is None else layer.bias.data
+    dense = F.dense_forward
+
+    def project(x, residual=None):
+        return dense(x, W, bias, residual=residual)
+
+    return project
+
+
+def decode_plan(model, rows: int) -> list:
+    """One function per decoder layer running its decoding step (input rows of `rows`
+    tokens) with the same kernels, in the same order, as the modules do, but called
+    directly: a step of a small model spends as long in the modules' Python as in its
+    products. Made once per generate() call; the weights must not change during it."""
+    steps = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o = (_projection(p, rows) for p in
+                      (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        gate, up, down = (_projection(p, rows) for p in
+                          (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        heads, kv_heads = attn.num_heads, attn.num_key_value_heads
+
+        def step(x, cos, sin, ck, cv, key_mask, start, end, q=q, k=k, v=v, o=o, gate=gate,
+                 up=up, down=down, n1=n1, n2=n2, heads=heads, kv_heads=kv_heads):
+            a, _ = F.rms_norm_forward(x, n1.weight.data, eps=n1.variance_epsilon)
+            qa, ka, va = q(a), k(a), v(a)
+            F.rope_forward(qa, cos, sin, heads)
+            F.rope_forward(ka, cos, sin, kv_heads)
+            ck[:, start:end] = ka
+            cv[:, start:end] = va
+            ctx, _ = F.causal_attention_forward(qa, ck, cv, heads, kv_heads,
+                                                key_mask=key_mask, kv_len=end)
+            h = o(ctx, residual=x)
+            m, _ = F.rms_norm_forward(h, n2.weight.data, eps=n2.variance_epsilon)
+            return down(F.swiglu_forward(gate(m), up(m)), residual=h)
+
+        steps.append(step)
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +343,10 @@ def _steps(model, ids, mask, max_new, do_sample, temp, k, p, penalty, rng, eos, 
     unfinished = np.ones(batch, bool)
     with _eval_mode(model):
         cache = KVCache(len(decoder.layers), batch, total, kv_dim, dtype, key_mask)
-        tokens, pos = ids, positions
+        tokens, pos, plan = ids, positions, None
         for step in range(max_new):
-            logits = forward_cached(model, tokens, cos_t[pos], sin_t[pos], cache)
+            logits = forward_cached(model, tokens, cos_t[pos], sin_t[pos], cache, plan)
+            plan = plan or decode_plan(model, batch)
             scores = logits.astype(np.float32, copy=False)
             n = prompt_len + step
             if penalty is not None and penalty != 1.0:
