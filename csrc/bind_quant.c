@@ -9,6 +9,7 @@
 #include "py_common.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "args.h"
 #include "bindings.h"
@@ -224,10 +225,23 @@ PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds) {
 /* ------------------------------------------------------------------ QuantWeight */
 
 static PyObject *quantweight_new(PyTypeObject *cls, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"data", "qtype", "shape", NULL};
-    PyObject *d_o, *q_o, *s_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:QuantWeight", kwlist, &d_o, &q_o, &s_o))
+    static char *kwlist[] = {"data", "qtype", "shape", "activations", NULL};
+    PyObject *d_o, *q_o, *s_o, *a_o = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$O:QuantWeight", kwlist, &d_o, &q_o, &s_o,
+                                     &a_o))
         return NULL;
+    int act8 = 0;
+    if (a_o) {
+        const char *a = PyUnicode_Check(a_o) ? PyUnicode_AsUTF8(a_o) : NULL;
+        if (!a || (strcmp(a, "float") && strcmp(a, "q8"))) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError,
+                         PREFIX "QuantWeight: argument 'activations' must be 'float' or 'q8', "
+                                "got %R", a_o);
+            return NULL;
+        }
+        act8 = !strcmp(a, "q8");
+    }
     int qtype, nd;
     npy_intp dims[NPY_MAXDIMS], count;
     if (arg_qtype("QuantWeight", q_o, 0, &qtype) ||
@@ -251,6 +265,7 @@ static PyObject *quantweight_new(PyTypeObject *cls, PyObject *args, PyObject *kw
         (self = (QuantWeight *)cls->tp_alloc(cls, 0))) {
         self->data = data;
         self->qtype = qtype;
+        self->act8 = act8;
         self->d_out = dims[0], self->d_in = dims[1];
         return (PyObject *)self;
     }
@@ -278,15 +293,20 @@ static PyObject *quantweight_data(QuantWeight *self, void *closure) {
     return Py_NewRef((PyObject *)self->data);
 }
 
+static PyObject *quantweight_activations(QuantWeight *self, void *closure) {
+    (void)closure;
+    return PyUnicode_FromString(self->act8 ? "q8" : "float");
+}
+
 static PyObject *quantweight_nbytes(QuantWeight *self, void *closure) {
     (void)closure;
     return PyLong_FromSsize_t((Py_ssize_t)PyArray_NBYTES(self->data));
 }
 
 static PyObject *quantweight_repr(QuantWeight *self) {
-    return PyUnicode_FromFormat("QuantWeight(qtype='%s', shape=(%zd, %zd))",
+    return PyUnicode_FromFormat("QuantWeight(qtype='%s', shape=(%zd, %zd)%s)",
                                 lora_qtype_name(self->qtype), (Py_ssize_t)self->d_out,
-                                (Py_ssize_t)self->d_in);
+                                (Py_ssize_t)self->d_in, self->act8 ? ", activations='q8'" : "");
 }
 
 static PyGetSetDef quantweight_getset[] = {
@@ -295,21 +315,29 @@ static PyGetSetDef quantweight_getset[] = {
     {"data", (getter)quantweight_data, NULL, "the block bytes (the array given, not a copy)",
      NULL},
     {"nbytes", (getter)quantweight_nbytes, NULL, "bytes of the blocks", NULL},
+    {"activations", (getter)quantweight_activations, NULL,
+     "'float', or 'q8': decode-sized forwards take x in 8-bit blocks", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(quantweight_doc,
-"QuantWeight(data, qtype, shape)\n--\n\n"
+"QuantWeight(data, qtype, shape, *, activations='float')\n--\n\n"
 "A frozen weight held quantized, for the products of linear_forward, linear_backward,\n"
 "dense_forward and dense_backward (pass it as their ``weight``, with float32 or float64\n"
 "inputs). Up to 4 rows of input the forward takes dot products straight from the blocks\n"
 "(each row of W dequantized in L1 and used at once); from 5 rows, and in every backward,\n"
 "W is dequantized 1 MB of rows at a time and multiplied by the BLAS GEMM. The weight is\n"
 "never dequantized whole. It cannot be trained (no dweight).\n\n"
+"activations='q8' (Q4_0, Q4_1 and Q8_0 on CPUs with AVX2, float32 inputs): those forwards of\n"
+"up to 4 rows quantize each row of x in blocks of 32 to 8 bits (llama.cpp's Q8_1: scale\n"
+"amax / 127, nearest rounding) and take the block products in integers, about a third of\n"
+"the instructions: the result is W times x's 8-bit rounding, not W times x. Other types,\n"
+"larger batches, float64 and every backward take the float path.\n\n"
 "Parameters\n----------\n"
 "data : ndarray of uint8, C-contiguous\n"
 "    The block bytes, d_out rows of d_in / block blocks (kept by reference, never copied).\n"
 "qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4'}\n"
-"shape : (d_out, d_in)\n    d_in a multiple of the block.");
+"shape : (d_out, d_in)\n    d_in a multiple of the block.\n"
+"activations : {'float', 'q8'}, keyword-only");
 
 PyTypeObject QuantWeightType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "lora.functional.QuantWeight",

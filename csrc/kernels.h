@@ -62,6 +62,8 @@ typedef struct {
     void *xp;
     size_t parts;
     int qtype; /* not 0: a quantized weight instead, see below */
+    int act8;  /* a quantized weight's forward of up to LORA_QDOT_ROWS rows takes x in 8-bit
+                * blocks (Q8 activations, QuantWeight(activations="q8")) */
 } LoraPacked;
 
 /* Quantized weights (kernels/quant.c): rows of whole blocks of GGUF's formats (Q8_0, Q4_0,
@@ -81,9 +83,11 @@ int lora_qtype_writable(int qtype);
 void lora_dequantize(float *y, const uint8_t *q, size_t nblocks, int qtype);
 void lora_quantize(uint8_t *q, const float *x, size_t nblocks, int qtype);
 /* Rows of W in a tile (K elements a row, elem bytes each), at most `rows`; the scratch a
- * product with n rows of x needs (elements of elem bytes; 0 on the dot-product path). */
+ * product with n rows of x needs (elements of elem bytes; on the dot-product path 0, or
+ * x's 8-bit blocks with act8). */
 size_t lora_quant_tile_rows(size_t K, size_t rows, size_t elem);
-size_t lora_quant_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t elem, int backward);
+size_t lora_quant_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t elem, int backward,
+                                int act8);
 
 size_t lora_panel_parts(size_t panels);
 size_t lora_panel_scratch_elems(size_t parts, size_t n, size_t K, size_t elem);

@@ -219,9 +219,11 @@ int weight_panels(Call *c, WeightArg *w, npy_intp n) {
         LoraPacked *pk = &w->pk;
         const size_t elem = c->type == NPY_FLOAT32 ? 4 : 8;
         const size_t tile = lora_quant_scratch_elems((size_t)n, (size_t)w->d_in,
-                                                     (size_t)w->d_out, elem, w->direction);
+                                                     (size_t)w->d_out, elem, w->direction,
+                                                     w->quant->act8);
         pk->panels = PyArray_DATA(w->quant->data);
         pk->qtype = w->quant->qtype;
+        pk->act8 = w->quant->act8;
         if (tile && !(pk->xp = call_scratch(c, tile))) return -1;
         w->kernel = pk;
         return 0;

@@ -23,6 +23,7 @@ typedef struct {
     PyObject_HEAD
     PyArrayObject *data; /* uint8, C-contiguous, the blocks; a reference, never copied */
     int qtype;           /* LORA_Q8_0 ... (kernels.h) */
+    int act8;            /* activations="q8": see LoraPacked */
     npy_intp d_out, d_in;
 } QuantWeight;
 

@@ -407,7 +407,7 @@ static void check_quant(int qtype, size_t n, size_t d_in, size_t d_out) {
     printf("%-44s max abs err %.2e %s\n", "quantize/dequantize round trip", worst,
            worst < 0.3 ? "ok" : "FAIL");
     failures += !(worst < 0.3);
-    size_t tile = lora_quant_scratch_elems(n, d_in, d_out, sizeof(float), 1);
+    size_t tile = lora_quant_scratch_elems(n, d_in, d_out, sizeof(float), 1, 0);
     LoraPacked pk = {q, malloc(tile * sizeof(float)), 0, qtype};
     char what[64];
     dense_forward_f32(y, x, NULL, NULL, NULL, n, d_in, d_out, 0, &pk);

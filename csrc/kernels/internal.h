@@ -116,15 +116,16 @@ LORA_VEC32(double, f64)
  *     `parts` threads (lora_panel_parts); xp: lora_panel_scratch_elems(parts, n, K, sizeof(T))
  *     elements of scratch.
  *   quant_forward / quant_backward (quant.c): the base products with a quantized W (N rows of
- *     K elements): y = x W^T + beta y, dx = dy W + beta dx; tile: lora_quant_scratch_elems. */
+ *     K elements): y = x W^T + beta y, dx = dy W + beta dx; tile: lora_quant_scratch_elems;
+ *     act8: LoraPacked's. */
 #define LORA_DECLARE_INTERNAL(T, SUF)                                                         \
     void dropout_rows_##SUF(T *restrict out, const T *restrict x, size_t row0, size_t rows,   \
                             size_t d_in, uint64_t key, uint32_t threshold, T keep_scale,      \
                             int acc);                                                         \
     void panel_gemm_##SUF(T *C, T *xp, const T *X, const T *P, size_t n, size_t K, size_t N,  \
                           size_t parts);                                                      \
-    void quant_forward_##SUF(T *y, T *tile, const T *x, const uint8_t *W, int qtype, T beta,  \
-                             size_t n, size_t K, size_t N);                                   \
+    void quant_forward_##SUF(T *y, T *tile, const T *x, const uint8_t *W, int qtype,          \
+                             int act8, T beta, size_t n, size_t K, size_t N);                 \
     void quant_backward_##SUF(T *dx, T *tile, const T *dy, const uint8_t *W, int qtype,       \
                               T beta, size_t n, size_t K, size_t N);
 LORA_DECLARE_INTERNAL(float, f32)

@@ -361,7 +361,7 @@ static void FN(gemv)(T *y, const T *W, const T *x, T beta, size_t d_out, size_t 
 static void FN(base_forward)(T *y, const T *x, const T *W, int wt, T beta, size_t n, size_t d_in,
                              size_t d_out, const LoraPacked *pk) {
     if (pk && pk->qtype)
-        FN(quant_forward)(y, pk->xp, x, pk->panels, pk->qtype, beta, n, d_in, d_out);
+        FN(quant_forward)(y, pk->xp, x, pk->panels, pk->qtype, pk->act8, beta, n, d_in, d_out);
     else if (pk) {
         if (beta == 0) memset(y, 0, n * d_out * sizeof(T));
         FN(panel_gemm)(y, pk->xp, x, pk->panels, n, d_in, d_out, pk->parts);

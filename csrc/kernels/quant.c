@@ -487,6 +487,127 @@ static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, siz
     }
 }
 
+/* 8-bit activations (QuantWeight(..., activations="q8"), a decoding option): each row of x
+ * is quantized in blocks of 32 as llama.cpp's Q8_1 does (d = amax / 127, q = x / d rounded
+ * to the nearest, ties to even; xs = d * sum(q) kept per block), and a block's product is
+ * taken in integers: maddubs of W's 4-bit codes (or |q| of Q8_0, x's sign moved onto them)
+ * with x's 8-bit ones, pairs summed to 32 bits, one float FMA with dw * dx. Q4_1 adds
+ * m * xs, Q4_0 takes -8 dw xs. About a third of the float path's instructions per weight; the
+ * result is W times x's 8-bit rounding (within float32 rounding), not W times x. */
+static LORA_AVX2 inline __m256 i8_dot(__m256i wu, __m256i xs) {
+    const __m256i p16 = _mm256_maddubs_epi16(wu, xs);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+/* W's 32 4-bit codes of a Q4_0/Q4_1 block (16 bytes at p) as bytes in element order: the
+ * low nibbles are elements 0..15, the high ones 16..31. */
+static LORA_AVX2 inline __m256i q4_codes32(const uint8_t *p) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw),
+                                                 _mm_srli_epi16(raw, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+/* One block k of W (at b) against the n rows' block k, into the accumulators t and u. */
+static LORA_AVX2 inline __attribute__((always_inline)) void
+q8x_block(__m256 *t, float *u, const uint8_t *b, const int8_t *xq, const float *xd,
+          const float *xs, size_t ldq, size_t nb, size_t k, const int qtype, const int n) {
+    uint32_t dm;
+    memcpy(&dm, b, sizeof dm);
+    const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm));
+    const float dw = _mm_cvtss_f32(dmf);
+    if (qtype == LORA_Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
+        const __m256i wa = _mm256_sign_epi8(w, w);
+        for (int i = 0; i < n; i++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)i * ldq + 32 * k));
+            t[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[(size_t)i * nb + k]),
+                                   i8_dot(wa, _mm256_sign_epi8(x, w)), t[i]);
+        }
+        return;
+    }
+    const float m = qtype == LORA_Q4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dmf)) : -8.0f * dw;
+    const __m256i w = q4_codes32(b + (qtype == LORA_Q4_1 ? 4 : 2));
+    for (int i = 0; i < n; i++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)i * ldq + 32 * k));
+        t[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[(size_t)i * nb + k]), i8_dot(w, x), t[i]);
+        u[i] += m * xs[(size_t)i * nb + k];
+    }
+}
+
+/* qtype and n are constants at each call (dot_q8x_avx2's switch). Blocks alternate between
+ * two sets of accumulators, so that a block's FMA does not wait on the one before. */
+static LORA_AVX2 inline __attribute__((always_inline)) void
+dot_q8x_n(float *acc, const uint8_t *b, const int8_t *xq, const float *xd, const float *xs,
+          size_t ldq, size_t nb, const int qtype, const int n) {
+    __m256 t0[LORA_QDOT_ROWS], t1[LORA_QDOT_ROWS];
+    float u0[LORA_QDOT_ROWS], u1[LORA_QDOT_ROWS];
+    for (int i = 0; i < n; i++) t0[i] = t1[i] = _mm256_setzero_ps(), u0[i] = u1[i] = 0.0f;
+    const size_t bytes = qtype == LORA_Q8_0 ? 34 : qtype == LORA_Q4_1 ? 20 : 18;
+    size_t k = 0;
+    for (; k + 2 <= nb; k += 2, b += 2 * bytes) {
+        q8x_block(t0, u0, b, xq, xd, xs, ldq, nb, k, qtype, n);
+        q8x_block(t1, u1, b + bytes, xq, xd, xs, ldq, nb, k + 1, qtype, n);
+    }
+    if (k < nb) q8x_block(t0, u0, b, xq, xd, xs, ldq, nb, k, qtype, n);
+    for (int i = 0; i < n; i++) acc[i] = hsum256(_mm256_add_ps(t0[i], t1[i])) + (u0[i] + u1[i]);
+}
+
+static LORA_AVX2 void dot_q8x_avx2(float *acc, const uint8_t *row, const int8_t *xq,
+                                   const float *xd, const float *xs, size_t ldq, size_t n,
+                                   size_t nb, int qtype) {
+#define LORA_Q8X_CASE(Q, N)                                                                   \
+    case N: dot_q8x_n(acc, row, xq, xd, xs, ldq, nb, Q, N); break;
+#define LORA_Q8X_TYPE(Q)                                                                      \
+    switch (n) {                                                                              \
+        LORA_Q8X_CASE(Q, 1)                                                                   \
+        LORA_Q8X_CASE(Q, 2)                                                                   \
+        LORA_Q8X_CASE(Q, 3)                                                                   \
+        default: LORA_Q8X_CASE(Q, 4)                                                          \
+    }
+    if (qtype == LORA_Q8_0)
+        LORA_Q8X_TYPE(LORA_Q8_0)
+    else if (qtype == LORA_Q4_1)
+        LORA_Q8X_TYPE(LORA_Q4_1)
+    else
+        LORA_Q8X_TYPE(LORA_Q4_0)
+#undef LORA_Q8X_TYPE
+#undef LORA_Q8X_CASE
+}
+
+/* One row of x (K elements) into 8-bit blocks: q (K bytes), d and xs (K / 32 each). */
+static LORA_AVX2 void quantize_x_q8(int8_t *q, float *d, float *xs, const float *x, size_t K) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (size_t k = 0; k < K / 32; k++, x += 32, q += 32) {
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + 8 * j);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m256i qi[4];
+        for (int j = 0; j < 4; j++)
+            qi[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
+                                                       _MM_FROUND_TO_NEAREST_INT |
+                                                           _MM_FROUND_NO_EXC));
+        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]),
+                                               _mm256_add_epi32(qi[2], qi[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* 32-bit lanes to bytes in element order (packs interleave 128-bit halves) */
+        const __m256i w16 = _mm256_packs_epi32(qi[0], qi[1]), w16b = _mm256_packs_epi32(qi[2], qi[3]);
+        const __m256i b8 = _mm256_packs_epi16(w16, w16b);
+        const __m256i ordered = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)q, ordered);
+        d[k] = amax / 127.0f;
+        xs[k] = d[k] * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
 /* Checked at run time (not through an ifunc), so sanitizer builds run these paths too. */
 static int have_avx2(void) {
     static int cached = -1;
@@ -511,6 +632,42 @@ static int dot_row_f32(float *acc, const uint8_t *row, const float *x, const flo
 #endif
     (void)acc, (void)row, (void)x, (void)xsum, (void)ldx, (void)n, (void)nb, (void)qtype;
     return 0;
+}
+
+/* x's n rows (K elements each) in 8-bit blocks into buf (lora_quant_scratch_elems with act8:
+ * n K bytes of q, then n K / 32 floats of d and of xs), and acc[i] = x_i . row from them;
+ * 0 (nothing written) for a type or CPU without the path. */
+static int q8_path(int qtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0) && have_avx2();
+#else
+    (void)qtype;
+    return 0;
+#endif
+}
+
+static size_t q8_bytes(size_t n, size_t K) { return n * K + 2 * n * (K / 32) * sizeof(float); }
+
+static void q8_rows(void *buf, const float *x, size_t n, size_t K) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    int8_t *q = buf;
+    float *d = (float *)(q + n * K), *xs = d + n * (K / 32);
+    for (size_t i = 0; i < n; i++)
+        quantize_x_q8(q + i * K, d + i * (K / 32), xs + i * (K / 32), x + i * K, K);
+#else
+    (void)buf, (void)x, (void)n, (void)K;
+#endif
+}
+
+static void dot_row_q8(float *acc, const uint8_t *row, const void *buf, size_t n, size_t K,
+                       int qtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const int8_t *q = buf;
+    const float *d = (const float *)(q + n * K), *xs = d + n * (K / 32);
+    dot_q8x_avx2(acc, row, q, d, xs, K, n, K / 32, qtype);
+#else
+    (void)acc, (void)row, (void)buf, (void)n, (void)K, (void)qtype;
+#endif
 }
 
 /* The types with a direct dot path on this CPU. */
@@ -544,7 +701,8 @@ size_t lora_quant_tile_rows(size_t K, size_t rows, size_t elem) {
     return tr < rows ? tr : rows;
 }
 
-size_t lora_quant_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t elem, int backward) {
-    if (!backward && n <= LORA_QDOT_ROWS) return 0;
+size_t lora_quant_scratch_elems(size_t n, size_t d_in, size_t d_out, size_t elem, int backward,
+                                int act8) {
+    if (!backward && n <= LORA_QDOT_ROWS) return act8 ? (q8_bytes(n, d_in) + elem - 1) / elem : 0;
     return lora_quant_tile_rows(d_in, d_out, elem) * d_in;
 }

@@ -96,9 +96,43 @@ static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t e
     }
 }
 
-void FN(quant_forward)(T *y, T *tile, const T *x, const uint8_t *W, int qtype, T beta, size_t n,
-                       size_t K, size_t N) {
+#ifdef LORA_T_IS_F32
+/* The decode path with x in 8-bit blocks (act8, quant.c's q8 path): y[i, j] = x_i . W_j. */
+typedef struct {
+    T *y;
+    const void *xq; /* q8_rows' buffer */
+    const uint8_t *W;
+    T beta;
+    size_t n, K, N;
+    int qtype;
+} FN(Q8Dot);
+
+static void FN(q8dot_rows)(void *arg, size_t begin, size_t end) {
+    const FN(Q8Dot) *a = arg;
+    const size_t row_bytes = a->K / lora_qblock_elems(a->qtype) * lora_qblock_bytes(a->qtype);
+    for (size_t j = begin; j < end; j++) {
+        float acc[LORA_QDOT_ROWS];
+        dot_row_q8(acc, a->W + j * row_bytes, a->xq, a->n, a->K, a->qtype);
+        for (size_t i = 0; i < a->n; i++) {
+            T *yij = a->y + i * a->N + j;
+            *yij = a->beta != 0 ? (T)acc[i] + a->beta * *yij : (T)acc[i];
+        }
+    }
+}
+#endif
+
+void FN(quant_forward)(T *y, T *tile, const T *x, const uint8_t *W, int qtype, int act8, T beta,
+                       size_t n, size_t K, size_t N) {
+    (void)act8; /* float64 inputs take the float path */
     if (n == 0) return;
+#ifdef LORA_T_IS_F32
+    if (act8 && n <= LORA_QDOT_ROWS && q8_path(qtype)) {
+        q8_rows(tile, x, n, K);
+        FN(Q8Dot) a = {y, tile, W, beta, n, K, N, qtype};
+        lora_parallel_for(N, (1 << 15) / K + 4, 4, FN(q8dot_rows), &a);
+        return;
+    }
+#endif
     if (n <= LORA_QDOT_ROWS) {
         /* the direct path's block sums of x (32 elements each), once for all rows of W; rows
          * of x longer than 16384 (too many sums for the stack) take the generic path */
