@@ -9,6 +9,8 @@ against llama.cpp on the same file. Each measurement in a process of its own.
 - prefill / decode: tokens/s of a 512-token prompt, and of greedy decoding after a short chat
   prompt (80 tokens less 16, each the best of 3 runs, so the prefill cancels; eos off); the
   tokens must agree with the float32 model's;
+  decode is also run with 8-bit activations (q8: lora.set_quant_activations, llama.cpp's
+  arithmetic for the products), whose tokens may part from float32's after a while;
 - train: one LoRA step (r = 16 on all projections, batch 4 x 256, fused causal-LM loss,
   backward, AdamW): seconds and peak RSS;
 - kernels: the quantized products against float32 on SmolLM2's shapes: 1024 rows forward and
@@ -46,10 +48,16 @@ def _rss_mb() -> float:
 
 
 def _model(side):
+    """f32: the file dequantized; q: kept quantized; q8: kept, decoding with 8-bit
+    activations (lora.set_quant_activations)."""
+    import lora
     from lora.models.gguf import smollm2_path
     from lora.models.llama import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(smollm2_path(), keep_quantized=side == "q")
+    model = LlamaForCausalLM.from_pretrained(smollm2_path(), keep_quantized=side != "f32")
+    if side == "q8":
+        lora.set_quant_activations(model, "q8")
+    return model
 
 
 def child(side: str, task: str, threads: int, steps: int) -> dict:
@@ -231,7 +239,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", default="memory,logits,prefill,decode,train,kernels")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--child", choices=["f32", "q", "llamacpp", "export"])
+    ap.add_argument("--child", choices=["f32", "q", "q8", "llamacpp", "export"])
     ap.add_argument("--llamacpp", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args(argv)
@@ -245,10 +253,10 @@ def main(argv=None) -> None:
     if a.child:
         print(json.dumps(child(a.child, tasks[0], a.threads, a.steps)))
         return
-    res = {"f32": {}, "q": {}, "llamacpp": {}, "export": {}}
+    res = {"f32": {}, "q": {}, "q8": {}, "llamacpp": {}, "export": {}}
     for task in tasks:
         sides = {"memory": ["f32", "q"], "logits": ["q"], "prefill": ["f32", "q"],
-                 "decode": ["f32", "q"], "train": ["f32", "q"], "kernels": ["q"],
+                 "decode": ["f32", "q", "q8"], "train": ["f32", "q"], "kernels": ["q"],
                  "export": ["export"]}[task]
         if a.llamacpp and task in ("prefill", "decode"):
             sides.append("llamacpp")
@@ -297,6 +305,14 @@ def report(res: dict, a) -> None:
     row("weights MB (parameter bytes)", "weights_mb")
     row("prefill tokens/s (512)", "prefill_tok_s", with_cpp=True)
     row("greedy decode tokens/s", "decode_tok_s", with_cpp=True)
+    if "decode_tok_s" in res["q8"] and "decode_tok_s" in f:
+        r8 = res["q8"]["decode_tok_s"]
+        cells = ["greedy decode tokens/s, 8-bit activations (q8)", "", f"{r8:.3g}",
+                 f"{r8 / f['decode_tok_s']:.2f}x"]
+        if cpp:
+            cells += ([f"{cpp['decode_tok_s']:.3g}", f"{r8 / cpp['decode_tok_s']:.2f}x"]
+                      if "decode_tok_s" in cpp else ["", ""])
+        rows.append(cells)
     row(f"LoRA train step s ({BATCH} x {SEQ}, r={R})", "train_step_s")
     row("train peak RSS MB", "train_rss_mb")
     head = ["measure", "float32", "Q4_1 kept", "Q4_1 / float32"]
@@ -312,6 +328,13 @@ def report(res: dict, a) -> None:
                   if x != y), len(q["tokens"]))
         print(f"greedy tokens: the kept-quantized model agrees with float32 on the first {n} "
               f"of {len(q['tokens'])}")
+    for name, other in (("q8", res["q8"]), ("llama.cpp", cpp)):
+        if "tokens" in f and "tokens" in other:
+            n = next((i for i, (x, y) in enumerate(zip(f["tokens"], other["tokens"],
+                                                       strict=False)) if x != y),
+                     len(other["tokens"]))
+            print(f"greedy tokens: {name} agrees with float32 on the first {n} of "
+                  f"{len(other['tokens'])}")
     if "logits_rel" in q:
         print(f"logits, kept quantized vs float32 (2 x 64 tokens): max abs "
               f"{q['logits_max_abs']:.2e}, {q['logits_rel']:.1e} of the largest; argmax "

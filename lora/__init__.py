@@ -11,7 +11,7 @@ checkpoints), lora.models (pretrained models), lora.optim, lora.cli. See docs/de
 from . import functional, nn, optim, quant
 from .functional import blas_info, set_num_threads
 from .io import AdapterFormatError, load_adapter, merge_checkpoint, save_adapter
-from .nn import pack_weights, quantize_model, unpack_weights
+from .nn import pack_weights, quantize_model, set_quant_activations, unpack_weights
 from .tuners import (
     LoRAConv2d,
     LoRAEmbedding,
@@ -72,6 +72,7 @@ __all__ = [
     "print_trainable_parameters",
     "quant",
     "quantize_model",
+    "set_quant_activations",
     "save_adapter",
     "set_num_threads",
     "trainable_parameters",

@@ -403,3 +403,17 @@ def nf4_dequantize(data, shape):
     q = np.empty((blocks.shape[0], 64), np.uint8)
     q[:, 0::2], q[:, 1::2] = blocks[:, 4:] >> 4, blocks[:, 4:] & 15
     return (NF4_CODE[q] * absmax).reshape(shape)
+
+
+def q8_activations(x):
+    """x (..., K) float32 as the q8 decode path sees it: each block of 32 rounded to 8 bits,
+    q = rint(x * (127 / amax)) (ties to even), value q * (amax / 127), all in float32 as the
+    kernel computes them; an all-zero block stays zero. float64 of x's shape."""
+    x = np.asarray(x, np.float32)
+    b = x.reshape(-1, 32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    safe = np.where(amax == 0, np.float32(1), amax)
+    inv = np.where(amax == 0, np.float32(0), np.float32(127) / safe).astype(np.float32)
+    q = np.rint(b * inv)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (q.astype(np.float64) * d).reshape(x.shape)

@@ -78,14 +78,18 @@ class QTensor:
         """The values as a new float32 array of `shape`."""
         return F.dequantize(self.data, self.qtype, self.shape)
 
-    def kernel_weight(self) -> F.QuantWeight:
-        """The 2-D tensor as the lora.functional.QuantWeight the products take (made once;
-        it shares `data`)."""
+    def kernel_weight(self, activations: str = "float") -> F.QuantWeight:
+        """The 2-D tensor as the lora.functional.QuantWeight the products take (made once per
+        `activations`, "float" or "q8"; it shares `data`)."""
         if self._kernel is None:
+            self._kernel = {}
+        kw = self._kernel.get(activations)
+        if kw is None:
             if self.ndim != 2:
                 raise ValueError(f"QTensor.kernel_weight: a weight is 2-D, got shape {self.shape}")
-            self._kernel = F.QuantWeight(self.data, self.qtype, self.shape)
-        return self._kernel
+            kw = F.QuantWeight(self.data, self.qtype, self.shape, activations=activations)
+            self._kernel[activations] = kw
+        return kw
 
     def __getstate__(self):
         return {"data": np.array(self.data), "qtype": self.qtype, "shape": self.shape}

@@ -25,7 +25,7 @@ from .layers import (
     unpack_weights,
 )
 from .conv import Conv2d
-from .quantized import QuantEmbedding, QuantLinear, quantize_model
+from .quantized import QuantEmbedding, QuantLinear, quantize_model, set_quant_activations
 from .losses import causal_lm_loss, cross_entropy, mse_loss
 from .module import Module, ModuleDict, ModuleList, Parameter, Sequential
 
@@ -38,6 +38,7 @@ __all__ = [
     "QuantLinear",
     "QuantEmbedding",
     "quantize_model",
+    "set_quant_activations",
     "Conv1D",
     "Conv2d",
     "Embedding",
