@@ -360,27 +360,17 @@ static void q_nf4dq_row(uint8_t *restrict row, const float *restrict x, size_t n
     }
 }
 
-/* s[j] = the scale of block b0 + j (j < m) of an NF4_DQ row of nb blocks. */
-static inline void dq_scales(float *restrict s, const uint8_t *restrict row, size_t nb,
-                             size_t b0, size_t m) {
-    const uint8_t *scale = row + dq_header(nb);
-    float offset;
-    memcpy(&offset, row, sizeof offset);
-    for (size_t j = 0; j < m; j++) {
-        float a2;
-        memcpy(&a2, row + 4 + 4 * ((b0 + j) / DQ_GROUP), sizeof a2);
-        s[j] = dq_code[scale[b0 + j]] * a2 + offset;
-    }
-}
-
-/* nb blocks of NF4 codes (32 bytes each, in order) times their scales s. */
-static LORA_CLONES void deq_nf4_scaled(float *restrict y, const uint8_t *restrict codes,
-                                       const float *restrict s, size_t nb) {
-    for (size_t k = 0; k < nb; k++, codes += 32, y += 64)
+/* count blocks of one group: NF4 codes (32 bytes each, in order) times their scales. */
+static LORA_CLONES void deq_nf4dq_group(float *restrict y, const uint8_t *restrict codes,
+                                        const uint8_t *restrict scale, float absmax2,
+                                        float offset, size_t count) {
+    for (size_t k = 0; k < count; k++, codes += 32, y += 64) {
+        const float s = dq_code[scale[k]] * absmax2 + offset;
         for (int i = 0; i < 32; i++) {
-            y[2 * i] = nf4_code[codes[i] >> 4] * s[k];
-            y[2 * i + 1] = nf4_code[codes[i] & 15] * s[k];
+            y[2 * i] = nf4_code[codes[i] >> 4] * s;
+            y[2 * i + 1] = nf4_code[codes[i] & 15] * s;
         }
+    }
 }
 
 typedef void (*deq_fn)(float *restrict, const uint8_t *restrict, size_t);
@@ -566,18 +556,19 @@ static LORA_AVX2 inline void nf4_codes(const uint8_t *p, __m256i idx[4]) {
     idx[2] = _mm256_cvtepu8_epi32(e1), idx[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8));
 }
 
-/* The 32 code bytes of block k at codes + k * stride; its scale scales[k], or (scales NULL:
- * NF4) the float32 just before its codes. */
+/* The 32 code bytes of block k at codes + k * stride; its scale, for NF4 (scale NULL) the
+ * float32 just before its codes, for NF4_DQ dq_code[scale[k]] * absmax2 + offset (decoded
+ * here, beside the vector work, not in a pass of its own). */
 static LORA_AVX2 inline __attribute__((always_inline)) void
-dot_nf4_n(float *acc, const uint8_t *codes, size_t stride, const float *scales, const float *x,
-          size_t ldx, size_t nb, const int n) {
+dot_nf4_n(float *acc, const uint8_t *codes, size_t stride, const uint8_t *scale, float absmax2,
+          float offset, const float *x, size_t ldx, size_t nb, const int n) {
     const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
     __m256 t[LORA_QDOT_ROWS];
     for (int i = 0; i < n; i++) t[i] = _mm256_setzero_ps();
     for (size_t k = 0; k < nb; k++, codes += stride) {
         float amax;
-        if (scales)
-            amax = scales[k];
+        if (scale)
+            amax = dq_code[scale[k]] * absmax2 + offset;
         else
             memcpy(&amax, codes - 4, sizeof amax);
         const __m256 a = _mm256_set1_ps(amax);
@@ -601,22 +592,24 @@ dot_nf4_n(float *acc, const uint8_t *codes, size_t stride, const float *scales, 
     for (int i = 0; i < n; i++) acc[i] = hsum256(t[i]);
 }
 
-/* NF4_DQ: a group's scales decoded into s, then NF4's dot over the group's blocks. */
+/* NF4_DQ: NF4's dot a group of blocks at a time (one absmax2 each). */
 static LORA_AVX2 void dot_nf4dq(float *acc, const uint8_t *row, const float *x, size_t ldx,
                                 size_t n, size_t nb) {
-    const uint8_t *codes = row + dq_header(nb) + nb;
-    float s[DQ_GROUP], part[LORA_QDOT_ROWS];
+    const uint8_t *scale = row + dq_header(nb), *codes = scale + nb;
+    float offset, part[LORA_QDOT_ROWS];
+    memcpy(&offset, row, sizeof offset);
     for (size_t i = 0; i < n; i++) acc[i] = 0.0f;
-    for (size_t b0 = 0; b0 < nb; b0 += DQ_GROUP) {
-        const size_t m = nb - b0 < DQ_GROUP ? nb - b0 : DQ_GROUP;
-        const uint8_t *c = codes + 32 * b0;
-        const float *xb = x + 64 * b0;
-        dq_scales(s, row, nb, b0, m);
+    for (size_t k = 0; k < nb; k += DQ_GROUP) {
+        const size_t m = nb - k < DQ_GROUP ? nb - k : DQ_GROUP;
+        const uint8_t *c = codes + 32 * k, *s = scale + k;
+        const float *xk = x + 64 * k;
+        float a2;
+        memcpy(&a2, row + 4 + 4 * (k / DQ_GROUP), sizeof a2);
         switch (n) {
-        case 1: dot_nf4_n(part, c, 32, s, xb, ldx, m, 1); break;
-        case 2: dot_nf4_n(part, c, 32, s, xb, ldx, m, 2); break;
-        case 3: dot_nf4_n(part, c, 32, s, xb, ldx, m, 3); break;
-        default: dot_nf4_n(part, c, 32, s, xb, ldx, m, 4); break;
+        case 1: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 1); break;
+        case 2: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 2); break;
+        case 3: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 3); break;
+        default: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 4); break;
         }
         for (size_t i = 0; i < n; i++) acc[i] += part[i];
     }
@@ -634,7 +627,7 @@ static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x,
         if (q8)                                                                               \
             dot_q8_n(acc, row, x, ldx, nb, N);                                                \
         else if (nf4)                                                                         \
-            dot_nf4_n(acc, row + 4, 36, NULL, x, ldx, nb, N);                                 \
+            dot_nf4_n(acc, row + 4, 36, NULL, 0.0f, 0.0f, x, ldx, nb, N);                     \
         else                                                                                  \
             dot_q4_n(acc, row, x, xsum, ldx, nb, m, N);                                       \
         break;
@@ -650,12 +643,12 @@ static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x,
 /* NF4 blocks (codes and scales as dot_nf4_n takes them) dequantized: code times scale. */
 static LORA_AVX2 inline __attribute__((always_inline)) void
 deq_nf4_avx2(float *restrict y, const uint8_t *restrict codes, size_t stride,
-             const float *restrict scales, size_t nb) {
+             const uint8_t *restrict scale, float absmax2, float offset, size_t nb) {
     const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
     for (size_t k = 0; k < nb; k++, codes += stride, y += 64) {
         float amax;
-        if (scales)
-            amax = scales[k];
+        if (scale)
+            amax = dq_code[scale[k]] * absmax2 + offset;
         else
             memcpy(&amax, codes - 4, sizeof amax);
         const __m256 a = _mm256_set1_ps(amax);
@@ -670,8 +663,9 @@ deq_nf4_avx2(float *restrict y, const uint8_t *restrict codes, size_t stride,
 }
 
 static LORA_AVX2 void deq_nf4dq_avx2(float *restrict y, const uint8_t *restrict codes,
-                                     const float *restrict s, size_t nb) {
-    deq_nf4_avx2(y, codes, 32, s, nb);
+                                     const uint8_t *restrict scale, float absmax2, float offset,
+                                     size_t count) {
+    deq_nf4_avx2(y, codes, 32, scale, absmax2, offset, count);
 }
 
 /* Rows of blocks dequantized with the same widening, each value rounded as gguf.quants
@@ -681,7 +675,7 @@ static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, siz
     const __m128i m4 = _mm_set1_epi8(15);
     const __m256i eight = _mm256_set1_epi32(8);
     if (qtype == LORA_NF4) {
-        deq_nf4_avx2(y, b + 4, 36, NULL, nb);
+        deq_nf4_avx2(y, b + 4, 36, NULL, 0.0f, 0.0f, nb);
         return;
     }
     for (size_t k = 0; k < nb; k++, y += 32) {
@@ -750,20 +744,22 @@ static int has_dot_path(int qtype) {
 #endif
 }
 
-/* Blocks [b0, b0 + m) of an NF4_DQ row of row_nb blocks: their scales a chunk at a time. */
+/* Blocks [b0, b0 + m) of an NF4_DQ row of row_nb blocks, a group at a time. */
 static void deq_nf4dq(float *y, const uint8_t *row, size_t row_nb, size_t b0, size_t m) {
-    const uint8_t *codes = row + dq_header(row_nb) + row_nb + 32 * b0;
-    float s[64];
-    for (size_t j = 0; j < m; j += 64, codes += 32 * 64, y += 64 * 64) {
-        const size_t c = m - j < 64 ? m - j : 64;
-        dq_scales(s, row, row_nb, b0 + j, c);
+    const uint8_t *scale = row + dq_header(row_nb), *codes = scale + row_nb;
+    float offset;
+    memcpy(&offset, row, sizeof offset);
+    for (size_t k = b0, end = b0 + m; k < end;) {
+        const size_t g = k / DQ_GROUP, stop = end < (g + 1) * DQ_GROUP ? end : (g + 1) * DQ_GROUP;
+        float a2;
+        memcpy(&a2, row + 4 + 4 * g, sizeof a2);
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (have_avx2()) {
-            deq_nf4dq_avx2(y, codes, s, c);
-            continue;
-        }
+        if (have_avx2())
+            deq_nf4dq_avx2(y, codes + 32 * k, scale + k, a2, offset, stop - k);
+        else
 #endif
-        deq_nf4_scaled(y, codes, s, c);
+            deq_nf4dq_group(y, codes + 32 * k, scale + k, a2, offset, stop - k);
+        y += 64 * (stop - k), k = stop;
     }
 }
 
