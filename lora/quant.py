@@ -126,7 +126,8 @@ def quantize(array, qtype: str, *, double_quant: bool = False) -> QTensor:
     """`array` (float, last dimension whole blocks, finite) quantized to `qtype` (one of
     Q8_0, Q4_0, Q4_1, NF4, NF4_DQ). For the GGUF types the bytes are those gguf.quants.quantize
     writes. double_quant=True with "NF4" is "NF4_DQ" (bitsandbytes' bnb_4bit_use_double_quant:
-    the blocks' absmax scales quantized to 8 bits, 4.13-4.24 bits a weight instead of 4.5)."""
+    the blocks' absmax scales quantized to 8 bits per row; 4.24 bits a weight for rows of 576,
+    4.14 for rows of 4096, instead of NF4's 4.5)."""
     if double_quant:
         if qtype not in ("NF4", "NF4_DQ"):
             raise ValueError(f"quantize: double_quant applies to NF4 (QLoRA's scales), got "
