@@ -460,8 +460,8 @@ void lora_quantize(uint8_t *q, const float *x, size_t rows, size_t K, int qtype)
  * acc[i] = x_i . w for the n <= LORA_QDOT_ROWS float32 rows x_i (ldx apart) and one row w of
  * nb blocks, straight from the blocks: each block's quants widened to float in registers and
  * multiplied with x there, its scales applied once per block (d * (q . x) + m * sum(x) for
- * Q4_1, with m = -8 d for Q4_0; NF4's codes looked up with two vpermps tables; NF4_DQ's
- * scales decoded a group at a time into a buffer first). The sums
+ * Q4_1, with m = -8 d for Q4_0; NF4's codes looked up with two vpermps tables, NF4_DQ's
+ * scale decoded for each block beside that work). The sums
  * are reassociated against dequantize-then-dot, so they agree with it within float32
  * rounding, not bit for bit. Written with AVX2/FMA/F16C intrinsics (GCC's generic vectors
  * lower byte-to-float widening to scalar code) and used when the CPU has them; otherwise,
