@@ -29,8 +29,8 @@ static int arg_qtype(const char *func, PyObject *obj, int writing, int *qtype) {
     if (!*qtype || (writing && !lora_qtype_writable(*qtype))) {
         PyErr_Format(PyExc_ValueError,
                      PREFIX "%s: argument 'qtype' must be one of %s, got %R", func,
-                     writing ? "'Q8_0', 'Q4_0', 'Q4_1', 'NF4'"
-                             : "'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4'",
+                     writing ? "'Q8_0', 'Q4_0', 'Q4_1', 'NF4', 'NF4_DQ'"
+                             : "'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4', 'NF4_DQ'",
                      obj);
         return -1;
     }
@@ -104,16 +104,16 @@ static int arg_shape(const char *func, PyObject *obj, int qtype, npy_intp *dims,
     return check_row(func, "shape", dims[*nd - 1], qtype);
 }
 
-/* data holds exactly the blocks of `count` elements. */
-static int check_nbytes(const char *func, PyArrayObject *data, npy_intp count, int qtype) {
-    const npy_intp want = count / (npy_intp)lora_qblock_elems(qtype) *
-                          (npy_intp)lora_qblock_bytes(qtype);
-    if (PyArray_NBYTES(data) != want) {
+/* data holds exactly the rows of `count` elements, K a row. */
+static int check_nbytes(const char *func, PyArrayObject *data, npy_intp count, npy_intp K,
+                        int qtype) {
+    const npy_intp rows = count / K, row_bytes = (npy_intp)lora_qrow_bytes(qtype, (size_t)K);
+    if (PyArray_NBYTES(data) != rows * row_bytes) {
         PyErr_Format(PyExc_ValueError,
-                     PREFIX "%s: argument 'data' must hold %zd bytes (%zd %s blocks of %zd "
+                     PREFIX "%s: argument 'data' must hold %zd bytes (%zd rows of %zd %s "
                             "bytes for the shape given), got %zd",
-                     func, (Py_ssize_t)want, (Py_ssize_t)(count / lora_qblock_elems(qtype)),
-                     lora_qtype_name(qtype), (Py_ssize_t)lora_qblock_bytes(qtype),
+                     func, (Py_ssize_t)(rows * row_bytes), (Py_ssize_t)rows,
+                     (Py_ssize_t)row_bytes, lora_qtype_name(qtype),
                      (Py_ssize_t)PyArray_NBYTES(data));
         return -1;
     }
@@ -124,12 +124,17 @@ LORA_DOC(quantize,
 "quantize(x, qtype)\n--\n\n"
 "The blocks of ``x`` in a quantized format, as bytes.\n\n"
 "Bit for bit what the PyPI ``gguf`` package's ``gguf.quants.quantize`` writes for Q8_0,\n"
-"Q4_0 and Q4_1; NF4 is QLoRA's (blocks of 64, float32 absmax, the NormalFloat codes).\n\n"
+"Q4_0 and Q4_1; NF4 is QLoRA's (blocks of 64, float32 absmax, the NormalFloat codes), NF4_DQ\n"
+"the same with its absmax scales double-quantized to 8 bits per row (lora's layouts,\n"
+"docs/quantization.md).\n\n"
 "Parameters\n----------\n"
-"x : ndarray of float32 or float64, shape (..., K), K a multiple of the block (32; NF4 64)\n"
+"x : ndarray of float32 or float64, shape (..., K), K a multiple of the block (32; NF4,\n"
+"    NF4_DQ 64)\n"
 "    Read as float32 (gguf.quants does the same). Must be finite.\n"
-"qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'NF4'}\n\n"
-"Returns\n-------\ndata : ndarray of uint8, shape (..., K / block * block bytes)");
+"qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'NF4', 'NF4_DQ'}\n\n"
+"Returns\n-------\ndata : ndarray of uint8, shape (..., row bytes)\n"
+"    A row of K values takes ``lora.quant.row_bytes(qtype, K)`` bytes (K / block * block\n"
+"    bytes, but for NF4_DQ).");
 
 PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds) {
     (void)self;
@@ -171,14 +176,14 @@ PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds) {
         }
     npy_intp dims[NPY_MAXDIMS];
     memcpy(dims, PyArray_DIMS(xf), nd * sizeof(npy_intp));
-    dims[nd - 1] = dims[nd - 1] / (npy_intp)lora_qblock_elems(qtype) *
-                   (npy_intp)lora_qblock_bytes(qtype);
+    const size_t K = (size_t)dims[nd - 1];
+    dims[nd - 1] = (npy_intp)lora_qrow_bytes(qtype, K);
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_UINT8);
     if (out) {
-        const size_t nblocks = (size_t)count / lora_qblock_elems(qtype);
+        const size_t rows = (size_t)count / K;
         uint8_t *q = PyArray_DATA(out);
         Py_BEGIN_ALLOW_THREADS;
-        lora_quantize(q, xv, nblocks, qtype);
+        lora_quantize(q, xv, rows, K, qtype);
         Py_END_ALLOW_THREADS;
     }
     Py_DECREF(xf);
@@ -191,7 +196,7 @@ LORA_DOC(dequantize,
 "Bit for bit what ``gguf.quants.dequantize`` gives for Q8_0, Q4_0, Q4_1, Q4_K and Q6_K.\n\n"
 "Parameters\n----------\n"
 "data : ndarray of uint8, C-contiguous\n    The block bytes, rows as GGUF lays them out.\n"
-"qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4'}\n"
+"qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4', 'NF4_DQ'}\n"
 "shape : tuple of int\n    Of the values; the last dimension a multiple of the block.\n\n"
 "Returns\n-------\nvalues : ndarray of float32, shape ``shape``");
 
@@ -209,13 +214,13 @@ PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds) {
     PyArrayObject *data = arg_bytes("dequantize", d_o);
     if (!data) return NULL;
     PyArrayObject *out = NULL;
-    if (!check_nbytes("dequantize", data, count, qtype) &&
+    if (!check_nbytes("dequantize", data, count, dims[nd - 1], qtype) &&
         (out = (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32))) {
-        const size_t nblocks = (size_t)count / lora_qblock_elems(qtype);
+        const size_t K = (size_t)dims[nd - 1], rows = (size_t)count / K;
         float *y = PyArray_DATA(out);
         const uint8_t *q = PyArray_DATA(data);
         Py_BEGIN_ALLOW_THREADS;
-        lora_dequantize(y, q, nblocks, qtype);
+        lora_dequantize(y, q, rows, K, qtype);
         Py_END_ALLOW_THREADS;
     }
     Py_DECREF(data);
@@ -261,7 +266,7 @@ static PyObject *quantweight_new(PyTypeObject *cls, PyObject *args, PyObject *kw
     PyArrayObject *data = arg_bytes("QuantWeight", d_o);
     if (!data) return NULL;
     QuantWeight *self = NULL;
-    if (!check_nbytes("QuantWeight", data, count, qtype) &&
+    if (!check_nbytes("QuantWeight", data, count, dims[1], qtype) &&
         (self = (QuantWeight *)cls->tp_alloc(cls, 0))) {
         self->data = data;
         self->qtype = qtype;
@@ -334,8 +339,9 @@ PyDoc_STRVAR(quantweight_doc,
 "larger batches, float64 and every backward take the float path.\n\n"
 "Parameters\n----------\n"
 "data : ndarray of uint8, C-contiguous\n"
-"    The block bytes, d_out rows of d_in / block blocks (kept by reference, never copied).\n"
-"qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4'}\n"
+"    The block bytes, d_out rows of ``lora.quant.row_bytes(qtype, d_in)`` bytes (kept by\n"
+"    reference, never copied).\n"
+"qtype : {'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K', 'NF4', 'NF4_DQ'}\n"
 "shape : (d_out, d_in)\n    d_in a multiple of the block.\n"
 "activations : {'float', 'q8'}, keyword-only");
 

@@ -67,21 +67,32 @@ typedef struct {
 } LoraPacked;
 
 /* Quantized weights (kernels/quant.c): rows of whole blocks of GGUF's formats (Q8_0, Q4_0,
- * Q4_1 read and written, Q4_K and Q6_K read) or NF4 (QLoRA's, read and written). The base
- * products take one as a LoraPacked with qtype set, panels the block bytes (W's d_out rows of
- * d_in elements) and xp a tile of lora_quant_scratch_elems elements. */
-enum { LORA_Q8_0 = 1, LORA_Q4_0, LORA_Q4_1, LORA_Q4_K, LORA_Q6_K, LORA_NF4, LORA_QTYPES };
+ * Q4_1 read and written, Q4_K and Q6_K read), NF4 or NF4_DQ (QLoRA's, without and with
+ * double quantization of the scales; read and written). A row of K elements takes
+ * lora_qrow_bytes(qtype, K) bytes (K a multiple of lora_qblock_elems), rows one after
+ * another. The base products take one as a LoraPacked with qtype set, panels the bytes (W's
+ * d_out rows of d_in elements) and xp a tile of lora_quant_scratch_elems elements. */
+enum {
+    LORA_Q8_0 = 1,
+    LORA_Q4_0,
+    LORA_Q4_1,
+    LORA_Q4_K,
+    LORA_Q6_K,
+    LORA_NF4,
+    LORA_NF4_DQ,
+    LORA_QTYPES
+};
 #define LORA_QDOT_ROWS 4          /* rows of x up to which a forward takes the dot-product path */
 #define LORA_QCHUNK 1024          /* elements of a row dequantized at a time on that path */
 #define LORA_QTILE_BYTES (1 << 20) /* a tile of W's rows dequantized for the GEMM path */
 int lora_qtype_from_name(const char *name); /* 0 for an unknown name */
 const char *lora_qtype_name(int qtype);
 size_t lora_qblock_elems(int qtype);
-size_t lora_qblock_bytes(int qtype);
+size_t lora_qrow_bytes(int qtype, size_t K);
 int lora_qtype_writable(int qtype);
-/* y (nblocks * block elems) = the values of nblocks blocks; q = the blocks of x. Threaded. */
-void lora_dequantize(float *y, const uint8_t *q, size_t nblocks, int qtype);
-void lora_quantize(uint8_t *q, const float *x, size_t nblocks, int qtype);
+/* y (rows, K) = the values of `rows` rows of bytes q; q = the rows of x (rows, K). Threaded. */
+void lora_dequantize(float *y, const uint8_t *q, size_t rows, size_t K, int qtype);
+void lora_quantize(uint8_t *q, const float *x, size_t rows, size_t K, int qtype);
 /* Rows of W in a tile (K elements a row, elem bytes each), at most `rows`; the scratch a
  * product with n rows of x needs (elements of elem bytes; on the dot-product path 0, or
  * x's 8-bit blocks with act8). */

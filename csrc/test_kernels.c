@@ -388,13 +388,12 @@ static void check_causal_attention(size_t batch, size_t seq, size_t heads, size_
  * otherwise) against naive loops over the dequantized values. */
 static void check_quant(int qtype, size_t n, size_t d_in, size_t d_out) {
     unsigned st = 777u + (unsigned)(n * 13 + d_in + d_out + (size_t)qtype);
-    const size_t nblocks = d_out * d_in / lora_qblock_elems(qtype);
     float *W = random_array(d_out * d_in, &st), *x = random_array(n * d_in, &st);
     float *dy = random_array(n * d_out, &st), *Wd = malloc(d_out * d_in * sizeof(float));
     float *y = malloc(n * d_out * sizeof(float)), *dx = malloc(n * d_in * sizeof(float));
-    uint8_t *q = malloc(nblocks * lora_qblock_bytes(qtype));
-    lora_quantize(q, W, nblocks, qtype);
-    lora_dequantize(Wd, q, nblocks, qtype);
+    uint8_t *q = malloc(d_out * lora_qrow_bytes(qtype, d_in));
+    lora_quantize(q, W, d_out, d_in, qtype);
+    lora_dequantize(Wd, q, d_out, d_in, qtype);
     double *want_y = calloc(n * d_out, sizeof(double)), *want_dx = calloc(n * d_in, sizeof(double));
     for (size_t i = 0; i < n; i++)
         for (size_t j = 0; j < d_out; j++)
@@ -501,6 +500,9 @@ int main(void) {
     check_quant(LORA_Q8_0, 3, 96, 37);
     check_quant(LORA_NF4, 4, 128, 65);
     check_quant(LORA_Q4_0, 9, 512, 700); /* two tiles of rows */
+    check_quant(LORA_NF4_DQ, 1, 576, 70);
+    check_quant(LORA_NF4_DQ, 3, 64 * 300, 5); /* two groups of scales, the direct path */
+    check_quant(LORA_NF4_DQ, 6, 64 * 300, 40); /* the tiles */
     check_dora_norm(1, 1, 1);
     check_dora_norm(300, 70, 8); /* rows over threads */
     check_conv(1, 1, 1, 1, 1, 1, 1, 0, 1);

@@ -22,7 +22,7 @@ MODULES = [
     ("lora.nn", "A minimal module system with hand-written backward passes."),
     ("lora.tuners", "LoraConfig, the LoRA layers, putting LoRA on a model and taking it off."),
     ("lora.optim", "Adam/AdamW on the fused C kernel, LoRA+, clipping, schedules."),
-    ("lora.quant", "Quantized blocks: GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and NF4, LoftQ."),
+    ("lora.quant", "Quantized blocks: GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K, NF4 and NF4_DQ, LoftQ."),
     ("lora.io", "Files: PEFT adapters, `lora merge` into Hugging Face checkpoints, safetensors."),
     ("lora.models", "Pretrained transformers on lora.nn: BERT encoders, Llama-family LMs."),
     ("lora.models.llama", "Llama-family causal LMs (Llama, Mistral, Qwen2) on lora.nn."),

@@ -417,3 +417,72 @@ def q8_activations(x):
     q = np.rint(b * inv)
     d = (amax / np.float32(127)).astype(np.float32)
     return (q.astype(np.float64) * d).reshape(x.shape)
+
+
+def dynamic_map():
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True), 7 exponent
+    bits), float32, ascending: 0, 1 and for i = 0..6 the midpoints of linspace(0.1, 1,
+    2^i + 1) times +-10^(i-6). Built in float64 and rounded once (torch builds it in float32
+    and lands within an ulp of these)."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = np.linspace(0.1, 1.0, 2**i + 1)
+        means = (edges[:-1] + edges[1:]) / 2
+        values += list(10.0 ** (i - 6) * means) + list(-(10.0 ** (i - 6)) * means)
+    return np.sort(np.array(values)).astype(np.float32)
+
+
+DYNAMIC_MAP = dynamic_map()
+
+
+# QLoRA's double quantization (NF4_DQ), per row: the NF4 blocks' absmax values less their mean
+# (the offset) in groups of 256, each scaled by its largest magnitude (absmax2) to [-1, 1] and
+# rounded to the nearest DYNAMIC_MAP code (a tie to the lower one). Row layout
+# (csrc/kernels/quant.c): float32 offset, float32 absmax2 per group, a uint8 code per block,
+# then each block's 32 NF4 code bytes. A block's scale is code * absmax2 + offset.
+def nf4dq_row_bytes(K):
+    nb = K // 64
+    return 4 + 4 * -(-nb // 256) + 33 * nb
+
+
+def nf4dq_quantize(x):
+    """The NF4_DQ rows (uint8, x.shape[:-1] + (nf4dq_row_bytes(K),)) of float32 x (..., K)."""
+    x = np.asarray(x, np.float32)
+    K = x.shape[-1]
+    nb, ng = K // 64, -(-(K // 64) // 256)
+    blocks = x.reshape(-1, nb, 64)
+    nf4 = nf4_quantize(x).reshape(-1, nb, 36)  # the codes are plain NF4's
+    absmax = np.abs(blocks).max(axis=2)
+    # the mean: a float64 sum in block order (cumsum is sequential), rounded to float32
+    offset = (np.cumsum(absmax.astype(np.float64), axis=1)[:, -1] / nb).astype(np.float32)
+    centred = absmax - offset[:, None]
+    code = DYNAMIC_MAP.astype(np.float64)
+    mid = ((code[1:] + code[:-1]) / 2).astype(np.float32)
+    absmax2 = np.empty((len(blocks), ng), np.float32)
+    q = np.empty((len(blocks), nb), np.uint8)
+    for g in range(ng):
+        c = centred[:, 256 * g:256 * (g + 1)]
+        absmax2[:, g] = np.abs(c).max(axis=1)
+        with np.errstate(divide="ignore"):
+            inv = np.where(absmax2[:, g] == 0, np.float32(0), np.float32(1) / absmax2[:, g])
+        v = c * inv.astype(np.float32)[:, None]
+        q[:, 256 * g:256 * (g + 1)] = np.searchsorted(mid, v, side="left")  # mids below v
+    out = np.concatenate([offset.astype("<f4")[:, None].view(np.uint8),
+                          absmax2.astype("<f4").view(np.uint8), q,
+                          nf4[:, :, 4:].reshape(len(blocks), -1)], axis=1)
+    return out.reshape(*x.shape[:-1], nf4dq_row_bytes(K))
+
+
+def nf4dq_dequantize(data, shape):
+    """float32 values of NF4_DQ rows, as `shape`."""
+    K = shape[-1]
+    nb, ng = K // 64, -(-(K // 64) // 256)
+    rows = np.ascontiguousarray(data).reshape(-1, nf4dq_row_bytes(K))
+    offset = rows[:, :4].copy().view("<f4").astype(np.float32)
+    absmax2 = rows[:, 4:4 + 4 * ng].copy().view("<f4").astype(np.float32)
+    q = rows[:, 4 + 4 * ng:4 + 4 * ng + nb]
+    codes = rows[:, 4 + 4 * ng + nb:].reshape(len(rows), nb, 32)
+    scale = DYNAMIC_MAP[q] * np.repeat(absmax2, 256, axis=1)[:, :nb] + offset
+    nib = np.empty((len(rows), nb, 64), np.uint8)
+    nib[:, :, 0::2], nib[:, :, 1::2] = codes >> 4, codes & 15
+    return (NF4_CODE[nib] * scale[:, :, None]).reshape(shape)

@@ -12,7 +12,7 @@ import lora
 from lora import _reference as R
 from lora import functional as F
 from lora import nn
-from lora.quant import QTYPES, QTensor, dequantize, quantize
+from lora.quant import QTYPES, QTensor, dequantize, quantize, row_bytes
 
 gq = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType as G  # noqa: E402
@@ -98,9 +98,200 @@ def test_nf4_ties_go_to_the_lower_code():
     np.testing.assert_array_equal(codes[1:16], np.arange(15))
 
 
+# --------------------------------------------------------------------- NF4_DQ
+
+
+def _dq_parts(data, K):
+    """An NF4_DQ tensor's rows split as csrc/kernels/quant.c lays them out: offset (rows,),
+    absmax2 (rows, groups), scale codes (rows, nb), NF4 code bytes (rows, nb, 32)."""
+    nb, ng = K // 64, -(-(K // 64) // 256)
+    rows = data.reshape(-1, row_bytes("NF4_DQ", K))
+    offset = rows[:, :4].copy().view("<f4")[:, 0]
+    absmax2 = rows[:, 4:4 + 4 * ng].copy().view("<f4")
+    return (offset, absmax2, rows[:, 4 + 4 * ng:4 + 4 * ng + nb],
+            rows[:, 4 + 4 * ng + nb:].reshape(-1, nb, 32))
+
+
+def _dq_hostile(shape, seed):
+    """_hostile's rows, then rows that stress the scales' own quantization: all zeros, every
+    block the same absmax (absmax2 0), values near float32's smallest normals, and blocks
+    whose absmax spans six decades."""
+    x = _hostile(shape, seed)
+    flat = x.reshape(-1, shape[-1])
+    nb = shape[-1] // 64
+    rng = np.random.default_rng(seed + 1)
+    extra = [np.zeros(shape[-1], np.float32),
+             np.tile(np.linspace(-1.5, 1.5, 64, dtype=np.float32), nb),
+             rng.standard_normal(shape[-1]).astype(np.float32) * np.float32(1e-36),
+             (rng.standard_normal(shape[-1]) * np.repeat(10.0 ** rng.uniform(-4, 2, nb), 64))
+             .astype(np.float32)]
+    for i, row in enumerate(extra, start=4):
+        if i < len(flat):
+            flat[i] = row
+    return x
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(9, 64 * 300), (2, 64 * 256), (8, 64 * 513)])
+def test_nf4dq_against_reference(shape):
+    x = _dq_hostile(shape, seed=shape[-1] + 1)
+    K, nb = shape[-1], shape[-1] // 64
+    qt = quantize(x, "NF4_DQ")
+    assert qt.data.shape == shape[:-1] + (row_bytes("NF4_DQ", K),)
+    np.testing.assert_array_equal(qt.data, R.nf4dq_quantize(x))
+    got = qt.dequantize()
+    want = R.nf4dq_dequantize(qt.data, shape)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit
+    # the codes are plain NF4's (quantized against the exact absmax, as bitsandbytes does)
+    offset, absmax2, scale, codes = _dq_parts(qt.data, K)
+    nf4 = quantize(x, "NF4").data.reshape(-1, nb, 36)
+    np.testing.assert_array_equal(codes, nf4[:, :, 4:])
+    # each decoded scale is within half the map's widest step (times absmax2) of the absmax,
+    # the offset the mean absmax
+    absmax = nf4[:, :, :4].copy().view("<f4")[..., 0].astype(np.float64)
+    a2 = np.repeat(absmax2, 256, axis=1)[:, :nb].astype(np.float64)
+    decoded = R.DYNAMIC_MAP[scale].astype(np.float64) * a2 + offset[:, None]
+    half_step = np.diff(R.DYNAMIC_MAP.astype(np.float64)).max() / 2  # 0.00703
+    assert (np.abs(decoded - absmax) <= (half_step + 1e-6) * a2 + 1e-6 * absmax).all()
+    np.testing.assert_allclose(offset, absmax.mean(axis=1), rtol=1e-6)
+
+
+def test_dynamic_map_is_bitsandbytes_and_the_kernels_use_it():
+    code = R.DYNAMIC_MAP
+    assert code.dtype == np.float32 and code.shape == (256,) and (np.diff(code) > 0).all()
+    assert code[127] == 0 and code[255] == 1 and code[0] == np.float32(-0.99296875)
+    np.testing.assert_array_equal(code[:127], -code[128:255][::-1])  # symmetric but for 1
+    # the kernels' table: scale codes 0..255 with absmax2 1 and offset 0, every NF4 code 1.0
+    nb = 256
+    row = np.zeros(row_bytes("NF4_DQ", 64 * nb), np.uint8)
+    row[4:8] = np.array([1.0], "<f4").view(np.uint8)
+    row[8:8 + nb] = np.arange(256)
+    row[8 + nb:] = 0xFF
+    vals = dequantize(row[None], "NF4_DQ", (1, 64 * nb)).reshape(nb, 64)
+    np.testing.assert_array_equal(vals[:, 0].view(np.uint32), code.view(np.uint32))
+    # bitsandbytes' create_dynamic_map(signed=True) builds it with torch, in float32: the
+    # twin rounds each value once from float64 and lands within an ulp of it
+    torch = pytest.importorskip("torch")
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        values += (10 ** (i - 6) * mids).tolist() + (-(10 ** (i - 6)) * mids).tolist()
+    bnb = torch.tensor(sorted(values), dtype=torch.float32).numpy()
+    ulps = np.abs(code.view(np.int32).astype(np.int64) - bnb.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1
+
+
+def test_nf4dq_scale_ties_go_to_the_lower_code():
+    # four blocks of absmax 0, 2, 1 + u and 1 - u: offset 1, absmax2 1, centred scales
+    # -1, 1, u and -u exactly, u a midpoint between two codes of the map (one of the 38 for
+    # which 1 + u and 1 - u are exact in float32)
+    code = R.DYNAMIC_MAP.astype(np.float64)
+    mid = ((code[1:] + code[:-1]) / 2).astype(np.float32)
+    one = np.float32(1)
+    ties = [i for i, u in enumerate(mid) if 0 < u < 1 and (one + u) - one == u
+            and one - (one - u) == u]
+    assert len(ties) == 38
+    x = np.zeros((len(ties), 4 * 64), np.float32)
+    for r, i in enumerate(ties):
+        x[r, [64, 128, 192]] = 2, one + mid[i], one - mid[i]
+    data = quantize(x, "NF4_DQ").data
+    np.testing.assert_array_equal(data, R.nf4dq_quantize(x))
+    offset, absmax2, scale, _ = _dq_parts(data, 256)
+    assert (offset == 1).all() and (absmax2 == 1).all()
+    np.testing.assert_array_equal(scale[:, :2], [[0, 255]] * len(ties))  # -1 has no code
+    np.testing.assert_array_equal(scale[:, 2], ties)  # mid[i] goes to code i, the lower
+    neg = -mid[ties]
+    lower = np.searchsorted(mid, neg, side="left")
+    assert np.isin(neg, mid).sum() == 37  # ties as well: all but the midpoint next to 1
+    np.testing.assert_array_equal(scale[:, 3], lower)
+
+
+def test_nf4dq_costs_little_accuracy_for_fewer_bytes():
+    rng = np.random.default_rng(11)
+    for shape, bits in [((96, 576), 4.2361), ((48, 1536), 4.1667), ((8, 64 * 300), 4.13)]:
+        W = rng.standard_normal(shape).astype(np.float32)
+        err = {}
+        for qtype in ("NF4", "NF4_DQ"):
+            qt = quantize(W, qtype)
+            err[qtype] = np.linalg.norm(qt.dequantize() - W) / np.linalg.norm(W)
+        # measured: 1.0001-1.0003 times NF4's on Gaussian rows
+        assert err["NF4"] < err["NF4_DQ"] * 1.0005 and err["NF4_DQ"] < 1.002 * err["NF4"], err
+        assert qt.nbytes * 8 / W.size == pytest.approx(bits, abs=1e-4)
+
+
+def test_row_bytes_and_the_double_quant_spelling():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for qtype, (block, nbytes, _) in QTYPES.items():
+        if not qtype.startswith("NF4"):
+            assert GGML_QUANT_SIZES[G[qtype]] == (block, nbytes)
+            assert row_bytes(qtype, 3 * block) == 3 * nbytes
+    assert row_bytes("NF4", 576) == 9 * 36
+    sizes = [row_bytes("NF4_DQ", K) for K in (64, 576, 4096, 64 * 256, 64 * 257)]
+    assert sizes == [41, 305, 2120, 8 + 33 * 256, 12 + 33 * 257]
+    W = np.random.default_rng(12).standard_normal((5, 640))
+    qt = quantize(W, "NF4", double_quant=True)
+    assert qt.qtype == "NF4_DQ" and qt.data.shape == (5, 8 + 33 * 10)
+    np.testing.assert_array_equal(qt.data, quantize(W, "NF4_DQ").data)
+    with pytest.raises(ValueError, match="double_quant applies to NF4"):
+        quantize(W, "Q4_0", double_quant=True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        row_bytes("NF4_DQ", 96)
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        row_bytes("NF8", 64)
+
+
+def test_nf4dq_bad_arguments_are_refused():
+    x = np.random.default_rng(13).standard_normal((3, 576)).astype(np.float32)
+    data = quantize(x, "NF4_DQ").data
+    keep = data.copy()
+    with pytest.raises(ValueError, match=r"must hold 915 bytes \(3 rows of 305 NF4_DQ bytes"):
+        F.dequantize(data[:, :-1].copy(), "NF4_DQ", (3, 576))
+    with pytest.raises(ValueError, match="must hold 816 bytes"):
+        F.dequantize(data, "NF4_DQ", (3, 512))
+    with pytest.raises(ValueError, match="must hold"):
+        F.dequantize(quantize(x, "NF4").data, "NF4_DQ", (3, 576))
+    with pytest.raises(ValueError, match="must hold"):
+        F.QuantWeight(data, "NF4_DQ", (3, 640))
+    with pytest.raises(ValueError, match="data holds"):
+        QTensor(data, "NF4_DQ", (2, 576))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        F.quantize(np.ones((2, 96), np.float32), "NF4_DQ")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        F.dequantize(data, "NF4_DQ", (3, 600))
+    bad = x.copy()
+    bad[2, 7] = np.inf
+    with pytest.raises(ValueError, match="finite.*element 1159"):
+        F.quantize(bad, "NF4_DQ")
+    np.testing.assert_array_equal(data, keep)  # nothing written
+    np.testing.assert_array_equal(F.dequantize(data, "NF4_DQ", (3, 576)),
+                                  R.nf4dq_dequantize(data, (3, 576)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_nf4dq_products_over_rows_of_several_groups(dtype, n):
+    # 300 blocks a row: two groups of scales on the dot path (n <= 4) and in the tiles
+    rng = np.random.default_rng(20 + n)
+    d_out, d_in = 24, 64 * 300
+    qt = quantize(_dq_hostile((d_out, d_in), 5) / 8, "NF4_DQ")
+    W = qt.dequantize().astype(np.float64)
+    x = rng.standard_normal((n, d_in)).astype(dtype)
+    y = F.dense_forward(x, qt.kernel_weight())
+    want = x.astype(np.float64) @ W.T
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, want, rtol=0, atol=tol * np.abs(want).max())
+    dy = rng.standard_normal((n, d_out)).astype(dtype)
+    dx, _ = F.dense_backward(dy, x, qt.kernel_weight(), need_dweight=False)
+    want = dy.astype(np.float64) @ W
+    np.testing.assert_allclose(dx, want, rtol=0, atol=tol * np.abs(want).max())
+
+
 def test_quantization_errors_are_within_a_step():
     x = np.random.default_rng(3).standard_normal((16, 256)).astype(np.float32)
-    for qtype, tol in [("Q8_0", 0.006), ("Q4_0", 0.12), ("Q4_1", 0.09), ("NF4", 0.1)]:
+    for qtype, tol in [("Q8_0", 0.006), ("Q4_0", 0.12), ("Q4_1", 0.09), ("NF4", 0.1),
+                       ("NF4_DQ", 0.1)]:
         err = np.abs(quantize(x, qtype).dequantize() - x).mean() / np.abs(x).mean()
         assert err < tol, (qtype, err)
 
@@ -213,13 +404,15 @@ def _mlp(seed=0):
     return nn.Sequential(nn.Linear(128, 256, rng=rng), nn.GELU(), nn.Linear(256, 64, rng=rng))
 
 
-def test_quantize_model_and_qlora_training_and_merge():
+@pytest.mark.parametrize("qtype", ["NF4", "NF4_DQ"])
+def test_quantize_model_and_qlora_training_and_merge(qtype):
     model = _mlp()
     float_out = model(np.random.default_rng(1).standard_normal((8, 128)))
-    lora.quantize_model(model, "NF4", modules_to_not_convert=["2"])
+    lora.quantize_model(model, qtype, modules_to_not_convert=["2"])
     assert model.quantized_modules == ["0"]
     assert isinstance(model[0], nn.QuantLinear) and type(model[2]) is nn.Linear
     assert not model[0].weight.requires_grad and model[0].weight.dtype == np.uint8
+    assert model[0].qtype == qtype and model[0].weight.shape == (256, row_bytes(qtype, 128))
     x = np.random.default_rng(1).standard_normal((8, 128))
     y = model(x)
     assert y.dtype == np.float32
@@ -256,13 +449,14 @@ def test_quantize_model_and_qlora_training_and_merge():
     np.testing.assert_allclose(merged(x), y_lora, rtol=0, atol=2e-5 * np.abs(y_lora).max())
 
 
-def test_quantized_model_pickles_and_state_dict_round_trips():
-    model = lora.quantize_model(_mlp(), "Q4_0")
+@pytest.mark.parametrize("qtype", ["Q4_0", "NF4_DQ"])
+def test_quantized_model_pickles_and_state_dict_round_trips(qtype):
+    model = lora.quantize_model(_mlp(), qtype)
     x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
     y = model(x)
     again = pickle.loads(pickle.dumps(model))
     np.testing.assert_array_equal(again(x), y)
-    other = lora.quantize_model(_mlp(seed=9), "Q4_0")
+    other = lora.quantize_model(_mlp(seed=9), qtype)
     other.load_state_dict(model.state_dict())
     np.testing.assert_array_equal(other(x), y)
 
@@ -290,7 +484,7 @@ def test_loftq_reduces_the_error_of_plain_quantization():
     rng = np.random.default_rng(5)
     W = (rng.standard_normal((192, 16)) @ rng.standard_normal((16, 256)) / 4
          + rng.standard_normal((192, 256)) / 8).astype(np.float32)
-    for qtype in ("NF4", "Q4_0"):
+    for qtype in ("NF4", "NF4_DQ", "Q4_0"):
         plain = np.linalg.norm(W - quantize(W, qtype).dequantize())
         errs = []
         for it in (1, 3):
@@ -301,21 +495,23 @@ def test_loftq_reduces_the_error_of_plain_quantization():
         assert errs[1] <= errs[0] * 1.001, (qtype, errs)
 
 
-def test_wrap_with_loftq_quantizes_the_base_and_starts_near_w():
+@pytest.mark.parametrize("qtype", ["NF4", "NF4_DQ"])
+def test_wrap_with_loftq_quantizes_the_base_and_starts_near_w(qtype):
     model = _mlp(3)
     W = model[0].weight.data.copy()
     x = np.random.default_rng(6).standard_normal((256, 128)).astype(np.float32)
     y_float = model(x)
-    plain = lora.quantize_model(_mlp(3), "NF4", modules_to_not_convert=[])(x)
+    plain = lora.quantize_model(_mlp(3), qtype, modules_to_not_convert=[])(x)
+    loftq_config = {"loftq_iter": 2} if qtype == "NF4" else {"loftq_iter": 2, "qtype": qtype}
     cfg = lora.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"],
-                          init_lora_weights="loftq", loftq_config={"loftq_iter": 2})
+                          init_lora_weights="loftq", loftq_config=loftq_config)
     model = lora.wrap(model, cfg, seed=0)
     layer = model[0]
-    assert layer.quantized and layer.base_layer().qtype == "NF4"
+    assert layer.quantized and layer.base_layer().qtype == qtype
     merged = lora.tuners.merged_state_dict(model)["0.weight"]
     assert np.linalg.norm(merged - W) < np.linalg.norm(layer.base_layer().dequantize() - W)
     assert np.linalg.norm(model(x) - y_float) < np.linalg.norm(plain - y_float)
-    assert lora.LoraConfig.from_dict(cfg.to_dict()).loftq_config == {"loftq_iter": 2}
+    assert lora.LoraConfig.from_dict(cfg.to_dict()).loftq_config == loftq_config
     with pytest.raises(ValueError, match="loftq_config"):
         lora.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3})
     with pytest.raises(ValueError, match="quantized already"):
@@ -437,6 +633,9 @@ def test_export_gguf_refuses_a_model_without_a_gguf_source(tmp_path):
         export_gguf(model, tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="qtype"):
         export_gguf(model, tmp_path / "x.gguf", "Q4_K")
+    for qtype in ("NF4", "NF4_DQ"):
+        with pytest.raises(ValueError, match="GGUF has no NF4"):
+            export_gguf(model, tmp_path / "x.gguf", qtype)
 
 
 def test_lora_merge_cli_writes_gguf_from_a_gguf_base(tmp_path):
@@ -463,9 +662,10 @@ def test_lora_merge_cli_writes_gguf_from_a_gguf_base(tmp_path):
                  str(tmp_path / "cli.gguf"), "-q"]) == 1  # exists, no --force
 
 
-def test_quant_embedding_lookup_and_lora_on_it():
+@pytest.mark.parametrize("qtype", ["Q8_0", "NF4_DQ"])
+def test_quant_embedding_lookup_and_lora_on_it(qtype):
     rng = np.random.default_rng(8)
-    qt = quantize(rng.standard_normal((50, 64)), "Q8_0")
+    qt = quantize(rng.standard_normal((50, 128)), qtype)
     emb = nn.QuantEmbedding(qt)
     ids = rng.integers(0, 50, (3, 7))
     table = qt.dequantize()
@@ -477,7 +677,7 @@ def test_quant_embedding_lookup_and_lora_on_it():
     A, B = layer.lora_embedding_A.data, layer.lora_embedding_B.data
     np.testing.assert_allclose(layer(ids), table[ids] + 2.0 * (A.T[ids] @ B.T), rtol=1e-6,
                                atol=1e-6)
-    layer.backward(np.ones((3, 7, 64), np.float32))
+    layer.backward(np.ones((3, 7, 128), np.float32))
     assert layer.lora_embedding_B.grad is not None
     with pytest.raises(ValueError, match="quantized"):
         layer.merge()

@@ -1,12 +1,15 @@
 /* kernels/quant.c: quantized weights. GGUF's block formats, bit for bit as ggml and the PyPI
  * `gguf` package's gguf.quants lay them out and round them (Q8_0, Q4_0, Q4_1 both ways; Q4_K
  * and Q6_K read only), and QLoRA's NF4 (Dettmers et al. 2023: blocks of 64, absmax scale,
- * the NormalFloat code book), both ways; and, from quant_impl.h, the products of a float
- * matrix with a quantized weight that the layers' base products call (lora_impl.h's
- * base_forward / base_backward, when the LoraPacked they are given has a qtype).
+ * the NormalFloat code book) and its double quantization NF4_DQ (the blocks' scales in 8 bits),
+ * both ways; and, from quant_impl.h, the products of a float matrix with a quantized weight
+ * that the layers' base products call (lora_impl.h's base_forward / base_backward, when the
+ * LoraPacked they are given has a qtype).
  *
- * A quantized tensor is rows of whole blocks: a row of K elements is K / block_elems blocks
- * of block_bytes bytes, rows one after another. Rounding follows gguf.quants step by step
+ * A quantized tensor is rows of lora_qrow_bytes(qtype, K) bytes, one after another: for the
+ * block types a row of K elements is K / block_elems blocks of block_bytes bytes; an NF4_DQ
+ * row adds a header (see its section) and holds each block's scale apart from its codes, so
+ * rows are independent and read in order. Rounding follows gguf.quants step by step
  * (each product and sum rounded to float32: the build compiles with -ffp-contract=off), so
  * quantize gives its bytes and dequantize its values exactly.
  * It deliberately knows nothing of LoRA or of Python.
@@ -221,25 +224,165 @@ static inline int nf4_index(float v) {
     return q;
 }
 
+static inline float nf4_absmax(const float *x) {
+    float amax = 0.0f;
+    for (int i = 0; i < 64; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    return amax;
+}
+
+/* The 32 code bytes of the 64 values x; returns their absmax (the block's scale). */
+static inline float nf4_block(uint8_t *restrict codes, const float *restrict x) {
+    const float amax = nf4_absmax(x), inv = amax != 0.0f ? 1.0f / amax : 0.0f;
+    for (int i = 0; i < 32; i++)
+        codes[i] = (uint8_t)(nf4_index(x[2 * i] * inv) << 4 | nf4_index(x[2 * i + 1] * inv));
+    return amax;
+}
+
 static void q_nf4(uint8_t *restrict b, const float *restrict x, size_t nb) {
     for (size_t k = 0; k < nb; k++, b += 36, x += 64) {
-        float amax = 0.0f;
-        for (int i = 0; i < 64; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-        const float inv = amax != 0.0f ? 1.0f / amax : 0.0f;
+        const float amax = nf4_block(b + 4, x);
         memcpy(b, &amax, sizeof amax);
-        for (int i = 0; i < 32; i++)
-            b[4 + i] = (uint8_t)(nf4_index(x[2 * i] * inv) << 4 | nf4_index(x[2 * i + 1] * inv));
+    }
+}
+
+/* ------------------------------------------------------------------ NF4_DQ
+ * QLoRA's double quantization (Dettmers et al. 2023, section 3; bitsandbytes' quantize_4bit
+ * with compress_statistics=True): the float32 absmax of each NF4 block, less their mean (the
+ * offset), quantized to 8 bits with bitsandbytes' signed dynamic map in groups of 256 scales,
+ * each group with a float32 absmax of its own. bitsandbytes takes the offset and the groups
+ * over the whole tensor; here they are per row (a row's scales split into groups of at most
+ * 256, the offset that row's mean absmax), so that rows stay independent for the products.
+ * An NF4_DQ row of K = 64 nb elements, ng = ceil(nb / 256) groups:
+ *   float32 offset        the mean of the row's nb absmax values
+ *   float32 absmax2[ng]   group g's largest |absmax - offset|
+ *   uint8 scale[nb]       block k's (absmax - offset) / absmax2, as the nearest dq_code
+ *   nb x 32 bytes         each block's NF4 codes, as an NF4 block holds them
+ * so 4 + 4 ng + 33 nb bytes. Block k's scale is dq_code[scale[k]] * absmax2 + offset (a
+ * float32 product, then a sum) and its values nf4_code[nibble] * that scale. The codes are
+ * plain NF4's, against the block's exact absmax: bitsandbytes quantizes the weights first
+ * and compresses the statistics afterwards. Rounding, step by step (lora/_reference.py's
+ * nf4dq_quantize is the same in NumPy): the offset is the float32 nearest the float64 sum of
+ * the absmax values in block order over nb; absmax - offset and its product with 1 / absmax2
+ * (0 when absmax2 is 0) are float32. */
+#define DQ_GROUP 256
+
+/* bitsandbytes' create_dynamic_map(signed=True) (7 exponent bits, 8 in all): 0, 1 and, for
+ * i = 0..6, +-10^(i-6) times the midpoints of linspace(0.1, 1, 2^i + 1), sorted; each the
+ * float32 nearest the exact value (torch builds it in float32 and lands within an ulp). */
+static const float dq_code[256] = {
+    -0x1.fc6666p-1f, -0x1.f53334p-1f, -0x1.eep-1f, -0x1.e6ccccp-1f, -0x1.df999ap-1f,
+    -0x1.d86666p-1f, -0x1.d13334p-1f, -0x1.cap-1f, -0x1.c2ccccp-1f, -0x1.bb999ap-1f,
+    -0x1.b46666p-1f, -0x1.ad3334p-1f, -0x1.a6p-1f, -0x1.9eccccp-1f, -0x1.97999ap-1f,
+    -0x1.906666p-1f, -0x1.893334p-1f, -0x1.82p-1f, -0x1.7accccp-1f, -0x1.73999ap-1f,
+    -0x1.6c6666p-1f, -0x1.653334p-1f, -0x1.5ep-1f, -0x1.56ccccp-1f, -0x1.4f999ap-1f,
+    -0x1.486666p-1f, -0x1.413334p-1f, -0x1.3ap-1f, -0x1.32ccccp-1f, -0x1.2b999ap-1f,
+    -0x1.246666p-1f, -0x1.1d3334p-1f, -0x1.16p-1f, -0x1.0eccccp-1f, -0x1.07999ap-1f,
+    -0x1.006666p-1f, -0x1.f26666p-2f, -0x1.e4p-2f, -0x1.d5999ap-2f, -0x1.c73334p-2f,
+    -0x1.b8ccccp-2f, -0x1.aa6666p-2f, -0x1.9cp-2f, -0x1.8d999ap-2f, -0x1.7f3334p-2f,
+    -0x1.70ccccp-2f, -0x1.626666p-2f, -0x1.54p-2f, -0x1.45999ap-2f, -0x1.373334p-2f,
+    -0x1.28ccccp-2f, -0x1.1a6666p-2f, -0x1.0cp-2f, -0x1.fb3334p-3f, -0x1.de6666p-3f,
+    -0x1.c1999ap-3f, -0x1.a4ccccp-3f, -0x1.88p-3f, -0x1.6b3334p-3f, -0x1.4e6666p-3f,
+    -0x1.31999ap-3f, -0x1.14ccccp-3f, -0x1.fp-4f, -0x1.b66666p-4f, -0x1.93d70ap-4f,
+    -0x1.8851ecp-4f, -0x1.7cccccp-4f, -0x1.7147aep-4f, -0x1.65c29p-4f, -0x1.5a3d7p-4f,
+    -0x1.4eb852p-4f, -0x1.433334p-4f, -0x1.37ae14p-4f, -0x1.2c28f6p-4f, -0x1.20a3d8p-4f,
+    -0x1.151eb8p-4f, -0x1.09999ap-4f, -0x1.fc28f6p-5f, -0x1.e51eb8p-5f, -0x1.ce147ap-5f,
+    -0x1.b70a3ep-5f, -0x1.ap-5f, -0x1.88f5c2p-5f, -0x1.71eb86p-5f, -0x1.5ae148p-5f,
+    -0x1.43d70ap-5f, -0x1.2cccccp-5f, -0x1.15c29p-5f, -0x1.fd70a4p-6f, -0x1.cf5c28p-6f,
+    -0x1.a147aep-6f, -0x1.733334p-6f, -0x1.451eb8p-6f, -0x1.170a3ep-6f, -0x1.d1eb86p-7f,
+    -0x1.75c29p-7f, -0x1.3e76c8p-7f, -0x1.2c0832p-7f, -0x1.19999ap-7f, -0x1.072b02p-7f,
+    -0x1.e978d4p-8f, -0x1.c49ba6p-8f, -0x1.9fbe76p-8f, -0x1.7ae148p-8f, -0x1.560418p-8f,
+    -0x1.3126eap-8f, -0x1.0c49bap-8f, -0x1.ced916p-9f, -0x1.851eb8p-9f, -0x1.3b645ap-9f,
+    -0x1.e353f8p-10f, -0x1.4fdf3cp-10f, -0x1.eecbfcp-11f, -0x1.b3d07cp-11f, -0x1.78d4fep-11f,
+    -0x1.3dd98p-11f, -0x1.02dep-11f, -0x1.8fc504p-12f, -0x1.19ce08p-12f, -0x1.47ae14p-13f,
+    -0x1.743e96p-14f, -0x1.15df66p-14f, -0x1.6f0068p-15f, -0x1.64840ep-16f, -0x1.040bfep-17f,
+    -0x1.b43526p-19f, -0x1.27476cp-21f, 0x0.0p+0f, 0x1.27476cp-21f, 0x1.b43526p-19f,
+    0x1.040bfep-17f, 0x1.64840ep-16f, 0x1.6f0068p-15f, 0x1.15df66p-14f, 0x1.743e96p-14f,
+    0x1.47ae14p-13f, 0x1.19ce08p-12f, 0x1.8fc504p-12f, 0x1.02dep-11f, 0x1.3dd98p-11f,
+    0x1.78d4fep-11f, 0x1.b3d07cp-11f, 0x1.eecbfcp-11f, 0x1.4fdf3cp-10f, 0x1.e353f8p-10f,
+    0x1.3b645ap-9f, 0x1.851eb8p-9f, 0x1.ced916p-9f, 0x1.0c49bap-8f, 0x1.3126eap-8f,
+    0x1.560418p-8f, 0x1.7ae148p-8f, 0x1.9fbe76p-8f, 0x1.c49ba6p-8f, 0x1.e978d4p-8f,
+    0x1.072b02p-7f, 0x1.19999ap-7f, 0x1.2c0832p-7f, 0x1.3e76c8p-7f, 0x1.75c29p-7f,
+    0x1.d1eb86p-7f, 0x1.170a3ep-6f, 0x1.451eb8p-6f, 0x1.733334p-6f, 0x1.a147aep-6f,
+    0x1.cf5c28p-6f, 0x1.fd70a4p-6f, 0x1.15c29p-5f, 0x1.2cccccp-5f, 0x1.43d70ap-5f,
+    0x1.5ae148p-5f, 0x1.71eb86p-5f, 0x1.88f5c2p-5f, 0x1.ap-5f, 0x1.b70a3ep-5f, 0x1.ce147ap-5f,
+    0x1.e51eb8p-5f, 0x1.fc28f6p-5f, 0x1.09999ap-4f, 0x1.151eb8p-4f, 0x1.20a3d8p-4f,
+    0x1.2c28f6p-4f, 0x1.37ae14p-4f, 0x1.433334p-4f, 0x1.4eb852p-4f, 0x1.5a3d7p-4f,
+    0x1.65c29p-4f, 0x1.7147aep-4f, 0x1.7cccccp-4f, 0x1.8851ecp-4f, 0x1.93d70ap-4f,
+    0x1.b66666p-4f, 0x1.fp-4f, 0x1.14ccccp-3f, 0x1.31999ap-3f, 0x1.4e6666p-3f, 0x1.6b3334p-3f,
+    0x1.88p-3f, 0x1.a4ccccp-3f, 0x1.c1999ap-3f, 0x1.de6666p-3f, 0x1.fb3334p-3f, 0x1.0cp-2f,
+    0x1.1a6666p-2f, 0x1.28ccccp-2f, 0x1.373334p-2f, 0x1.45999ap-2f, 0x1.54p-2f, 0x1.626666p-2f,
+    0x1.70ccccp-2f, 0x1.7f3334p-2f, 0x1.8d999ap-2f, 0x1.9cp-2f, 0x1.aa6666p-2f, 0x1.b8ccccp-2f,
+    0x1.c73334p-2f, 0x1.d5999ap-2f, 0x1.e4p-2f, 0x1.f26666p-2f, 0x1.006666p-1f, 0x1.07999ap-1f,
+    0x1.0eccccp-1f, 0x1.16p-1f, 0x1.1d3334p-1f, 0x1.246666p-1f, 0x1.2b999ap-1f, 0x1.32ccccp-1f,
+    0x1.3ap-1f, 0x1.413334p-1f, 0x1.486666p-1f, 0x1.4f999ap-1f, 0x1.56ccccp-1f, 0x1.5ep-1f,
+    0x1.653334p-1f, 0x1.6c6666p-1f, 0x1.73999ap-1f, 0x1.7accccp-1f, 0x1.82p-1f, 0x1.893334p-1f,
+    0x1.906666p-1f, 0x1.97999ap-1f, 0x1.9eccccp-1f, 0x1.a6p-1f, 0x1.ad3334p-1f, 0x1.b46666p-1f,
+    0x1.bb999ap-1f, 0x1.c2ccccp-1f, 0x1.cap-1f, 0x1.d13334p-1f, 0x1.d86666p-1f, 0x1.df999ap-1f,
+    0x1.e6ccccp-1f, 0x1.eep-1f, 0x1.f53334p-1f, 0x1.fc6666p-1f, 0x1p+0f};
+
+/* The nearest code to v, a tie to the lower one: how many midpoints v exceeds (a binary
+ * search). Each midpoint is the float32 nearest the exact one (the sum of two float32 is
+ * exact in double). */
+static inline int dq_index(float v) {
+    int lo = 0, hi = 255;
+    while (lo < hi) {
+        const int m = (lo + hi) / 2;
+        const float mid = (float)(((double)dq_code[m] + (double)dq_code[m + 1]) * 0.5);
+        if (v > mid)
+            lo = m + 1;
+        else
+            hi = m;
+    }
+    return lo;
+}
+
+/* Bytes before an NF4_DQ row's scale codes: the offset and one absmax2 per group. */
+static inline size_t dq_header(size_t nb) { return 4 + 4 * ((nb + DQ_GROUP - 1) / DQ_GROUP); }
+
+/* One row of nb blocks: the codes and the sum of the scales first, then each group's scales
+ * against the offset (their absmax read again from x: a row's absmax values are not kept). */
+static void q_nf4dq_row(uint8_t *restrict row, const float *restrict x, size_t nb) {
+    uint8_t *scale = row + dq_header(nb), *codes = scale + nb;
+    double sum = 0.0;
+    for (size_t k = 0; k < nb; k++) sum += nf4_block(codes + 32 * k, x + 64 * k);
+    const float offset = (float)(sum / (double)nb);
+    memcpy(row, &offset, sizeof offset);
+    for (size_t g0 = 0; g0 < nb; g0 += DQ_GROUP) {
+        const size_t m = nb - g0 < DQ_GROUP ? nb - g0 : DQ_GROUP;
+        float c[DQ_GROUP], a2 = 0.0f;
+        for (size_t j = 0; j < m; j++) {
+            c[j] = nf4_absmax(x + 64 * (g0 + j)) - offset;
+            a2 = fabsf(c[j]) > a2 ? fabsf(c[j]) : a2;
+        }
+        const float inv = a2 != 0.0f ? 1.0f / a2 : 0.0f;
+        memcpy(row + 4 + 4 * (g0 / DQ_GROUP), &a2, sizeof a2);
+        for (size_t j = 0; j < m; j++) scale[g0 + j] = (uint8_t)dq_index(c[j] * inv);
+    }
+}
+
+/* count blocks of one group: NF4 codes (32 bytes each, in order) times their scales. */
+static LORA_CLONES void deq_nf4dq_group(float *restrict y, const uint8_t *restrict codes,
+                                        const uint8_t *restrict scale, float absmax2,
+                                        float offset, size_t count) {
+    for (size_t k = 0; k < count; k++, codes += 32, y += 64) {
+        const float s = dq_code[scale[k]] * absmax2 + offset;
+        for (int i = 0; i < 32; i++) {
+            y[2 * i] = nf4_code[codes[i] >> 4] * s;
+            y[2 * i + 1] = nf4_code[codes[i] & 15] * s;
+        }
     }
 }
 
 typedef void (*deq_fn)(float *restrict, const uint8_t *restrict, size_t);
 typedef void (*quant_fn)(uint8_t *restrict, const float *restrict, size_t);
 
+/* bytes: of a block; NF4_DQ's 33 (a scale code and 32 bytes of codes) exclude its row header.
+ * deq and quant take whole blocks; NF4_DQ has neither (its rows go to the functions above). */
 static const struct {
     const char *name;
     size_t elems, bytes;
     deq_fn deq;
-    quant_fn quant; /* NULL: read only */
+    quant_fn quant; /* NULL: read only (but NF4_DQ) */
 } formats[LORA_QTYPES] = {
     [LORA_Q8_0] = {"Q8_0", 32, 34, deq_q8_0, q_q8_0},
     [LORA_Q4_0] = {"Q4_0", 32, 18, deq_q4_0, q_q4_0},
@@ -247,6 +390,7 @@ static const struct {
     [LORA_Q4_K] = {"Q4_K", 256, 144, deq_q4_k, NULL},
     [LORA_Q6_K] = {"Q6_K", 256, 210, deq_q6_k, NULL},
     [LORA_NF4] = {"NF4", 64, 36, deq_nf4, q_nf4},
+    [LORA_NF4_DQ] = {"NF4_DQ", 64, 33, NULL, NULL},
 };
 
 int lora_qtype_from_name(const char *name) {
@@ -257,42 +401,67 @@ int lora_qtype_from_name(const char *name) {
 
 const char *lora_qtype_name(int qtype) { return formats[qtype].name; }
 size_t lora_qblock_elems(int qtype) { return formats[qtype].elems; }
-size_t lora_qblock_bytes(int qtype) { return formats[qtype].bytes; }
-int lora_qtype_writable(int qtype) { return formats[qtype].quant != NULL; }
+int lora_qtype_writable(int qtype) { return qtype == LORA_NF4_DQ || formats[qtype].quant; }
 
-static inline void deq_blocks(float *y, const uint8_t *row, size_t b0, size_t nb, int qtype);
+size_t lora_qrow_bytes(int qtype, size_t K) {
+    const size_t nb = K / formats[qtype].elems;
+    return nb * formats[qtype].bytes + (qtype == LORA_NF4_DQ ? dq_header(nb) : 0);
+}
 
-/* Blocks [begin, end) of a tensor, in either direction, on lora's threads. */
+static inline void deq_blocks(float *y, const uint8_t *row, size_t row_nb, size_t b0, size_t nb,
+                              int qtype);
+
+/* Units [begin, end) of a tensor, in either direction, on lora's threads: blocks (the tensor
+ * one row of them, the block types), or rows of K elements (NF4_DQ). */
 typedef struct {
     float *x;
     uint8_t *q;
+    size_t K;
     int qtype, write;
 } Blocks;
 
 static void blocks_range(void *arg, size_t begin, size_t end) {
     const Blocks *a = arg;
-    const size_t e = formats[a->qtype].elems, nbytes = formats[a->qtype].bytes;
-    if (a->write)
-        formats[a->qtype].quant(a->q + begin * nbytes, a->x + begin * e, end - begin);
+    const size_t e = formats[a->qtype].elems;
+    if (a->qtype == LORA_NF4_DQ) {
+        const size_t nb = a->K / e, rb = lora_qrow_bytes(a->qtype, a->K);
+        for (size_t r = begin; r < end; r++)
+            if (a->write)
+                q_nf4dq_row(a->q + r * rb, a->x + r * a->K, nb);
+            else
+                deq_blocks(a->x + r * a->K, a->q + r * rb, nb, 0, nb, a->qtype);
+    } else if (a->write)
+        formats[a->qtype].quant(a->q + begin * formats[a->qtype].bytes, a->x + begin * e,
+                                end - begin);
     else
-        deq_blocks(a->x + begin * e, a->q, begin, end - begin, a->qtype);
+        deq_blocks(a->x + begin * e, a->q, 0, begin, end - begin, a->qtype);
 }
 
-void lora_dequantize(float *y, const uint8_t *q, size_t nblocks, int qtype) {
-    Blocks a = {y, (uint8_t *)q, qtype, 0};
-    lora_parallel_for(nblocks, 4096, 1, blocks_range, &a);
+/* Threads split blocks (rows for NF4_DQ), grain blocks apiece at least. */
+static void blocks_run(Blocks *a, size_t rows, size_t grain) {
+    const size_t nb = a->K / formats[a->qtype].elems;
+    if (a->qtype == LORA_NF4_DQ)
+        lora_parallel_for(rows, grain / nb + 1, 1, blocks_range, a);
+    else
+        lora_parallel_for(rows * nb, grain, 1, blocks_range, a);
 }
 
-void lora_quantize(uint8_t *q, const float *x, size_t nblocks, int qtype) {
-    Blocks a = {(float *)x, q, qtype, 1};
-    lora_parallel_for(nblocks, 512, 1, blocks_range, &a);
+void lora_dequantize(float *y, const uint8_t *q, size_t rows, size_t K, int qtype) {
+    Blocks a = {y, (uint8_t *)q, K, qtype, 0};
+    blocks_run(&a, rows, 4096);
+}
+
+void lora_quantize(uint8_t *q, const float *x, size_t rows, size_t K, int qtype) {
+    Blocks a = {(float *)x, q, K, qtype, 1};
+    blocks_run(&a, rows, 512);
 }
 
 /* ------------------------------------------------------------------ decode dot products
  * acc[i] = x_i . w for the n <= LORA_QDOT_ROWS float32 rows x_i (ldx apart) and one row w of
  * nb blocks, straight from the blocks: each block's quants widened to float in registers and
  * multiplied with x there, its scales applied once per block (d * (q . x) + m * sum(x) for
- * Q4_1, with m = -8 d for Q4_0; NF4's codes looked up with two vpermps tables). The sums
+ * Q4_1, with m = -8 d for Q4_0; NF4's codes looked up with two vpermps tables, NF4_DQ's
+ * scale decoded for each block beside that work). The sums
  * are reassociated against dequantize-then-dot, so they agree with it within float32
  * rounding, not bit for bit. Written with AVX2/FMA/F16C intrinsics (GCC's generic vectors
  * lower byte-to-float widening to scalar code) and used when the CPU has them; otherwise,
@@ -387,19 +556,26 @@ static LORA_AVX2 inline void nf4_codes(const uint8_t *p, __m256i idx[4]) {
     idx[2] = _mm256_cvtepu8_epi32(e1), idx[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8));
 }
 
+/* The 32 code bytes of block k at codes + k * stride; its scale, for NF4 (scale NULL) the
+ * float32 just before its codes, for NF4_DQ dq_code[scale[k]] * absmax2 + offset (decoded
+ * here, beside the vector work, not in a pass of its own). */
 static LORA_AVX2 inline __attribute__((always_inline)) void
-dot_nf4_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, const int n) {
+dot_nf4_n(float *acc, const uint8_t *codes, size_t stride, const uint8_t *scale, float absmax2,
+          float offset, const float *x, size_t ldx, size_t nb, const int n) {
     const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
     __m256 t[LORA_QDOT_ROWS];
     for (int i = 0; i < n; i++) t[i] = _mm256_setzero_ps();
-    for (size_t k = 0; k < nb; k++, b += 36) {
+    for (size_t k = 0; k < nb; k++, codes += stride) {
         float amax;
-        memcpy(&amax, b, sizeof amax);
+        if (scale)
+            amax = dq_code[scale[k]] * absmax2 + offset;
+        else
+            memcpy(&amax, codes - 4, sizeof amax);
         const __m256 a = _mm256_set1_ps(amax);
         __m256 v[8];
         for (int h = 0; h < 2; h++) {
             __m256i idx[4];
-            nf4_codes(b + 4 + 16 * h, idx);
+            nf4_codes(codes + 16 * h, idx);
             for (int j = 0; j < 4; j++) v[4 * h + j] = nf4_values(idx[j], tab_lo, tab_hi);
         }
         for (int i = 0; i < n; i++) {
@@ -416,15 +592,42 @@ dot_nf4_n(float *acc, const uint8_t *b, const float *x, size_t ldx, size_t nb, c
     for (int i = 0; i < n; i++) acc[i] = hsum256(t[i]);
 }
 
+/* NF4_DQ: NF4's dot a group of blocks at a time (one absmax2 each). */
+static LORA_AVX2 void dot_nf4dq(float *acc, const uint8_t *row, const float *x, size_t ldx,
+                                size_t n, size_t nb) {
+    const uint8_t *scale = row + dq_header(nb), *codes = scale + nb;
+    float offset, part[LORA_QDOT_ROWS];
+    memcpy(&offset, row, sizeof offset);
+    for (size_t i = 0; i < n; i++) acc[i] = 0.0f;
+    for (size_t k = 0; k < nb; k += DQ_GROUP) {
+        const size_t m = nb - k < DQ_GROUP ? nb - k : DQ_GROUP;
+        const uint8_t *c = codes + 32 * k, *s = scale + k;
+        const float *xk = x + 64 * k;
+        float a2;
+        memcpy(&a2, row + 4 + 4 * (k / DQ_GROUP), sizeof a2);
+        switch (n) {
+        case 1: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 1); break;
+        case 2: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 2); break;
+        case 3: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 3); break;
+        default: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 4); break;
+        }
+        for (size_t i = 0; i < n; i++) acc[i] += part[i];
+    }
+}
+
 static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x,
                                const float *xsum, size_t ldx, size_t n, size_t nb, int qtype) {
     const int q8 = qtype == LORA_Q8_0, nf4 = qtype == LORA_NF4, m = qtype == LORA_Q4_1;
+    if (qtype == LORA_NF4_DQ) {
+        dot_nf4dq(acc, row, x, ldx, n, nb);
+        return;
+    }
 #define LORA_DOT_CASE(N)                                                                      \
     case N:                                                                                   \
         if (q8)                                                                               \
             dot_q8_n(acc, row, x, ldx, nb, N);                                                \
         else if (nf4)                                                                         \
-            dot_nf4_n(acc, row, x, ldx, nb, N);                                               \
+            dot_nf4_n(acc, row + 4, 36, NULL, 0.0f, 0.0f, x, ldx, nb, N);                     \
         else                                                                                  \
             dot_q4_n(acc, row, x, xsum, ldx, nb, m, N);                                       \
         break;
@@ -437,6 +640,34 @@ static LORA_AVX2 void dot_avx2(float *acc, const uint8_t *row, const float *x,
 #undef LORA_DOT_CASE
 }
 
+/* NF4 blocks (codes and scales as dot_nf4_n takes them) dequantized: code times scale. */
+static LORA_AVX2 inline __attribute__((always_inline)) void
+deq_nf4_avx2(float *restrict y, const uint8_t *restrict codes, size_t stride,
+             const uint8_t *restrict scale, float absmax2, float offset, size_t nb) {
+    const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
+    for (size_t k = 0; k < nb; k++, codes += stride, y += 64) {
+        float amax;
+        if (scale)
+            amax = dq_code[scale[k]] * absmax2 + offset;
+        else
+            memcpy(&amax, codes - 4, sizeof amax);
+        const __m256 a = _mm256_set1_ps(amax);
+        for (int h = 0; h < 2; h++) {
+            __m256i idx[4];
+            nf4_codes(codes + 16 * h, idx);
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(y + 32 * h + 8 * j,
+                                 _mm256_mul_ps(nf4_values(idx[j], tab_lo, tab_hi), a));
+        }
+    }
+}
+
+static LORA_AVX2 void deq_nf4dq_avx2(float *restrict y, const uint8_t *restrict codes,
+                                     const uint8_t *restrict scale, float absmax2, float offset,
+                                     size_t count) {
+    deq_nf4_avx2(y, codes, 32, scale, absmax2, offset, count);
+}
+
 /* Rows of blocks dequantized with the same widening, each value rounded as gguf.quants
  * rounds it (a product, then a sum: no FMA), so bit for bit as the scalar loops. */
 static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, size_t nb,
@@ -444,19 +675,7 @@ static LORA_AVX2 void deq_avx2(float *restrict y, const uint8_t *restrict b, siz
     const __m128i m4 = _mm_set1_epi8(15);
     const __m256i eight = _mm256_set1_epi32(8);
     if (qtype == LORA_NF4) {
-        const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
-        for (size_t k = 0; k < nb; k++, b += 36, y += 64) {
-            float amax;
-            memcpy(&amax, b, sizeof amax);
-            const __m256 a = _mm256_set1_ps(amax);
-            for (int h = 0; h < 2; h++) {
-                __m256i idx[4];
-                nf4_codes(b + 4 + 16 * h, idx);
-                for (int j = 0; j < 4; j++)
-                    _mm256_storeu_ps(y + 32 * h + 8 * j,
-                                     _mm256_mul_ps(nf4_values(idx[j], tab_lo, tab_hi), a));
-            }
-        }
+        deq_nf4_avx2(y, b + 4, 36, NULL, 0.0f, 0.0f, nb);
         return;
     }
     for (size_t k = 0; k < nb; k++, y += 32) {
@@ -620,12 +839,12 @@ static int have_avx2(void) {
 }
 #endif
 
-/* acc[i] = x_i . row on the direct path (xsum: the block sums of x, see dot_q4_n); 0 (acc
- * untouched) without one. */
+/* acc[i] = x_i . row on the direct path (xsum: the block sums of x for Q4_0 and Q4_1, see
+ * dot_q4_n); 0 (acc untouched) without one. */
 static int dot_row_f32(float *acc, const uint8_t *row, const float *x, const float *xsum,
                        size_t ldx, size_t n, size_t nb, int qtype) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (xsum && have_avx2()) {
+    if (have_avx2()) {
         dot_avx2(acc, row, x, xsum, ldx, n, nb, qtype);
         return 1;
     }
@@ -673,7 +892,8 @@ static void dot_row_q8(float *acc, const uint8_t *row, const void *buf, size_t n
 /* The types with a direct dot path on this CPU. */
 static int has_dot_path(int qtype) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0 || qtype == LORA_NF4) &&
+    return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0 || qtype == LORA_NF4 ||
+            qtype == LORA_NF4_DQ) &&
            have_avx2();
 #else
     (void)qtype;
@@ -681,8 +901,33 @@ static int has_dot_path(int qtype) {
 #endif
 }
 
-/* One row's blocks [b0, b0 + nb) into y (nb * block_elems floats). */
-static inline void deq_blocks(float *y, const uint8_t *row, size_t b0, size_t nb, int qtype) {
+/* Blocks [b0, b0 + m) of an NF4_DQ row of row_nb blocks, a group at a time. */
+static void deq_nf4dq(float *y, const uint8_t *row, size_t row_nb, size_t b0, size_t m) {
+    const uint8_t *scale = row + dq_header(row_nb), *codes = scale + row_nb;
+    float offset;
+    memcpy(&offset, row, sizeof offset);
+    for (size_t k = b0, end = b0 + m; k < end;) {
+        const size_t g = k / DQ_GROUP, stop = end < (g + 1) * DQ_GROUP ? end : (g + 1) * DQ_GROUP;
+        float a2;
+        memcpy(&a2, row + 4 + 4 * g, sizeof a2);
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (have_avx2())
+            deq_nf4dq_avx2(y, codes + 32 * k, scale + k, a2, offset, stop - k);
+        else
+#endif
+            deq_nf4dq_group(y, codes + 32 * k, scale + k, a2, offset, stop - k);
+        y += 64 * (stop - k), k = stop;
+    }
+}
+
+/* One row's blocks [b0, b0 + nb) into y (nb * block_elems floats); row_nb, the row's blocks,
+ * matters to NF4_DQ alone (where its codes start). */
+static inline void deq_blocks(float *y, const uint8_t *row, size_t row_nb, size_t b0, size_t nb,
+                              int qtype) {
+    if (qtype == LORA_NF4_DQ) {
+        deq_nf4dq(y, row, row_nb, b0, nb);
+        return;
+    }
 #if defined(__x86_64__) && defined(__GNUC__)
     if (has_dot_path(qtype)) {
         deq_avx2(y, row + b0 * formats[qtype].bytes, nb, qtype);

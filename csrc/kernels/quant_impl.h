@@ -2,8 +2,9 @@
  * instantiate.h), once with T = float and once with T = double; FN(name) makes name_f32 /
  * name_f64. Not a header to include anywhere else.
  *
- * The products of a float matrix with a quantized weight W (N rows of K elements, as
- * quant.c lays them out), the weight never dequantized whole:
+ * The products of a float matrix with a quantized weight W (N rows of K elements, each
+ * lora_qrow_bytes(qtype, K) bytes, as quant.c lays them out), the weight never dequantized
+ * whole:
  *   quant_forward:  y  = x W^T + beta y   x (n, K), y (n, N)
  *   quant_backward: dx = dy W + beta dx   dy (n, N), dx (n, K)
  * Up to LORA_QDOT_ROWS rows of x (decode) the forward dequantizes each row of W a chunk at a
@@ -28,13 +29,13 @@ static void FN(deq_tile_rows)(void *arg, size_t begin, size_t end) {
     for (size_t j = begin; j < end; j++) {
         const uint8_t *row = a->W + (a->row0 + j) * a->row_bytes;
 #ifdef LORA_T_IS_F32
-        deq_blocks(a->tile + j * a->K, row, 0, nb, a->qtype);
+        deq_blocks(a->tile + j * a->K, row, nb, 0, nb, a->qtype);
 #else
         float buf[LORA_QCHUNK];
         const size_t per = LORA_QCHUNK / e;
         for (size_t b0 = 0; b0 < nb; b0 += per) {
             const size_t m = nb - b0 < per ? nb - b0 : per;
-            deq_blocks(buf, row, b0, m, a->qtype);
+            deq_blocks(buf, row, nb, b0, m, a->qtype);
             T *dst = a->tile + j * a->K + b0 * e;
             for (size_t i = 0; i < m * e; i++) dst[i] = buf[i];
         }
@@ -44,8 +45,7 @@ static void FN(deq_tile_rows)(void *arg, size_t begin, size_t end) {
 
 /* W's rows [j0, j0 + m) into the tile, on lora's threads (a thread per 16k elements). */
 static void FN(deq_tile)(T *tile, const uint8_t *W, int qtype, size_t j0, size_t m, size_t K) {
-    FN(DeqTile) a = {tile, W, j0, K, K / lora_qblock_elems(qtype) * lora_qblock_bytes(qtype),
-                     qtype};
+    FN(DeqTile) a = {tile, W, j0, K, lora_qrow_bytes(qtype, K), qtype};
     lora_parallel_for(m, (1 << 14) / K + 1, 1, FN(deq_tile_rows), &a);
 }
 
@@ -53,23 +53,23 @@ static void FN(deq_tile)(T *tile, const uint8_t *W, int qtype, size_t j0, size_t
 typedef struct {
     T *y;
     const T *x;
-    const float *xsum; /* the block sums of x for the direct path, or NULL */
+    const float *xsum; /* the block sums of x for the direct path of Q4_0 and Q4_1 */
     const uint8_t *W;
     T beta;
     size_t n, K, N;
-    int qtype;
+    int qtype, direct; /* direct: take dot_row_f32's direct path */
 } FN(QDot);
 
 static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t end) {
     const FN(QDot) *a = arg;
     const size_t K = a->K, e = lora_qblock_elems(a->qtype), nb = K / e, per = LORA_QCHUNK / e;
-    const size_t row_bytes = nb * lora_qblock_bytes(a->qtype);
+    const size_t row_bytes = lora_qrow_bytes(a->qtype, K);
     float buf[LORA_QCHUNK];
     for (size_t j = begin; j < end; j++) {
         const uint8_t *row = a->W + j * row_bytes;
 #ifdef LORA_T_IS_F32
         float direct[LORA_QDOT_ROWS] = {0};
-        if (dot_row_f32(direct, row, a->x, a->xsum, K, a->n, nb, a->qtype)) {
+        if (a->direct && dot_row_f32(direct, row, a->x, a->xsum, K, a->n, nb, a->qtype)) {
             for (size_t i = 0; i < a->n; i++) {
                 T *yij = a->y + i * a->N + j;
                 *yij = a->beta != 0 ? direct[i] + a->beta * *yij : direct[i];
@@ -80,7 +80,7 @@ static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t e
         T acc[LORA_QDOT_ROWS] = {0};
         for (size_t b0 = 0; b0 < nb; b0 += per) {
             const size_t m = nb - b0 < per ? nb - b0 : per, len = m * e;
-            deq_blocks(buf, row, b0, m, a->qtype);
+            deq_blocks(buf, row, nb, b0, m, a->qtype);
             for (size_t i = 0; i < a->n; i++) {
                 const T *xi = a->x + i * K + b0 * e;
                 T s = 0;
@@ -109,7 +109,7 @@ typedef struct {
 
 static void FN(q8dot_rows)(void *arg, size_t begin, size_t end) {
     const FN(Q8Dot) *a = arg;
-    const size_t row_bytes = a->K / lora_qblock_elems(a->qtype) * lora_qblock_bytes(a->qtype);
+    const size_t row_bytes = lora_qrow_bytes(a->qtype, a->K);
     for (size_t j = begin; j < end; j++) {
         float acc[LORA_QDOT_ROWS];
         dot_row_q8(acc, a->W + j * row_bytes, a->xq, a->n, a->K, a->qtype);
@@ -134,23 +134,25 @@ void FN(quant_forward)(T *y, T *tile, const T *x, const uint8_t *W, int qtype, i
     }
 #endif
     if (n <= LORA_QDOT_ROWS) {
-        /* the direct path's block sums of x (32 elements each), once for all rows of W; rows
-         * of x longer than 16384 (too many sums for the stack) take the generic path */
+        /* the direct path; Q4_0's and Q4_1's needs the block sums of x (32 elements each),
+         * once for all rows of W, so their rows of x longer than 16384 (too many sums for the
+         * stack) take the generic path */
 #ifdef LORA_T_IS_F32
         float xsum[LORA_QDOT_ROWS * 512];
         const size_t nb = K / 32;
-        const int direct = has_dot_path(qtype) && nb <= 512;
-        for (size_t i = 0; direct && i < n; i++)
+        const int need_sums = qtype == LORA_Q4_0 || qtype == LORA_Q4_1;
+        const int direct = has_dot_path(qtype) && (!need_sums || nb <= 512);
+        for (size_t i = 0; direct && need_sums && i < n; i++)
             for (size_t k = 0; k < nb; k++) {
                 float s = 0;
                 for (int e = 0; e < 32; e++) s += x[i * K + 32 * k + e];
                 xsum[i * nb + k] = s;
             }
-        const float *sums = direct ? xsum : NULL;
 #else
-        const float *sums = NULL;
+        const int direct = 0;
+        const float *xsum = NULL;
 #endif
-        FN(QDot) a = {y, x, sums, W, beta, n, K, N, qtype};
+        FN(QDot) a = {y, x, xsum, W, beta, n, K, N, qtype, direct};
         lora_parallel_for(N, (1 << 15) / K + 4, 4, FN(qdot_rows), &a);
         return;
     }

@@ -70,8 +70,7 @@ def _nbytes(shape, tname: str) -> int:
     n = int(np.prod(shape))
     if tname in ("F32", "F16"):
         return n * (4 if tname == "F32" else 2)
-    block, nbytes, _ = quant.QTYPES[tname]
-    return n // block * nbytes
+    return n // shape[-1] * quant.row_bytes(tname, shape[-1])
 
 
 def _tensor_bytes(x: np.ndarray, tname: str) -> bytes:
@@ -91,8 +90,9 @@ def export_gguf(model, path: str | os.PathLike, qtype: str = "Q8_0", *,
     and pass that file. force: replace `path` if it exists.
     Returns {"tensors": count, "bytes": file size, "types": {type: count}}."""
     if qtype not in EXPORT_TYPES:
+        why = " (GGUF has no NF4 type: llama.cpp could not read it)" if "NF4" in str(qtype) else ""
         raise ValueError(f"export_gguf: qtype must be one of {sorted(EXPORT_TYPES)}, got "
-                         f"{qtype!r}")
+                         f"{qtype!r}{why}")
     source = os.fspath(source) if source is not None else getattr(model, "name_or_path", None)
     if not source or not is_gguf(source):
         raise ValueError("export_gguf: needs the GGUF file the model came from (source=...) "

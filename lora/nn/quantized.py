@@ -24,11 +24,11 @@ __all__ = ["QuantEmbedding", "QuantLinear", "quantize_model", "set_quant_activat
 class QuantLinear(Linear):
     """y = x W^T + b, W (out_features, in_features) frozen as `qtype` blocks.
 
-    `weight` is a frozen Parameter holding the block bytes (uint8, (out, row bytes)), so a
-    state dict carries the quantized weight as it is; `qweight` is the same bytes as a
-    lora.quant.QTensor. Inputs and outputs are `dtype` (float32, or float64). The bias, if
-    any, is a float Parameter and may be trained. The weight cannot be (requires_grad stays
-    False): quantized values have no gradient step.
+    `weight` is a frozen Parameter holding the block bytes (uint8, (out, row bytes): see
+    lora.quant.row_bytes), so a state dict carries the quantized weight as it is; `qweight`
+    is the same bytes as a lora.quant.QTensor. Inputs and outputs are `dtype` (float32, or
+    float64). The bias, if any, is a float Parameter and may be trained. The weight cannot be
+    (requires_grad stays False): quantized values have no gradient step.
 
     `activations` ("float", or "q8": see set_quant_activations) is how forwards of up to 4
     rows (decoding) take x.
@@ -56,8 +56,8 @@ class QuantLinear(Linear):
 
     @classmethod
     def from_linear(cls, layer: Linear, qtype: str) -> QuantLinear:
-        """A QuantLinear holding `layer`'s weight quantized to `qtype` (Q8_0, Q4_0, Q4_1, NF4)
-        and its bias (the same Parameter, trainable as it was)."""
+        """A QuantLinear holding `layer`'s weight quantized to `qtype` (Q8_0, Q4_0, Q4_1, NF4,
+        NF4_DQ) and its bias (the same Parameter, trainable as it was)."""
         q = cls(quant.quantize(layer.weight.data, qtype), None, dtype=layer.weight.dtype)
         q.bias = layer.bias
         return q
@@ -166,7 +166,8 @@ class QuantEmbedding(Embedding):
 def quantize_model(model: Module, qtype: str = "Q4_0", *,
                    modules_to_not_convert: list[str] | None = None) -> Module:
     """Replace, in place, each lora.nn.Linear of `model` by a QuantLinear holding its weight
-    in `qtype` blocks (Q8_0, Q4_0, Q4_1 or NF4); returns the model.
+    in `qtype` blocks (Q8_0, Q4_0, Q4_1, NF4 or NF4_DQ: QLoRA's NF4 with double
+    quantization); returns the model.
 
     Not converted: Linear layers named (by path or last name) in `modules_to_not_convert`
     (default: "lm_head", as transformers' quantizers leave the output layer), layers already

@@ -167,7 +167,8 @@ def loftq_qtype(loftq_config: dict) -> tuple[str, int]:
     qtype = loftq_config.get("qtype") or {4: "NF4", 8: "Q8_0"}.get(bits)
     if qtype is None or qtype not in QTYPES or not QTYPES[qtype][2]:
         raise ValueError(f"LoraConfig: loftq_config gives no writable quantized type (loftq_bits "
-                         f"4 or 8, or qtype one of Q8_0, Q4_0, Q4_1, NF4), got {loftq_config}")
+                         f"4 or 8, or qtype one of Q8_0, Q4_0, Q4_1, NF4, NF4_DQ), got "
+                         f"{loftq_config}")
     iters = loftq_config.get("loftq_iter", 1)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"LoraConfig: loftq_config['loftq_iter'] must be an int >= 1, got "
