@@ -556,6 +556,15 @@ static LORA_AVX2 inline void nf4_codes(const uint8_t *p, __m256i idx[4]) {
     idx[2] = _mm256_cvtepu8_epi32(e1), idx[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8));
 }
 
+/* Block k's scale: NF4's float32 just before its codes, or NF4_DQ's decoded scale code. */
+static inline float nf4_scale(const uint8_t *codes, const uint8_t *scale, size_t k,
+                              float absmax2, float offset) {
+    float amax;
+    if (scale) return dq_code[scale[k]] * absmax2 + offset;
+    memcpy(&amax, codes - 4, sizeof amax);
+    return amax;
+}
+
 /* The 32 code bytes of block k at codes + k * stride; its scale, for NF4 (scale NULL) the
  * float32 just before its codes, for NF4_DQ dq_code[scale[k]] * absmax2 + offset (decoded
  * here, beside the vector work, not in a pass of its own). */
@@ -566,12 +575,7 @@ dot_nf4_n(float *acc, const uint8_t *codes, size_t stride, const uint8_t *scale,
     __m256 t[LORA_QDOT_ROWS];
     for (int i = 0; i < n; i++) t[i] = _mm256_setzero_ps();
     for (size_t k = 0; k < nb; k++, codes += stride) {
-        float amax;
-        if (scale)
-            amax = dq_code[scale[k]] * absmax2 + offset;
-        else
-            memcpy(&amax, codes - 4, sizeof amax);
-        const __m256 a = _mm256_set1_ps(amax);
+        const __m256 a = _mm256_set1_ps(nf4_scale(codes, scale, k, absmax2, offset));
         __m256 v[8];
         for (int h = 0; h < 2; h++) {
             __m256i idx[4];
@@ -646,12 +650,7 @@ deq_nf4_avx2(float *restrict y, const uint8_t *restrict codes, size_t stride,
              const uint8_t *restrict scale, float absmax2, float offset, size_t nb) {
     const __m256 tab_lo = _mm256_loadu_ps(nf4_code), tab_hi = _mm256_loadu_ps(nf4_code + 8);
     for (size_t k = 0; k < nb; k++, codes += stride, y += 64) {
-        float amax;
-        if (scale)
-            amax = dq_code[scale[k]] * absmax2 + offset;
-        else
-            memcpy(&amax, codes - 4, sizeof amax);
-        const __m256 a = _mm256_set1_ps(amax);
+        const __m256 a = _mm256_set1_ps(nf4_scale(codes, scale, k, absmax2, offset));
         for (int h = 0; h < 2; h++) {
             __m256i idx[4];
             nf4_codes(codes + 16 * h, idx);
