@@ -479,3 +479,36 @@ def test_generate_bad_arguments(small):
     with pytest.raises(TypeError, match="decode"):
         G.TextStreamer(object())
     assert model.generate(ids, mask, max_new_tokens=0).shape == ids.shape
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "quantized-q8"])
+def test_decode_plan_gives_the_modules_logits(kind):
+    """A decoding step through decode_plan (the kernels called directly) gives bit for bit
+    the logits of the same step through the modules: a plain model, one with LoRA on some
+    projections (called through their modules), one quantized with 8-bit activations."""
+    from lora.models.llama import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      attention_bias=True)
+    model = LlamaForCausalLM(cfg)
+    if kind == "lora":
+        lora.wrap(model, target_modules=["q_proj", "down_proj"], r=4, seed=0)
+        for _, layer in lora_layers(model):
+            layer.lora_B.data[...] = 0.1
+    if kind == "quantized-q8":
+        lora.quantize_model(model, "Q4_1")
+        assert lora.set_quant_activations(model, "q8") == 21
+    model.eval()
+    decoder, rng = model.model, np.random.default_rng(3)
+    ids = rng.integers(0, VOCAB, (2, 12))
+    cos, sin = lora.models.llama.rope_tables(decoder.inv_freq, np.arange(12))
+    caches = [G.KVCache(3, 2, 12, 2 * 16, np.float32, None) for _ in range(2)]
+    plan = G.decode_plan(model, 2)
+    for start, end in ((0, 5), (5, 6), (6, 7), (7, 8)):
+        c, s = (t[None, start:end].repeat(2, 0) for t in (cos, sin))
+        want = G.forward_cached(model, ids[:, start:end], c, s, caches[0])
+        got = G.forward_cached(model, ids[:, start:end], c, s, caches[1],
+                               plan if end - start == 1 else None)
+        assert np.array_equal(got, want)
+    assert all(np.array_equal(a, b) for a, b in zip(caches[0].k, caches[1].k, strict=True))

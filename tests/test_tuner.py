@@ -1,6 +1,7 @@
 """lora.wrap and friends: which layers get LoRA, what trains, LoraConfig, merge_and_unload,
 unload and disable_adapters."""
 
+import json
 import warnings
 
 import numpy as np
@@ -235,3 +236,17 @@ def test_config_from_peft_keys():
         lora.LoraConfig.from_dict({**d, "from_the_future": 1})
     with pytest.raises(ValueError, match="layers_to_transform"):
         lora.LoraConfig.from_dict({**d, "layers_to_transform": [0]})
+
+
+def test_config_reads_what_the_installed_peft_writes(tmp_path):
+    """Every key of the installed PEFT's adapter_config.json is known here (read without a
+    warning at its default), so a new PEFT release's keys are noticed; a PEFT feature set to
+    a value is refused by name (astra_config, new in PEFT 0.22)."""
+    peft = pytest.importorskip("peft")
+    peft.LoraConfig(r=4, target_modules=["q"]).save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lora.LoraConfig.from_dict(d).r == 4
+    with pytest.raises(ValueError, match="astra_config"):
+        lora.LoraConfig.from_dict({**d, "astra_config": {"rank": 4}})
