@@ -114,3 +114,21 @@ def test_lora_generate_cli_on_a_small_model(tokenizers_pair, tmp_path, capsys):
     assert "tokens/s" in out.err
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_lora_generate_cli_keeps_a_gguf_quantized(capsys):
+    """`lora generate FILE.gguf --keep-quantized [--q8]`: SmolLM2 from its Q4_1 blocks; the
+    kept model's greedy reply equals the float32 one's for a few tokens, and --q8 without
+    --keep-quantized is refused with the reason."""
+    from lora.cli.commands import main
+
+    path = smollm2_path()
+    args = ["generate", path, "--prompt", "What is 2 + 2?", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    float_out = capsys.readouterr().out
+    assert main(args + ["--keep-quantized"]) == 0
+    assert capsys.readouterr().out == float_out
+    assert main(args + ["--keep-quantized", "--q8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(args + ["--q8"]) == 1
+    assert "--keep-quantized" in capsys.readouterr().err

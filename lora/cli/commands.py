@@ -217,6 +217,12 @@ def _add_generate(subparsers) -> None:
                    help="divide the logits of tokens already present by R (CTRL's penalty)")
     p.add_argument("--seed", type=int, default=None, help="random seed for --sample")
     p.add_argument("--threads", type=_positive_int, default=None, help="BLAS threads")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="a .gguf MODEL: keep its quantized weights as they are (memory-mapped) "
+                   "instead of dequantizing them to float32")
+    p.add_argument("--q8", action="store_true",
+                   help="with --keep-quantized: decode with 8-bit activations, as llama.cpp "
+                   "does (faster; the products then see x rounded to 8 bits)")
     p.set_defaults(run=_run_generate)
 
 

@@ -16,16 +16,25 @@ import numpy as np
 __all__ = ["load", "generate_text", "chat_loop", "run"]
 
 
-def load(model_path: str, adapters: list[str] | None = None):
+def load(model_path: str, adapters: list[str] | None = None, *, keep_quantized: bool = False,
+         q8: bool = False):
     """(model, tokenizer) from a Hugging Face directory or a .gguf file, with `adapters` (PEFT
-    directories) loaded in order, in eval mode."""
+    directories) loaded in order, in eval mode. keep_quantized (a .gguf file): the weights
+    stay in the file's blocks; q8 (with it): decoding takes 8-bit activations
+    (lora.set_quant_activations)."""
     from ..io.adapter import load_adapter
     from ..models.data import Tokenizer
     from ..models.llama import LlamaForCausalLM
+    from ..nn.quantized import set_quant_activations
 
-    model = LlamaForCausalLM.from_pretrained(model_path)
+    if q8 and not keep_quantized:
+        raise ValueError("--q8 applies to a quantized model: add --keep-quantized (a .gguf "
+                         "MODEL)")
+    model = LlamaForCausalLM.from_pretrained(model_path, keep_quantized=keep_quantized)
     for directory in adapters or []:
         load_adapter(model, directory)
+    if q8:
+        set_quant_activations(model, "q8")
     return model.eval(), Tokenizer(model_path)
 
 
@@ -120,7 +129,8 @@ def run(args) -> int:
         from .. import set_num_threads
 
         set_num_threads(args.threads)
-    model, tokenizer = load(args.model, args.adapter)
+    model, tokenizer = load(args.model, args.adapter, keep_quantized=args.keep_quantized,
+                            q8=args.q8)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, seed=args.seed)
