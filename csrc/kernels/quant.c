@@ -339,6 +339,25 @@ static inline int dq_index(float v) {
 /* Bytes before an NF4_DQ row's scale codes: the offset and one absmax2 per group. */
 static inline size_t dq_header(size_t nb) { return 4 + 4 * ((nb + DQ_GROUP - 1) / DQ_GROUP); }
 
+/* An NF4_DQ row of nb blocks as its readers take it: the offset, the scale codes, the NF4
+ * codes; dq_absmax2 reads group g's absmax2. */
+typedef struct {
+    float offset;
+    const uint8_t *scale, *codes;
+} DqRow;
+
+static inline DqRow dq_row(const uint8_t *row, size_t nb) {
+    DqRow r = {0.0f, row + dq_header(nb), row + dq_header(nb) + nb};
+    memcpy(&r.offset, row, sizeof r.offset);
+    return r;
+}
+
+static inline float dq_absmax2(const uint8_t *row, size_t g) {
+    float a2;
+    memcpy(&a2, row + 4 + 4 * g, sizeof a2);
+    return a2;
+}
+
 /* One row of nb blocks: the codes and the sum of the scales first, then each group's scales
  * against the offset (their absmax read again from x: a row's absmax values are not kept). */
 static void q_nf4dq_row(uint8_t *restrict row, const float *restrict x, size_t nb) {
@@ -599,16 +618,14 @@ dot_nf4_n(float *acc, const uint8_t *codes, size_t stride, const uint8_t *scale,
 /* NF4_DQ: NF4's dot a group of blocks at a time (one absmax2 each). */
 static LORA_AVX2 void dot_nf4dq(float *acc, const uint8_t *row, const float *x, size_t ldx,
                                 size_t n, size_t nb) {
-    const uint8_t *scale = row + dq_header(nb), *codes = scale + nb;
-    float offset, part[LORA_QDOT_ROWS];
-    memcpy(&offset, row, sizeof offset);
+    const DqRow r = dq_row(row, nb);
+    const float offset = r.offset;
+    float part[LORA_QDOT_ROWS];
     for (size_t i = 0; i < n; i++) acc[i] = 0.0f;
     for (size_t k = 0; k < nb; k += DQ_GROUP) {
         const size_t m = nb - k < DQ_GROUP ? nb - k : DQ_GROUP;
-        const uint8_t *c = codes + 32 * k, *s = scale + k;
-        const float *xk = x + 64 * k;
-        float a2;
-        memcpy(&a2, row + 4 + 4 * (k / DQ_GROUP), sizeof a2);
+        const uint8_t *c = r.codes + 32 * k, *s = r.scale + k;
+        const float *xk = x + 64 * k, a2 = dq_absmax2(row, k / DQ_GROUP);
         switch (n) {
         case 1: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 1); break;
         case 2: dot_nf4_n(part, c, 32, s, a2, offset, xk, ldx, m, 2); break;
@@ -852,9 +869,10 @@ static int dot_row_f32(float *acc, const uint8_t *row, const float *x, const flo
     return 0;
 }
 
-/* x's n rows (K elements each) in 8-bit blocks into buf (lora_quant_scratch_elems with act8:
- * n K bytes of q, then n K / 32 floats of d and of xs), and acc[i] = x_i . row from them;
- * 0 (nothing written) for a type or CPU without the path. */
+/* The 8-bit activation path: q8_path says whether qtype has it on this CPU; q8_rows puts x's
+ * n rows (K elements each) in 8-bit blocks into buf (lora_quant_scratch_elems with act8: n K
+ * bytes of q, then n K / 32 floats of d and of xs); dot_row_q8 sets acc[i] = x_i . row from
+ * them (1; 0, acc untouched, without the path, as dot_row_f32). */
 static int q8_path(int qtype) {
 #if defined(__x86_64__) && defined(__GNUC__)
     return (qtype == LORA_Q4_0 || qtype == LORA_Q4_1 || qtype == LORA_Q8_0) && have_avx2();
@@ -877,14 +895,16 @@ static void q8_rows(void *buf, const float *x, size_t n, size_t K) {
 #endif
 }
 
-static void dot_row_q8(float *acc, const uint8_t *row, const void *buf, size_t n, size_t K,
-                       int qtype) {
+static int dot_row_q8(float *acc, const uint8_t *row, const void *buf, size_t n, size_t K,
+                      int qtype) {
 #if defined(__x86_64__) && defined(__GNUC__)
     const int8_t *q = buf;
     const float *d = (const float *)(q + n * K), *xs = d + n * (K / 32);
     dot_q8x_avx2(acc, row, q, d, xs, K, n, K / 32, qtype);
+    return 1;
 #else
     (void)acc, (void)row, (void)buf, (void)n, (void)K, (void)qtype;
+    return 0;
 #endif
 }
 
@@ -902,19 +922,16 @@ static int has_dot_path(int qtype) {
 
 /* Blocks [b0, b0 + m) of an NF4_DQ row of row_nb blocks, a group at a time. */
 static void deq_nf4dq(float *y, const uint8_t *row, size_t row_nb, size_t b0, size_t m) {
-    const uint8_t *scale = row + dq_header(row_nb), *codes = scale + row_nb;
-    float offset;
-    memcpy(&offset, row, sizeof offset);
+    const DqRow r = dq_row(row, row_nb);
     for (size_t k = b0, end = b0 + m; k < end;) {
         const size_t g = k / DQ_GROUP, stop = end < (g + 1) * DQ_GROUP ? end : (g + 1) * DQ_GROUP;
-        float a2;
-        memcpy(&a2, row + 4 + 4 * g, sizeof a2);
+        const float a2 = dq_absmax2(row, g);
 #if defined(__x86_64__) && defined(__GNUC__)
         if (have_avx2())
-            deq_nf4dq_avx2(y, codes + 32 * k, scale + k, a2, offset, stop - k);
+            deq_nf4dq_avx2(y, r.codes + 32 * k, r.scale + k, a2, r.offset, stop - k);
         else
 #endif
-            deq_nf4dq_group(y, codes + 32 * k, scale + k, a2, offset, stop - k);
+            deq_nf4dq_group(y, r.codes + 32 * k, r.scale + k, a2, r.offset, stop - k);
         y += 64 * (stop - k), k = stop;
     }
 }

@@ -54,6 +54,7 @@ typedef struct {
     T *y;
     const T *x;
     const float *xsum; /* the block sums of x for the direct path of Q4_0 and Q4_1 */
+    const void *xq;    /* x in 8-bit blocks (act8: quant.c's q8_rows), or NULL */
     const uint8_t *W;
     T beta;
     size_t n, K, N;
@@ -69,7 +70,8 @@ static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t e
         const uint8_t *row = a->W + j * row_bytes;
 #ifdef LORA_T_IS_F32
         float direct[LORA_QDOT_ROWS] = {0};
-        if (a->direct && dot_row_f32(direct, row, a->x, a->xsum, K, a->n, nb, a->qtype)) {
+        if (a->xq ? dot_row_q8(direct, row, a->xq, a->n, K, a->qtype)
+                  : a->direct && dot_row_f32(direct, row, a->x, a->xsum, K, a->n, nb, a->qtype)) {
             for (size_t i = 0; i < a->n; i++) {
                 T *yij = a->y + i * a->N + j;
                 *yij = a->beta != 0 ? direct[i] + a->beta * *yij : direct[i];
@@ -96,52 +98,25 @@ static LORA_CLONES LORA_FMA void FN(qdot_rows)(void *arg, size_t begin, size_t e
     }
 }
 
-#ifdef LORA_T_IS_F32
-/* The decode path with x in 8-bit blocks (act8, quant.c's q8 path): y[i, j] = x_i . W_j. */
-typedef struct {
-    T *y;
-    const void *xq; /* q8_rows' buffer */
-    const uint8_t *W;
-    T beta;
-    size_t n, K, N;
-    int qtype;
-} FN(Q8Dot);
-
-static void FN(q8dot_rows)(void *arg, size_t begin, size_t end) {
-    const FN(Q8Dot) *a = arg;
-    const size_t row_bytes = lora_qrow_bytes(a->qtype, a->K);
-    for (size_t j = begin; j < end; j++) {
-        float acc[LORA_QDOT_ROWS];
-        dot_row_q8(acc, a->W + j * row_bytes, a->xq, a->n, a->K, a->qtype);
-        for (size_t i = 0; i < a->n; i++) {
-            T *yij = a->y + i * a->N + j;
-            *yij = a->beta != 0 ? (T)acc[i] + a->beta * *yij : (T)acc[i];
-        }
-    }
-}
-#endif
-
 void FN(quant_forward)(T *y, T *tile, const T *x, const uint8_t *W, int qtype, int act8, T beta,
                        size_t n, size_t K, size_t N) {
     (void)act8; /* float64 inputs take the float path */
     if (n == 0) return;
-#ifdef LORA_T_IS_F32
-    if (act8 && n <= LORA_QDOT_ROWS && q8_path(qtype)) {
-        q8_rows(tile, x, n, K);
-        FN(Q8Dot) a = {y, tile, W, beta, n, K, N, qtype};
-        lora_parallel_for(N, (1 << 15) / K + 4, 4, FN(q8dot_rows), &a);
-        return;
-    }
-#endif
     if (n <= LORA_QDOT_ROWS) {
-        /* the direct path; Q4_0's and Q4_1's needs the block sums of x (32 elements each),
-         * once for all rows of W, so their rows of x longer than 16384 (too many sums for the
-         * stack) take the generic path */
+        /* the direct path, with x in 8-bit blocks (act8, in the tile) or as it is; Q4_0's and
+         * Q4_1's float path needs the block sums of x (32 elements each), once for all rows
+         * of W, so their rows of x longer than 16384 (too many sums for the stack) take the
+         * generic path */
 #ifdef LORA_T_IS_F32
+        const void *xq = NULL;
+        if (act8 && q8_path(qtype)) {
+            q8_rows(tile, x, n, K);
+            xq = tile;
+        }
         float xsum[LORA_QDOT_ROWS * 512];
         const size_t nb = K / 32;
-        const int need_sums = qtype == LORA_Q4_0 || qtype == LORA_Q4_1;
-        const int direct = has_dot_path(qtype) && (!need_sums || nb <= 512);
+        const int need_sums = !xq && (qtype == LORA_Q4_0 || qtype == LORA_Q4_1);
+        const int direct = !xq && has_dot_path(qtype) && (!need_sums || nb <= 512);
         for (size_t i = 0; direct && need_sums && i < n; i++)
             for (size_t k = 0; k < nb; k++) {
                 float s = 0;
@@ -151,8 +126,9 @@ void FN(quant_forward)(T *y, T *tile, const T *x, const uint8_t *W, int qtype, i
 #else
         const int direct = 0;
         const float *xsum = NULL;
+        const void *xq = NULL;
 #endif
-        FN(QDot) a = {y, x, xsum, W, beta, n, K, N, qtype, direct};
+        FN(QDot) a = {y, x, xsum, xq, W, beta, n, K, N, qtype, direct};
         lora_parallel_for(N, (1 << 15) / K + 4, 4, FN(qdot_rows), &a);
         return;
     }
