@@ -481,6 +481,28 @@ def test_generate_bad_arguments(small):
     assert model.generate(ids, mask, max_new_tokens=0).shape == ids.shape
 
 
+def modules_forward_cached(model, input_ids, cos, sin, cache):
+    """forward_cached through the model's modules (each decoder layer's norms, projections
+    and MLP called as modules, the keys and values written to the cache): the reference of
+    decode_plan."""
+    start, end = cache.length, cache.length + input_ids.shape[1]
+    decoder = model.model
+    x = decoder.embed_tokens(input_ids)
+    for i, layer in enumerate(decoder.layers):
+        attn, a = layer.self_attn, layer.input_layernorm(x)
+        q, k, v = attn.q_proj(a), attn.k_proj(a), attn.v_proj(a)
+        F.rope_forward(q, cos, sin, attn.num_heads)
+        F.rope_forward(k, cos, sin, attn.num_key_value_heads)
+        cache.k[i][:, start:end], cache.v[i][:, start:end] = k, v
+        ctx, _ = F.causal_attention_forward(q, cache.k[i], cache.v[i], attn.num_heads,
+                                            attn.num_key_value_heads, key_mask=cache.key_mask,
+                                            kv_len=end)
+        h = attn.o_proj(ctx, residual=x)
+        x = layer.mlp(layer.post_attention_layernorm(h), h)
+    cache.length = end
+    return model.lm_head(decoder.norm(np.ascontiguousarray(x[:, -1:])))[:, 0]
+
+
 @pytest.mark.parametrize("kind", ["plain", "lora", "quantized-q8"])
 def test_decode_plan_gives_the_modules_logits(kind):
     """A decoding step through decode_plan (the kernels called directly) gives bit for bit
@@ -507,7 +529,7 @@ def test_decode_plan_gives_the_modules_logits(kind):
     plan = G.decode_plan(model, 2)
     for start, end in ((0, 5), (5, 6), (6, 7), (7, 8)):
         c, s = (t[None, start:end].repeat(2, 0) for t in (cos, sin))
-        want = G.forward_cached(model, ids[:, start:end], c, s, caches[0])
+        want = modules_forward_cached(model, ids[:, start:end], c, s, caches[0])
         got = G.forward_cached(model, ids[:, start:end], c, s, caches[1],
                                plan if end - start == 1 else None)
         assert np.array_equal(got, want)

@@ -56,36 +56,20 @@ class KVCache:
         self.length = 0
 
 
-def _attention(attn, x, residual, cos, sin, ck, cv, key_mask, start, end):
-    """LlamaAttention.forward with the new keys and values written to rows [start, end) of
-    the cache and the queries attending to its first `end` rows."""
-    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    F.rope_forward(q, cos, sin, attn.num_heads)
-    F.rope_forward(k, cos, sin, attn.num_key_value_heads)
-    ck[:, start:end] = k
-    cv[:, start:end] = v
-    ctx, _ = F.causal_attention_forward(q, ck, cv, attn.num_heads, attn.num_key_value_heads,
-                                        key_mask=key_mask, kv_len=end)
-    return attn.o_proj(ctx, residual=residual)
-
-
 def forward_cached(model, input_ids: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                    cache: KVCache, plan: list | None = None) -> np.ndarray:
     """The logits (batch, vocab) of the last position of `input_ids` (batch, seq), the tokens
     at cache rows [cache.length, cache.length + seq), whose rope tables cos and sin are
-    (batch, seq, head_dim); appends their keys and values to the cache. `plan` (decode_plan's,
-    for the batch's size) runs a step's kernels without the modules around them."""
+    (batch, seq, head_dim); appends their keys and values to the cache. `plan`:
+    decode_plan(model, input_ids.size), made here when not given (generate() keeps the one of
+    its one-token steps)."""
     start, end = cache.length, cache.length + input_ids.shape[1]
     decoder = model.model
+    if plan is None:
+        plan = decode_plan(model, input_ids.size)
     x = decoder.embed_tokens(input_ids)
-    if plan is not None:
-        for i, step in enumerate(plan):
-            x = step(x, cos, sin, cache.k[i], cache.v[i], cache.key_mask, start, end)
-    else:
-        for i, layer in enumerate(decoder.layers):
-            h = _attention(layer.self_attn, layer.input_layernorm(x), x, cos, sin, cache.k[i],
-                           cache.v[i], cache.key_mask, start, end)
-            x = layer.mlp(layer.post_attention_layernorm(h), h)
+    for i, step in enumerate(plan):
+        x = step(x, cos, sin, cache.k[i], cache.v[i], cache.key_mask, start, end)
     cache.length = end
     last = decoder.norm(np.ascontiguousarray(x[:, -1:]))
     return model.lm_head(last)[:, 0]
@@ -112,10 +96,12 @@ def _projection(layer, rows: int):
 
 
 def decode_plan(model, rows: int) -> list:
-    """One function per decoder layer running its decoding step (input rows of `rows`
-    tokens) with the same kernels, in the same order, as the modules do, but called
-    directly: a step of a small model spends as long in the modules' Python as in its
-    products. Made once per generate() call; the weights must not change during it."""
+    """One function per decoder layer running its cached forward (inputs of `rows` tokens in
+    all: the prompt's, then one per item a step) with the same kernels, in the same order,
+    as the modules do (LlamaDecoderLayer in eval mode, its new keys and values written to the
+    cache), but called directly: a decoding step of a small model spends as long in the
+    modules' Python as in its products. Made once per generate() call for its steps; the
+    weights must not change while it is used."""
     steps = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
