@@ -88,7 +88,7 @@ class QTensor:
         if not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
         self.data = data.reshape(*shape[:-1], nbytes)
-        self.qtype, self.shape, self._kernel = qtype, shape, None
+        self.qtype, self.shape, self._kernel = qtype, shape, {}
 
     @property
     def nbytes(self) -> int:
@@ -105,8 +105,6 @@ class QTensor:
     def kernel_weight(self, activations: str = "float") -> F.QuantWeight:
         """The 2-D tensor as the lora.functional.QuantWeight the products take (made once per
         `activations`, "float" or "q8"; it shares `data`)."""
-        if self._kernel is None:
-            self._kernel = {}
         kw = self._kernel.get(activations)
         if kw is None:
             if self.ndim != 2:
@@ -120,7 +118,7 @@ class QTensor:
 
     def __setstate__(self, state):
         self.data, self.qtype, self.shape = state["data"], state["qtype"], state["shape"]
-        self._kernel = None
+        self._kernel = {}
 
     def __repr__(self) -> str:
         return f"QTensor(qtype={self.qtype!r}, shape={self.shape}, nbytes={self.nbytes})"
